@@ -1,0 +1,441 @@
+//! A running agent: connects to the relay, keeps the tunnel up across relay
+//! restarts and dropped paths, and forwards deliveries to the local app.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use hookrelay_shared::TunnelName;
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::{
+    config::Config,
+    forward::Forwarder,
+    inspector,
+    session::{endpoint_for, with_transport, ConnectError, Dialer, LinkEnd, Session},
+    terminal::Terminal,
+    tls,
+};
+
+/// First wait before reconnecting; doubled per failed attempt up to
+/// [`Config::max_backoff`], with jitter so a relay restart is not met by every
+/// agent in the same millisecond.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Default cap on the wait between reconnection attempts.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the agent is doing now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Status {
+    /// Holding the tunnel; deliveries flow.
+    Connected {
+        /// Where senders reach the tunnel.
+        public_urls: Vec<String>,
+    },
+    /// The link is down; retrying with backoff.
+    Reconnecting {
+        /// Why the last attempt or link failed.
+        last_error: String,
+    },
+    /// The agent has stopped (shutdown or a fatal error).
+    Stopped,
+}
+
+/// Handle to a running agent.
+pub struct Agent {
+    tunnel: TunnelName,
+    status: watch::Receiver<Status>,
+    inspector_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), AgentError>>>,
+    inspector: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent and makes the first connection attempt. Returns once the
+    /// tunnel is registered, or once a retryable failure has started the
+    /// reconnect loop (the relay may simply not be up yet).
+    ///
+    /// # Errors
+    /// Fatal failures: a refused token or tunnel, a certificate that does not
+    /// match, an incompatible relay, an unusable data directory or inspector address.
+    pub async fn spawn(config: Config) -> Result<Agent, AgentError> {
+        let identity = Identity::open(&config.data_dir)?;
+        let tunnel = match &config.tunnel {
+            Some(t) => t.clone(),
+            None => identity.tunnel.clone(),
+        };
+        let (client_config, pin_mismatch) =
+            tls::client_config(&config.trust).map_err(|e| AgentError::Tls(e.to_string()))?;
+        let relay_is_v6 = tokio::net::lookup_host(&config.relay)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| a.is_ipv6());
+        let endpoint =
+            endpoint_for(relay_is_v6).map_err(|e| AgentError::Endpoint(e.to_string()))?;
+        let dialer = Dialer {
+            endpoint,
+            client_config: with_transport(client_config),
+            pin_mismatch,
+            relay: config.relay.clone(),
+            token: config.token.clone(),
+            agent_id: identity.agent_id.clone(),
+            tunnels: vec![tunnel.clone()],
+        };
+
+        let (status_tx, status) = watch::channel(Status::Reconnecting {
+            last_error: "not connected yet".into(),
+        });
+        let first = match dialer.connect().await {
+            Ok(session) => Some(session),
+            Err(err) if err.is_fatal() => return Err(AgentError::Connect(err)),
+            Err(err) => {
+                warn!(relay = %config.relay, "cannot reach the relay yet ({err}); retrying in the background");
+                status_tx.send_replace(Status::Reconnecting {
+                    last_error: err.to_string(),
+                });
+                None
+            }
+        };
+
+        let shutdown = CancellationToken::new();
+        let (inspector_addr, inspector) = match config.inspect {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::Inspector { addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| AgentError::Inspector { addr, source })?;
+                let task = tokio::spawn(inspector::serve(
+                    listener,
+                    inspector::InspectorState {
+                        status: status.clone(),
+                        tunnel: tunnel.clone(),
+                    },
+                    shutdown.clone(),
+                ));
+                (Some(local), Some(task))
+            }
+            None => (None, None),
+        };
+
+        let forwarder = Forwarder::new(
+            config.target.clone(),
+            Terminal::new(config.print_deliveries),
+        );
+        let run = run(
+            dialer,
+            first,
+            forwarder,
+            status_tx,
+            shutdown.clone(),
+            config.max_backoff,
+        );
+        let task = tokio::spawn(run.instrument(tracing::info_span!("agent", tunnel = %tunnel)));
+        Ok(Agent {
+            tunnel,
+            status,
+            inspector_addr,
+            shutdown,
+            task: Some(task),
+            inspector,
+        })
+    }
+
+    /// The tunnel this agent holds (or is trying to hold).
+    pub fn tunnel(&self) -> &TunnelName {
+        &self.tunnel
+    }
+
+    /// Public URLs while connected; empty otherwise.
+    pub fn public_urls(&self) -> Vec<String> {
+        match &*self.status.borrow() {
+            Status::Connected { public_urls } => public_urls.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Live status updates.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Where the inspector listens, when enabled.
+    pub fn inspector_addr(&self) -> Option<SocketAddr> {
+        self.inspector_addr
+    }
+
+    /// Waits until the tunnel is held; returns its public URLs.
+    ///
+    /// # Errors
+    /// [`AgentError::Stopped`] when the agent stops first.
+    pub async fn connected(&self) -> Result<Vec<String>, AgentError> {
+        let mut rx = self.status.clone();
+        let status = rx
+            .wait_for(|s| matches!(s, Status::Connected { .. } | Status::Stopped))
+            .await
+            .map_err(|_| AgentError::Stopped)?
+            .clone();
+        match status {
+            Status::Connected { public_urls } => Ok(public_urls),
+            _ => Err(AgentError::Stopped),
+        }
+    }
+
+    /// Waits for the agent to stop by itself, which only a fatal error does.
+    ///
+    /// # Errors
+    /// The fatal error.
+    pub async fn closed(&mut self) -> Result<(), AgentError> {
+        match self.task.as_mut() {
+            Some(task) => {
+                let result = task
+                    .await
+                    .unwrap_or_else(|e| Err(AgentError::Panicked(e.to_string())));
+                self.task = None;
+                result
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Says goodbye to the relay, lets in-flight deliveries finish, and stops.
+    ///
+    /// # Errors
+    /// A fatal error the agent had already stopped with.
+    pub async fn shutdown(mut self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        let result = self.closed().await;
+        if let Some(inspector) = self.inspector.take() {
+            let _ = inspector.await;
+        }
+        result
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn run(
+    dialer: Dialer,
+    first: Option<Session>,
+    forwarder: Forwarder,
+    status: watch::Sender<Status>,
+    shutdown: CancellationToken,
+    max_backoff: Duration,
+) -> Result<(), AgentError> {
+    let result = run_inner(&dialer, first, forwarder, &status, &shutdown, max_backoff).await;
+    status.send_replace(Status::Stopped);
+    dialer.endpoint.close(0u32.into(), b"agent stopped");
+    result
+}
+
+async fn run_inner(
+    dialer: &Dialer,
+    mut session: Option<Session>,
+    forwarder: Forwarder,
+    status: &watch::Sender<Status>,
+    shutdown: &CancellationToken,
+    max_backoff: Duration,
+) -> Result<(), AgentError> {
+    let mut attempt: u32 = 0;
+    loop {
+        if let Some(s) = session.take() {
+            attempt = 0;
+            let public_urls: Vec<String> = s
+                .tunnels
+                .iter()
+                .flat_map(|t| t.public_urls.clone())
+                .collect();
+            status.send_replace(Status::Connected { public_urls });
+            let end = s.serve(forwarder.clone(), shutdown.clone()).await;
+            let why = match end {
+                LinkEnd::Shutdown => return Ok(()),
+                LinkEnd::Replaced => return Err(AgentError::Replaced),
+                LinkEnd::RelayShutdown(reason) => {
+                    warn!("the relay is shutting down ({reason}); reconnecting");
+                    format!("relay shut down: {reason}")
+                }
+                LinkEnd::Lost(reason) => {
+                    warn!("lost the link to the relay ({reason}); reconnecting");
+                    reason
+                }
+            };
+            status.send_replace(Status::Reconnecting { last_error: why });
+        }
+
+        let delay = backoff(attempt, max_backoff);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        let attempt_result = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            r = dialer.connect() => r,
+        };
+        match attempt_result {
+            Ok(s) => {
+                info!(attempt, "reconnected to the relay");
+                session = Some(s);
+            }
+            Err(err) if err.is_fatal() => return Err(AgentError::Connect(err)),
+            Err(err) => {
+                info!(
+                    attempt,
+                    next_in_ms = backoff(attempt, max_backoff).as_millis() as u64,
+                    "relay unreachable: {err}"
+                );
+                status.send_replace(Status::Reconnecting {
+                    last_error: err.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the step is fixed, half random.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let step = INITIAL_BACKOFF
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max);
+    let half = step / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// The agent's identity, kept in its data directory so the tunnel name (and
+/// with it the public URL) survives restarts.
+#[derive(Debug, Serialize, Deserialize)]
+struct Identity {
+    agent_id: String,
+    /// Generated on first start, used when no `--tunnel` is given.
+    tunnel: TunnelName,
+}
+
+const IDENTITY_FILE: &str = "agent.json";
+
+impl Identity {
+    fn open(dir: &Path) -> Result<Identity, AgentError> {
+        let path = dir.join(IDENTITY_FILE);
+        let io = |source| AgentError::DataDir {
+            path: path.clone(),
+            source,
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| AgentError::Identity {
+                path: path.clone(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(io)?;
+                let identity = Identity {
+                    agent_id: ulid::Ulid::new().to_string().to_ascii_lowercase(),
+                    tunnel: generate_tunnel_name(),
+                };
+                let text =
+                    serde_json::to_string_pretty(&identity).map_err(|e| AgentError::Identity {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let tmp = path.with_extension("json.tmp");
+                fs::write(&tmp, text).map_err(io)?;
+                fs::rename(&tmp, &path).map_err(io)?;
+                Ok(identity)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+/// `hook-` and ten random lowercase letters and digits: 50 bits, enough that
+/// two agents never pick the same name by chance.
+fn generate_tunnel_name() -> TunnelName {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..10)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect();
+    format!("hook-{suffix}")
+        .parse()
+        .expect("generated names use only valid characters")
+}
+
+/// `~/.local/share/hookrelay/agent` on Linux, the platform's equivalent elsewhere.
+pub fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "hookrelay")
+        .map(|d| d.data_dir().join("agent"))
+        .unwrap_or_else(|| PathBuf::from("hookrelay-agent"))
+}
+
+/// Why the agent stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("another agent with the same data directory took over the tunnel")]
+    Replaced,
+    #[error("cannot use the data directory: {}", path.display())]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is damaged ({reason}); delete it to start with a new identity", path.display())]
+    Identity { path: PathBuf, reason: String },
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot open a UDP socket: {0}")]
+    Endpoint(String),
+    #[error("cannot start the inspector on {addr} (use --inspect ADDR or --no-inspect)")]
+    Inspector {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the agent has stopped")]
+    Stopped,
+    #[error("the agent crashed: {0}")]
+    Panicked(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let max = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let d = backoff(attempt, max);
+            let step = INITIAL_BACKOFF
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(max);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(30, max) >= Duration::from_secs(15));
+    }
+
+    #[test]
+    fn identity_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Identity::open(dir.path()).expect("create");
+        let again = Identity::open(dir.path()).expect("reopen");
+        assert_eq!(first.agent_id, again.agent_id);
+        assert_eq!(first.tunnel, again.tunnel);
+        fs::write(dir.path().join(IDENTITY_FILE), "garbage").expect("write");
+        assert!(matches!(
+            Identity::open(dir.path()),
+            Err(AgentError::Identity { .. })
+        ));
+    }
+}

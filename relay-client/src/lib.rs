@@ -1,0 +1,27 @@
+//! Hookrelay's agent: the developer's side of the tunnel.
+//!
+//! It connects to a relay over QUIC, holds a tunnel, and forwards every delivery
+//! to a local app, streaming bodies both ways.
+//!
+//! - [`agent`]: [`Agent::spawn`] runs the agent and reconnects on its own.
+//! - [`config`]: validated [`Config`], targets, trust settings.
+//! - [`cli`]: command line and environment into a [`Config`].
+//! - [`session`]: one QUIC connection: handshake and delivery streams.
+//! - [`tls`]: certificate checks (public roots, pinned fingerprint).
+//! - [`demo`]: relay, agent and sample app in one process.
+//! - `forward`: hands deliveries to the local app (keep-alive pool).
+//! - `inspector`: loopback-only status API and web UI.
+//! - `terminal`: one line per delivery on stdout.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod demo;
+mod forward;
+mod inspector;
+pub mod session;
+mod terminal;
+pub mod tls;
+
+pub use agent::{Agent, AgentError, Status};
+pub use config::{Config, Secret, Target, Trust};

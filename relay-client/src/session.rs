@@ -1,0 +1,307 @@
+//! One QUIC connection to the relay: handshake, then serving delivery streams
+//! until the link ends. [`crate::agent`] reconnects around it.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use hookrelay_shared::{
+    codec::{read_frame, write_frame},
+    protocol::close,
+    AgentToRelay, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName, PROTOCOL_VERSION,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{config::Secret, forward::Forwarder, tls::PinMismatch};
+
+/// Keep-alive interval: frequent enough that NATs keep the mapping and that the
+/// idle timeout below only fires on a dead link.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A link silent this long is dead; the agent reconnects.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deliveries the relay may have in flight on one connection.
+const MAX_CONCURRENT_DELIVERIES: u32 = 1024;
+
+/// Time for the QUIC handshake plus hello/welcome.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for in-flight deliveries to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What a connection attempt needs.
+pub(crate) struct Dialer {
+    pub endpoint: quinn::Endpoint,
+    pub client_config: quinn::ClientConfig,
+    pub pin_mismatch: PinMismatch,
+    pub relay: String,
+    pub token: Secret,
+    pub agent_id: String,
+    pub tunnels: Vec<TunnelName>,
+}
+
+/// An established, welcomed connection.
+pub(crate) struct Session {
+    pub connection: quinn::Connection,
+    pub tunnels: Vec<TunnelGrant>,
+    control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// Transport settings for the agent's side of the link.
+pub(crate) fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_concurrent_bidi_streams(MAX_CONCURRENT_DELIVERIES.into())
+        .max_concurrent_uni_streams(0u32.into());
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport
+}
+
+impl Dialer {
+    /// Connects, says hello and waits for the welcome.
+    ///
+    /// # Errors
+    /// [`ConnectError`]; [`ConnectError::is_fatal`] tells whether retrying can help.
+    pub async fn connect(&self) -> Result<Session, ConnectError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.try_connect())
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+
+    async fn try_connect(&self) -> Result<Session, ConnectError> {
+        let addr = resolve(&self.relay).await?;
+        let server_name = host_part(&self.relay);
+        *self.pin_mismatch.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), addr, server_name)
+            .map_err(|e| ConnectError::Config(e.to_string()))?;
+        // No `into_0rtt()`: the token must not travel in replayable early data.
+        let connection = connecting.await.map_err(|e| self.classify(e))?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| self.classify(e))?;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            token: self.token.expose().to_owned(),
+            agent_id: self.agent_id.clone(),
+            tunnels: self.tunnels.clone(),
+        };
+        write_frame(&mut send, &hello)
+            .await
+            .map_err(|_| ConnectError::Lost("connection lost during hello".into()))?;
+        match read_frame::<RelayToAgent, _>(&mut recv).await {
+            Ok(Some(RelayToAgent::Welcome { tunnels, .. })) => Ok(Session {
+                connection,
+                tunnels,
+                control: (send, recv),
+            }),
+            Ok(Some(RelayToAgent::Rejected { reason, message })) => {
+                connection.close(close::REJECTED.into(), b"rejected");
+                Err(ConnectError::Rejected { reason, message })
+            }
+            Ok(None) => Err(ConnectError::Lost(
+                "relay closed the connection during hello".into(),
+            )),
+            Err(_) => match connection.close_reason() {
+                Some(reason) => Err(self.classify(reason)),
+                None => Err(ConnectError::Lost(
+                    "relay sent a malformed answer to hello".into(),
+                )),
+            },
+        }
+    }
+
+    fn classify(&self, err: quinn::ConnectionError) -> ConnectError {
+        if let Some(got) = self
+            .pin_mismatch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return ConnectError::Fingerprint { got };
+        }
+        match &err {
+            quinn::ConnectionError::TransportError(e) if is_tls_alert(e.code) => {
+                ConnectError::Tls(e.reason.clone())
+            }
+            quinn::ConnectionError::ConnectionClosed(c) if is_tls_alert(c.error_code) => {
+                ConnectError::Tls(String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            _ => ConnectError::Lost(err.to_string()),
+        }
+    }
+}
+
+/// QUIC carries TLS alerts as transport error codes 0x100–0x1ff.
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+impl Session {
+    /// Serves delivery streams until the link ends or `shutdown` fires. Returns
+    /// why the link ended.
+    pub async fn serve(self, forwarder: Forwarder, shutdown: CancellationToken) -> LinkEnd {
+        let tracker = TaskTracker::new();
+        let Session {
+            connection,
+            control: (mut control_send, mut control_recv),
+            ..
+        } = self;
+        let control_closed = read_frame::<RelayToAgent, _>(&mut control_recv);
+        tokio::pin!(control_closed);
+        let end = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    let _ = write_frame(&mut control_send, &AgentToRelay::Goodbye).await;
+                    let _ = control_send.finish();
+                    break LinkEnd::Shutdown;
+                }
+                stream = connection.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        let forwarder = forwarder.clone();
+                        tracker.spawn(async move { forwarder.handle(send, recv).await }.instrument(tracing::debug_span!("delivery")));
+                    }
+                    Err(err) => break LinkEnd::from_close(err),
+                },
+                _ = &mut control_closed => {
+                    // The relay ended the control stream: it is dropping us.
+                    let reason = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+                    break match reason {
+                        Ok(err) => LinkEnd::from_close(err),
+                        Err(_) => LinkEnd::Lost("relay closed the control stream".into()),
+                    };
+                }
+            }
+        };
+        if matches!(end, LinkEnd::Shutdown) {
+            // Give in-flight deliveries a moment, then say goodbye properly.
+            tracker.close();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await;
+            connection.close(close::SHUTDOWN.into(), b"agent shutting down");
+        }
+        end
+    }
+}
+
+/// Why a welcomed link ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkEnd {
+    /// We are shutting down.
+    Shutdown,
+    /// The relay is shutting down or restarting; reconnect.
+    RelayShutdown(String),
+    /// Another connection of this agent (same data directory) took over.
+    Replaced,
+    /// The path dropped or timed out; reconnect.
+    Lost(String),
+}
+
+impl LinkEnd {
+    fn from_close(err: quinn::ConnectionError) -> LinkEnd {
+        match &err {
+            quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == close::REPLACED.into() =>
+            {
+                LinkEnd::Replaced
+            }
+            quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == close::SHUTDOWN.into() =>
+            {
+                LinkEnd::RelayShutdown(String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            quinn::ConnectionError::TimedOut => {
+                LinkEnd::Lost("no answer from the relay (link timed out)".into())
+            }
+            _ => LinkEnd::Lost(err.to_string()),
+        }
+    }
+}
+
+async fn resolve(relay: &str) -> Result<SocketAddr, ConnectError> {
+    let mut addrs = tokio::net::lookup_host(relay)
+        .await
+        .map_err(|e| ConnectError::Resolve(format!("cannot resolve {relay}: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| ConnectError::Resolve(format!("{relay} resolves to no address")))
+}
+
+/// `relay.example.com` of `relay.example.com:4443`, `::1` of `[::1]:4443`.
+fn host_part(relay: &str) -> &str {
+    if let Some(rest) = relay.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    relay.rsplit_once(':').map(|(h, _)| h).unwrap_or(relay)
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the relay refused this agent: {message}")]
+    Rejected {
+        reason: RejectReason,
+        message: String,
+    },
+    #[error(
+        "the relay's certificate does not match --relay-cert-sha256 (it presented {got}); \
+         check the fingerprint relay-server printed at start"
+    )]
+    Fingerprint { got: String },
+    #[error(
+        "TLS handshake with the relay failed ({0}); for a self-signed relay pass \
+         --relay-cert-sha256 with the fingerprint relay-server printed at start"
+    )]
+    Tls(String),
+    #[error("{0}")]
+    Resolve(String),
+    #[error("invalid connection settings: {0}")]
+    Config(String),
+    #[error("no answer from the relay within {}s", CONNECT_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("{0}")]
+    Lost(String),
+}
+
+impl ConnectError {
+    /// Whether the same attempt can never succeed: the agent should stop with
+    /// this message instead of retrying forever.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ConnectError::Rejected { reason, .. } => reason.is_fatal(),
+            ConnectError::Fingerprint { .. } | ConnectError::Tls(_) | ConnectError::Config(_) => {
+                true
+            }
+            ConnectError::Resolve(_) | ConnectError::Timeout | ConnectError::Lost(_) => false,
+        }
+    }
+}
+
+/// Creates the agent's UDP endpoint, on the address family of `relay`.
+pub(crate) fn endpoint_for(relay_is_v6: bool) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if relay_is_v6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind)
+}
+
+/// The client configuration with the agent's transport settings.
+pub(crate) fn with_transport(mut config: quinn::ClientConfig) -> quinn::ClientConfig {
+    config.transport_config(Arc::new(transport_config()));
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_part_strips_port_and_brackets() {
+        assert_eq!(host_part("relay.example.com:4443"), "relay.example.com");
+        assert_eq!(host_part("[::1]:4443"), "::1");
+        assert_eq!(host_part("127.0.0.1:4443"), "127.0.0.1");
+    }
+}

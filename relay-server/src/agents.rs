@@ -1,0 +1,385 @@
+//! The QUIC side: accepts agent connections, runs the hello/welcome handshake,
+//! and keeps each agent's tunnels routed for as long as its connection lives.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use hookrelay_shared::{
+    codec::{decode_payload, decode_prefix, read_frame, read_payload, write_frame},
+    protocol::{close, HelloVersion},
+    AgentToRelay, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName, PROTOCOL_VERSION,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::{
+    auth::TokenStore,
+    routing::{AgentLink, ClaimError, Routes},
+};
+
+/// Time an agent gets from connecting to finishing its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most tunnels one agent connection may hold.
+const MAX_TUNNELS_PER_AGENT: usize = 16;
+
+/// How long to wait for a rejected agent to read the reason before closing.
+const REJECT_LINGER: Duration = Duration::from_secs(2);
+
+/// Shared state of the agent side.
+pub(crate) struct Agents {
+    pub routes: Arc<dyn Routes>,
+    pub tokens: Arc<TokenStore>,
+    pub urls: PublicUrls,
+    next_session: AtomicU64,
+}
+
+impl Agents {
+    pub fn new(routes: Arc<dyn Routes>, tokens: Arc<TokenStore>, urls: PublicUrls) -> Self {
+        Agents {
+            routes,
+            tokens,
+            urls,
+            next_session: AtomicU64::new(1),
+        }
+    }
+}
+
+/// How public URLs are formed for a granted tunnel.
+#[derive(Clone, Debug)]
+pub(crate) struct PublicUrls {
+    /// Explicit base for path-style URLs (`--public-url`).
+    pub base: Option<String>,
+    /// Subdomain root (`--domain`).
+    pub domain: Option<String>,
+    /// The bound HTTP address.
+    pub http: SocketAddr,
+}
+
+impl PublicUrls {
+    /// Path-style URL first, then the subdomain one. Without an explicit base or
+    /// domain, the host is the HTTP bind address, or the address the agent reached
+    /// the relay at when the bind address is a wildcard.
+    fn for_tunnel(&self, name: &TunnelName, local_ip: Option<IpAddr>) -> Vec<String> {
+        let port = self.http.port();
+        let port_suffix = if port == 80 {
+            String::new()
+        } else {
+            format!(":{port}")
+        };
+        let base = match (&self.base, &self.domain) {
+            (Some(base), _) => base.trim_end_matches('/').to_owned(),
+            (None, Some(domain)) => format!("http://{domain}{port_suffix}"),
+            (None, None) => {
+                let ip = if self.http.ip().is_unspecified() {
+                    local_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]))
+                } else {
+                    self.http.ip()
+                };
+                format!("http://{}", SocketAddr::new(ip, port))
+            }
+        };
+        let mut urls = vec![format!("{base}/t/{name}/")];
+        if let Some(domain) = &self.domain {
+            let scheme = base.split("://").next().unwrap_or("http");
+            let suffix = if self.base.is_some() {
+                String::new()
+            } else {
+                port_suffix
+            };
+            urls.push(format!("{scheme}://{name}.{domain}{suffix}/"));
+        }
+        urls
+    }
+}
+
+/// Accepts agent connections until `shutdown`, each in its own tracked task.
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    agents: Arc<Agents>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let remote = incoming.remote_address();
+        let agents = agents.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                if let Err(err) = session(incoming, agents, shutdown).await {
+                    debug!(error = %err, "agent session ended");
+                }
+            }
+            .instrument(info_span!("session", %remote)),
+        );
+    }
+    endpoint.close(close::SHUTDOWN.into(), b"relay shutting down");
+}
+
+async fn session(
+    incoming: quinn::Incoming,
+    agents: Arc<Agents>,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let connection = tokio::time::timeout(HELLO_TIMEOUT, incoming)
+        .await
+        .map_err(|_| SessionError::HelloTimeout)??;
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+        .await
+        .map_err(|_| SessionError::HelloTimeout)??;
+    let payload = tokio::time::timeout(HELLO_TIMEOUT, read_payload(&mut recv))
+        .await
+        .map_err(|_| SessionError::HelloTimeout)?
+        .map_err(|_| SessionError::BadHello)?
+        .ok_or(SessionError::BadHello)?;
+
+    let hello: Hello = match decode_payload(&payload) {
+        Ok(hello) => hello,
+        Err(_) => {
+            return match decode_prefix::<HelloVersion>(&payload) {
+                Ok(v) if v.version != PROTOCOL_VERSION => {
+                    reject(
+                        &mut send,
+                        &connection,
+                        RejectReason::VersionMismatch {
+                            relay_version: PROTOCOL_VERSION,
+                        },
+                        version_message(v.version),
+                    )
+                    .await
+                }
+                _ => {
+                    reject(
+                        &mut send,
+                        &connection,
+                        RejectReason::InvalidHello,
+                        "malformed hello".into(),
+                    )
+                    .await
+                }
+            };
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return reject(
+            &mut send,
+            &connection,
+            RejectReason::VersionMismatch {
+                relay_version: PROTOCOL_VERSION,
+            },
+            version_message(hello.version),
+        )
+        .await;
+    }
+    if hello.tunnels.is_empty() || hello.tunnels.len() > MAX_TUNNELS_PER_AGENT {
+        return reject(
+            &mut send,
+            &connection,
+            RejectReason::InvalidHello,
+            format!("ask for between 1 and {MAX_TUNNELS_PER_AGENT} tunnels"),
+        )
+        .await;
+    }
+    let record =
+        match agents.tokens.authenticate(&hello.token) {
+            Ok(Some(record)) => record,
+            Ok(None) => return reject(
+                &mut send,
+                &connection,
+                RejectReason::BadToken,
+                "the relay does not know this token (create one with `relay-server token create`)"
+                    .into(),
+            )
+            .await,
+            Err(err) => {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "token store unreadable"
+                );
+                return reject(
+                    &mut send,
+                    &connection,
+                    RejectReason::BadToken,
+                    "the relay cannot check tokens right now".into(),
+                )
+                .await;
+            }
+        };
+    if let Some(denied) = hello.tunnels.iter().find(|t| !record.grants(t)) {
+        let granted: Vec<&str> = record.tunnels.iter().map(|p| p.as_str()).collect();
+        return reject(
+            &mut send,
+            &connection,
+            RejectReason::TunnelNotAllowed,
+            format!(
+                "token {:?} may not hold tunnel {denied}; it grants {}",
+                record.name,
+                granted.join(", ")
+            ),
+        )
+        .await;
+    }
+
+    let session_id = agents.next_session.fetch_add(1, Ordering::Relaxed);
+    let link = AgentLink {
+        session_id,
+        agent_id: hello.agent_id.clone(),
+        connection: connection.clone(),
+    };
+    let replaced = match agents.routes.claim(&hello.tunnels, link) {
+        Ok(replaced) => replaced,
+        Err(ClaimError::Taken(name)) => {
+            return reject(
+                &mut send,
+                &connection,
+                RejectReason::TunnelTaken,
+                format!("tunnel {name} is held by another agent; pick another --tunnel"),
+            )
+            .await
+        }
+    };
+    for old in replaced {
+        old.connection.close(
+            close::REPLACED.into(),
+            b"replaced by a newer connection of the same agent",
+        );
+    }
+
+    let local_ip = connection.local_ip();
+    let tunnels: Vec<TunnelGrant> = hello
+        .tunnels
+        .iter()
+        .map(|name| TunnelGrant {
+            name: name.clone(),
+            public_urls: agents.urls.for_tunnel(name, local_ip),
+        })
+        .collect();
+    let names: Vec<String> = hello.tunnels.iter().map(|t| t.to_string()).collect();
+    info!(token = %record.name, agent = %hello.agent_id, tunnels = %names.join(","), "agent connected");
+    let welcome = RelayToAgent::Welcome {
+        relay_version: PROTOCOL_VERSION,
+        tunnels,
+    };
+    let result = match write_frame(&mut send, &welcome).await {
+        Ok(()) => {
+            // Hold the tunnels until the agent leaves, the link dies or we shut down.
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    connection.close(close::SHUTDOWN.into(), b"relay shutting down");
+                    Ok(())
+                }
+                reason = connection.closed() => {
+                    debug!(%reason, "agent connection closed");
+                    Ok(())
+                }
+                msg = read_frame::<AgentToRelay, _>(&mut recv) => {
+                    match msg {
+                        Ok(Some(AgentToRelay::Goodbye)) | Ok(None) => {}
+                        Err(err) => warn!(error = &err as &dyn std::error::Error, "bad control frame"),
+                    }
+                    connection.close(close::SHUTDOWN.into(), b"goodbye");
+                    Ok(())
+                }
+            }
+        }
+        Err(_) => Err(SessionError::Closed),
+    };
+    agents.routes.release(&hello.tunnels, session_id);
+    info!(agent = %hello.agent_id, tunnels = %names.join(","), "agent disconnected");
+    result
+}
+
+/// Tells the agent why it was refused, lets it read that, then closes.
+async fn reject(
+    send: &mut quinn::SendStream,
+    connection: &quinn::Connection,
+    reason: RejectReason,
+    message: String,
+) -> Result<(), SessionError> {
+    warn!(?reason, %message, "agent refused");
+    let _ = write_frame(send, &RelayToAgent::Rejected { reason, message }).await;
+    let _ = send.finish();
+    // Let the agent read the reason; it closes the connection itself.
+    let _ = tokio::time::timeout(REJECT_LINGER, connection.closed()).await;
+    connection.close(close::REJECTED.into(), b"rejected");
+    Err(SessionError::Rejected(reason))
+}
+
+fn version_message(agent_version: u16) -> String {
+    format!(
+        "protocol version mismatch: agent speaks {agent_version}, relay speaks {PROTOCOL_VERSION}; \
+         upgrade the {} side",
+        if agent_version < PROTOCOL_VERSION { "agent" } else { "relay" }
+    )
+}
+
+/// How an agent session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("agent did not say hello in time")]
+    HelloTimeout,
+    #[error("agent sent a malformed hello")]
+    BadHello,
+    #[error("agent refused: {0:?}")]
+    Rejected(RejectReason),
+    #[error("connection closed during the handshake")]
+    Closed,
+    #[error("connection failed")]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_urls_follow_domain_and_bind_address() {
+        let name: TunnelName = "alice".parse().expect("name");
+        let plain = PublicUrls {
+            base: None,
+            domain: None,
+            http: "0.0.0.0:8080".parse().expect("addr"),
+        };
+        assert_eq!(
+            plain.for_tunnel(&name, Some("203.0.113.9".parse().expect("ip"))),
+            ["http://203.0.113.9:8080/t/alice/"]
+        );
+        let domain = PublicUrls {
+            domain: Some("relay.example.com".into()),
+            http: "0.0.0.0:80".parse().expect("addr"),
+            ..plain.clone()
+        };
+        assert_eq!(
+            domain.for_tunnel(&name, None),
+            [
+                "http://relay.example.com/t/alice/",
+                "http://alice.relay.example.com/"
+            ]
+        );
+        let base = PublicUrls {
+            base: Some("https://hooks.example.com/".into()),
+            ..domain
+        };
+        assert_eq!(
+            base.for_tunnel(&name, None),
+            [
+                "https://hooks.example.com/t/alice/",
+                "https://alice.relay.example.com/"
+            ]
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! Command line, `HOOKRELAY_*` environment variables and the TOML config file,
+//! merged into a validated [`Config`]. Precedence: flag, then environment
+//! variable, then file, then default.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use hookrelay_shared::TunnelPattern;
+use serde::Deserialize;
+
+use crate::config::{
+    parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_TIMEOUT,
+};
+
+/// Hookrelay relay: receives webhooks on a public address and streams them over
+/// QUIC to the agent on a developer's machine.
+#[derive(Debug, Parser)]
+#[command(name = "relay-server", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Directory for tokens, the certificate and state [default: the platform's data directory]
+    #[arg(long, global = true, env = "HOOKRELAY_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// TOML file with any of the settings below (flags and env vars override it)
+    #[arg(long, global = true, env = "HOOKRELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Public HTTP ingress for webhooks [default: 0.0.0.0:8080; 127.0.0.1:8080 with --dev]
+    #[arg(long, env = "HOOKRELAY_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// UDP address agents connect to over QUIC [default: 0.0.0.0:4443; 127.0.0.1:4443 with --dev]
+    #[arg(long, env = "HOOKRELAY_QUIC", value_name = "ADDR")]
+    pub quic: Option<SocketAddr>,
+
+    /// Admin listener with /healthz [default: 127.0.0.1:9090]
+    #[arg(long, env = "HOOKRELAY_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+
+    /// Domain whose subdomains name tunnels: NAME.DOMAIN reaches tunnel NAME
+    #[arg(long, env = "HOOKRELAY_DOMAIN", value_name = "DOMAIN")]
+    pub domain: Option<String>,
+
+    /// Base of public URLs when the relay sits behind a proxy, e.g. https://hooks.example.com
+    #[arg(long, env = "HOOKRELAY_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+
+    /// Certificate chain (PEM) [default: self-signed, generated in the data directory]
+    #[arg(long, env = "HOOKRELAY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --tls-cert
+    #[arg(long, env = "HOOKRELAY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Largest request body accepted, e.g. 25MiB [default: 25MiB]
+    #[arg(long, env = "HOOKRELAY_BODY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
+    pub body_limit: Option<u64>,
+
+    /// How long to wait for the local app's response, e.g. 30s [default: 30s]
+    #[arg(long, env = "HOOKRELAY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// Development mode: loopback defaults, and a token for every tunnel created and printed at start
+    #[arg(long, env = "HOOKRELAY_DEV")]
+    pub dev: bool,
+}
+
+/// Subcommands; without one, the relay runs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the tokens agents authenticate with
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+/// `relay-server token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (the only time it is shown; only its hash is stored)
+    Create {
+        /// Unique name for the token, e.g. who it is for
+        #[arg(long)]
+        name: String,
+        /// Tunnel names it may hold: comma-separated globs such as 'alice-*' or '*'
+        #[arg(long, value_delimiter = ',', required = true, value_name = "PATTERNS")]
+        tunnels: Vec<TunnelPattern>,
+    },
+    /// List tokens (names and grants; tokens themselves are not stored)
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by name; agents using it are refused from their next connection
+    Revoke {
+        /// Name given at creation
+        name: String,
+    },
+}
+
+/// Settings read from the TOML file; keys mirror the flags (with `_`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http: Option<String>,
+    quic: Option<String>,
+    admin: Option<String>,
+    domain: Option<String>,
+    public_url: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    body_limit: Option<SizeSetting>,
+    timeout: Option<SizeSetting>,
+    dev: Option<bool>,
+}
+
+/// A size or duration in the file: `"25MiB"` / `"30s"`, or a bare number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeSetting {
+    Number(u64),
+    Text(String),
+}
+
+impl SizeSetting {
+    fn text(&self) -> String {
+        match self {
+            SizeSetting::Number(n) => n.to_string(),
+            SizeSetting::Text(s) => s.clone(),
+        }
+    }
+}
+
+/// A setting that is missing or wrong; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Cli {
+    /// The data directory: flag or env, then the config file, then the default.
+    ///
+    /// # Errors
+    /// When the config file cannot be read.
+    pub fn resolved_data_dir(&self) -> Result<PathBuf, ConfigError> {
+        let file = self.file()?;
+        Ok(self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir))
+    }
+
+    fn file(&self) -> Result<FileConfig, ConfigError> {
+        match &self.config {
+            Some(path) => read_file(path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    /// Merges flags, environment and file into a validated [`Config`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the setting at fault.
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
+        let file = self.file()?;
+        let source = self
+            .config
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let addr = |key: &str, v: &Option<String>| -> Result<Option<SocketAddr>, ConfigError> {
+            v.as_deref()
+                .map(|s| {
+                    s.parse().map_err(|_| {
+                        ConfigError(format!(
+                            "invalid value {s:?} for `{key}` in {source}: expected IP:PORT"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let dev = self.dev || file.dev.unwrap_or(false);
+        let (http_default, quic_default): (SocketAddr, SocketAddr) = if dev {
+            (([127, 0, 0, 1], 8080).into(), ([127, 0, 0, 1], 4443).into())
+        } else {
+            (([0, 0, 0, 0], 8080).into(), ([0, 0, 0, 0], 4443).into())
+        };
+        let http = self
+            .http
+            .or(addr("http", &file.http)?)
+            .unwrap_or(http_default);
+        let quic = self
+            .quic
+            .or(addr("quic", &file.quic)?)
+            .unwrap_or(quic_default);
+        let admin = self
+            .admin
+            .or(addr("admin", &file.admin)?)
+            .unwrap_or(([127, 0, 0, 1], 9090).into());
+        let body_limit_bytes = match (self.body_limit, &file.body_limit) {
+            (Some(n), _) => n,
+            (None, Some(s)) => parse_size(&s.text()).map_err(|e| {
+                ConfigError(format!("invalid value for `body_limit` in {source}: {e}"))
+            })?,
+            (None, None) => DEFAULT_BODY_LIMIT_BYTES,
+        };
+        if body_limit_bytes == 0 {
+            return Err(ConfigError("`body_limit` must be larger than zero".into()));
+        }
+        let timeout = match (self.timeout, &file.timeout) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(&s.text()).map_err(|e| {
+                ConfigError(format!("invalid value for `timeout` in {source}: {e}"))
+            })?,
+            (None, None) => DEFAULT_TIMEOUT,
+        };
+        let domain = self
+            .domain
+            .clone()
+            .or(file.domain)
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+        if let Some(d) = &domain {
+            let valid = !d.is_empty()
+                && d.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !valid {
+                return Err(ConfigError(format!(
+                    "invalid value {d:?} for `domain`: expected a DNS name like relay.example.com"
+                )));
+            }
+        }
+        let public_url = self.public_url.clone().or(file.public_url);
+        if let Some(u) = &public_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "invalid value {u:?} for `public_url`: expected http://… or https://…"
+                )));
+            }
+        }
+        let tls = match (
+            self.tls_cert.clone().or(file.tls_cert),
+            self.tls_key.clone().or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+            (None, None) => TlsSource::SelfSigned,
+            (Some(_), None) => {
+                return Err(ConfigError("`tls_cert` is set but `tls_key` is not".into()))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError("`tls_key` is set but `tls_cert` is not".into()))
+            }
+        };
+        Ok(Config {
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(default_data_dir),
+            http,
+            quic,
+            admin,
+            domain,
+            public_url,
+            tls,
+            body_limit_bytes,
+            timeout,
+            dev,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("invalid config file {}: {e}", path.display())))
+}
+
+/// `~/.local/share/hookrelay/relay` on Linux, the platform's equivalent elsewhere.
+pub fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "hookrelay")
+        .map(|d| d.data_dir().join("relay"))
+        .unwrap_or_else(|| PathBuf::from("hookrelay-relay"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["relay-server"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("valid arguments")
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "http = \"127.0.0.1:7000\"\nquic = \"127.0.0.1:7001\"\nbody_limit = \"1MiB\"\ntimeout = 5\ndomain = \"Relay.Example.com.\"\n",
+        )
+        .expect("write");
+        let config = cli(&[
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--quic",
+            "127.0.0.1:9999",
+        ])
+        .to_config()
+        .expect("valid config");
+        assert_eq!(config.http, "127.0.0.1:7000".parse().expect("addr"));
+        assert_eq!(config.quic, "127.0.0.1:9999".parse().expect("addr"));
+        assert_eq!(config.body_limit_bytes, 1 << 20);
+        assert_eq!(config.timeout, Duration::from_secs(5));
+        assert_eq!(config.domain.as_deref(), Some("relay.example.com"));
+        assert_eq!(config.tls, TlsSource::SelfSigned);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        for (content, needle) in [
+            ("http = \"nowhere\"", "`http`"),
+            ("body_limit = \"lots\"", "`body_limit`"),
+            ("timeout = \"soon\"", "`timeout`"),
+            ("htp = \"127.0.0.1:1\"", "htp"),
+            ("tls_cert = \"/x.pem\"", "tls_key"),
+            ("domain = \"bad domain\"", "`domain`"),
+        ] {
+            std::fs::write(&file, content).expect("write");
+            let err = cli(&["--config", file.to_str().expect("utf-8")])
+                .to_config()
+                .expect_err(content);
+            assert!(err.to_string().contains(needle), "{content}: {err}");
+        }
+        assert!(Cli::try_parse_from(["relay-server", "--http", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["relay-server", "--body-limit", "12 bananas"]).is_err());
+    }
+
+    #[test]
+    fn dev_mode_binds_loopback() {
+        let config = cli(&["--dev"]).to_config().expect("valid");
+        assert!(config.http.ip().is_loopback() && config.quic.ip().is_loopback());
+        let config = cli(&[]).to_config().expect("valid");
+        assert!(config.http.ip().is_unspecified());
+    }
+}

@@ -1,0 +1,151 @@
+//! Validated relay configuration, and the human-friendly size and duration
+//! formats that flags, environment variables and the TOML file share.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Default cap on a request body: 25 MiB, enough for any provider's webhook
+/// (GitHub caps payloads at 25 MB) and small enough to refuse abuse early.
+pub const DEFAULT_BODY_LIMIT_BYTES: u64 = 25 * 1024 * 1024;
+
+/// Default time the relay waits for the local app's response head. Most senders
+/// give up after 10–30 s; matching the longest keeps slow handlers working.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `Retry-After` sent with 503 while a tunnel's agent is offline: short enough
+/// that a sender honouring it comes back soon after a laptop wakes.
+pub const OFFLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Everything the relay needs to run, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Directory for tokens, the self-signed certificate and known tunnels.
+    pub data_dir: PathBuf,
+    /// Public HTTP ingress for webhooks.
+    pub http: SocketAddr,
+    /// UDP address of the QUIC endpoint agents connect to.
+    pub quic: SocketAddr,
+    /// Admin listener (`/healthz`); keep it on loopback or behind a firewall.
+    pub admin: SocketAddr,
+    /// Domain whose subdomains name tunnels (`NAME.DOMAIN`).
+    pub domain: Option<String>,
+    /// Base of path-style public URLs, e.g. `https://relay.example.com`; derived
+    /// from `domain` or the bound address when absent.
+    pub public_url: Option<String>,
+    /// Where the TLS certificate for QUIC comes from.
+    pub tls: TlsSource,
+    /// Largest request body accepted, in bytes.
+    pub body_limit_bytes: u64,
+    /// How long to wait for the local app's response head.
+    pub timeout: Duration,
+    /// Create and print a token granting every tunnel at start.
+    pub dev: bool,
+}
+
+/// Source of the relay's certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Generated on first start and kept in the data directory; agents pin its
+    /// SHA-256 fingerprint.
+    SelfSigned,
+    /// PEM files: a certificate chain and its private key.
+    Files {
+        /// Certificate chain, leaf first.
+        cert: PathBuf,
+        /// Private key (PKCS#8, PKCS#1 or SEC1).
+        key: PathBuf,
+    },
+}
+
+impl Config {
+    /// Every listener on `127.0.0.1:0`, defaults elsewhere: what tests and the
+    /// demo use.
+    pub fn loopback(data_dir: impl Into<PathBuf>) -> Self {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Config {
+            data_dir: data_dir.into(),
+            http: any,
+            quic: any,
+            admin: any,
+            domain: None,
+            public_url: None,
+            tls: TlsSource::SelfSigned,
+            body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+            dev: false,
+        }
+    }
+}
+
+/// Parses `25MiB`, `512KiB`, `1GiB`, `10MB` or a plain byte count.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (use e.g. 25MiB, 512KiB or a byte count)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. 30s, 500ms, 2m)"))?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        assert_eq!(parse_size("25MiB"), Ok(25 * 1024 * 1024));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("2 KB"), Ok(2000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

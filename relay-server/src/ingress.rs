@@ -1,0 +1,605 @@
+//! Public webhook ingress: an HTTP request in, one QUIC stream per delivery to
+//! the agent holding the tunnel, the local app's response back out.
+//!
+//! Bodies stream both ways: request chunks go to the agent as they arrive, and
+//! response chunks go back to the sender as the agent sends them. Nothing holds
+//! a whole body.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, Request, State},
+    http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    Json, Router,
+};
+use bytes::Bytes;
+use hookrelay_shared::{
+    codec::{read_frame, write_frame},
+    http::{connection_tokens, is_hop_by_hop},
+    protocol::reset,
+    AgentReply, DeliveryId, FailureKind, RequestHead, TunnelName,
+};
+use http_body_util::BodyExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{config::OFFLINE_RETRY_AFTER, routing::Routes};
+
+/// Extra time the relay grants the agent beyond the local-app timeout, so that
+/// the agent's own, more precise timeout answer arrives first.
+const REPLY_GRACE: Duration = Duration::from_secs(2);
+
+/// Largest chunk read from a QUIC stream at once.
+const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Header that carries the full public URL to the local app (Twilio, for one,
+/// signs the URL it posted to).
+pub const ORIGINAL_URL_HEADER: &str = "x-hookrelay-original-url";
+
+/// Header that carries the relay's delivery id, to the app and back to the sender.
+pub const DELIVERY_ID_HEADER: &str = "x-hookrelay-delivery-id";
+
+/// Ingress settings and shared state.
+pub(crate) struct Ingress {
+    pub routes: Arc<dyn Routes>,
+    pub domain: Option<String>,
+    pub body_limit_bytes: u64,
+    pub timeout: Duration,
+    /// `http` or `https`, for `X-Forwarded-Proto` and public URLs.
+    pub scheme: &'static str,
+}
+
+/// The public ingress router: every path is a potential webhook.
+pub(crate) fn router(ingress: Arc<Ingress>) -> Router {
+    Router::new().fallback(handle).with_state(ingress)
+}
+
+async fn handle(
+    State(ingress): State<Arc<Ingress>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let delivery_id = DeliveryId::new();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    match ingress.deliver(delivery_id, remote, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            debug!(%delivery_id, %method, %uri, %remote, error = %err, "delivery failed");
+            Failure { err, delivery_id }.into_response()
+        }
+    }
+}
+
+impl Ingress {
+    async fn deliver(
+        &self,
+        delivery_id: DeliveryId,
+        remote: SocketAddr,
+        req: Request,
+    ) -> Result<Response, IngressError> {
+        let received_at_ms = unix_ms();
+        let (parts, body) = req.into_parts();
+        let host = host_of(&parts.headers, &parts.uri);
+        let (tunnel, path) = self.route(host.as_deref(), &parts.uri)?;
+
+        let declared = content_length(&parts.headers)?;
+        // Exact for Content-Length bodies and for bodiless requests (0); `None`
+        // for chunked ones, which the agent forwards chunked.
+        let body_len = http_body::Body::size_hint(&body).exact().or(declared);
+        if body_len.is_some_and(|n| n > self.body_limit_bytes) {
+            return Err(IngressError::BodyTooLarge {
+                limit: self.body_limit_bytes,
+            });
+        }
+        let link = self.routes.lookup(&tunnel).ok_or_else(|| {
+            if self.routes.is_known(&tunnel) {
+                IngressError::AgentOffline(tunnel.clone())
+            } else {
+                IngressError::UnknownTunnel(tunnel.clone())
+            }
+        })?;
+
+        let public_url = format!(
+            "{}://{}{}",
+            self.scheme,
+            host.as_deref().unwrap_or("unknown"),
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        );
+        let headers = forward_headers(
+            &parts.headers,
+            remote,
+            self.scheme,
+            host.as_deref(),
+            &public_url,
+            delivery_id,
+        );
+        let head = RequestHead {
+            delivery_id,
+            tunnel: tunnel.clone(),
+            method: parts.method.as_str().to_owned(),
+            path,
+            headers,
+            remote_addr: remote,
+            public_url,
+            received_at_ms,
+            timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+            body_len,
+        };
+
+        let (mut send, mut recv) = link
+            .connection
+            .open_bi()
+            .await
+            .map_err(|_| IngressError::AgentOffline(tunnel.clone()))?;
+        write_frame(&mut send, &head)
+            .await
+            .map_err(|_| IngressError::AgentLost(tunnel.clone()))?;
+
+        let cancel = CancellationToken::new();
+        let mut pump = tokio::spawn(pump_body(body, send, self.body_limit_bytes, cancel.clone()));
+        let _cancel_on_exit = cancel.clone().drop_guard();
+        let deadline = tokio::time::sleep(self.timeout + REPLY_GRACE);
+        tokio::pin!(deadline);
+
+        let reply = {
+            let reading = read_frame::<AgentReply, _>(&mut recv);
+            tokio::pin!(reading);
+            let mut pump_done = false;
+            loop {
+                tokio::select! {
+                    reply = &mut reading => break reply,
+                    end = &mut pump, if !pump_done => {
+                        pump_done = true;
+                        match end {
+                            Ok(PumpEnd::TooLarge) => {
+                                return Err(IngressError::BodyTooLarge { limit: self.body_limit_bytes });
+                            }
+                            Ok(PumpEnd::SenderAborted) => return Err(IngressError::SenderAborted),
+                            _ => {}
+                        }
+                    }
+                    () = &mut deadline => {
+                        return Err(IngressError::LocalAppTimeout {
+                            tunnel: tunnel.clone(),
+                            message: "no answer from the agent in time".into(),
+                        });
+                    }
+                }
+            }
+        };
+
+        match reply {
+            Ok(Some(AgentReply::Response(head))) => {
+                // The agent is now streaming the response body; the request body
+                // pump may still be running and must not be cancelled.
+                _cancel_on_exit.disarm();
+                let status = StatusCode::from_u16(head.status)
+                    .map_err(|_| IngressError::AgentLost(tunnel.clone()))?;
+                let mut resp = Response::new(Body::from_stream(recv_stream(recv)));
+                *resp.status_mut() = status;
+                let connection: Vec<String> = head
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n == "connection")
+                    .flat_map(|(_, v)| connection_tokens(v).collect::<Vec<_>>())
+                    .collect();
+                let out = resp.headers_mut();
+                for (name, value) in &head.headers {
+                    if is_hop_by_hop(name, &connection) {
+                        continue;
+                    }
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_bytes(value),
+                    ) {
+                        out.append(n, v);
+                    }
+                }
+                out.insert(DELIVERY_ID_HEADER, header_value(&delivery_id.to_string()));
+                debug!(%delivery_id, %tunnel, status = head.status, "delivered");
+                Ok(resp)
+            }
+            Ok(Some(AgentReply::Failed { kind, message })) => Err(match kind {
+                FailureKind::LocalAppUnreachable => {
+                    IngressError::LocalAppUnreachable { tunnel, message }
+                }
+                FailureKind::LocalAppTimeout => IngressError::LocalAppTimeout { tunnel, message },
+                FailureKind::LocalAppError | FailureKind::BadRequest => {
+                    IngressError::LocalAppError { tunnel, message }
+                }
+            }),
+            Ok(None) | Err(_) => Err(IngressError::AgentLost(tunnel)),
+        }
+    }
+
+    /// Finds the tunnel a request is for: the subdomain of the configured domain,
+    /// or the path form `/t/NAME/rest`. Returns the tunnel and the path and query
+    /// below its root.
+    fn route(&self, host: Option<&str>, uri: &Uri) -> Result<(TunnelName, String), IngressError> {
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        if let (Some(domain), Some(host)) = (&self.domain, host) {
+            let host = normalise_host(host);
+            if let Some(label) = host
+                .strip_suffix(domain.as_str())
+                .and_then(|h| h.strip_suffix('.'))
+            {
+                let tunnel = label
+                    .parse::<TunnelName>()
+                    .map_err(|_| IngressError::UnknownTunnel(unknown_name(label)))?;
+                return Ok((tunnel, format!("{}{query}", uri.path())));
+            }
+        }
+        let rest = uri
+            .path()
+            .strip_prefix("/t/")
+            .ok_or(IngressError::NoRoute)?;
+        let (name, below) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let tunnel = name
+            .parse::<TunnelName>()
+            .map_err(|_| IngressError::UnknownTunnel(unknown_name(name)))?;
+        Ok((tunnel, format!("{below}{query}")))
+    }
+}
+
+/// What ended the request-body pump.
+#[derive(Debug)]
+enum PumpEnd {
+    Finished,
+    TooLarge,
+    SenderAborted,
+    AgentStopped,
+    Cancelled,
+}
+
+/// Copies the sender's body to the delivery stream chunk by chunk, enforcing the
+/// body limit on what actually arrives (chunked bodies declare no length). An
+/// early end is signalled with a stream reset, so the agent never mistakes a cut
+/// body for a complete one.
+async fn pump_body(
+    mut body: Body,
+    mut send: quinn::SendStream,
+    limit: u64,
+    cancel: CancellationToken,
+) -> PumpEnd {
+    let mut sent: u64 = 0;
+    loop {
+        let frame = tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = send.reset(reset::CANCELLED.into());
+                return PumpEnd::Cancelled;
+            }
+            frame = body.frame() => frame,
+        };
+        let data = match frame {
+            None => {
+                let _ = send.finish();
+                return PumpEnd::Finished;
+            }
+            Some(Err(_)) => {
+                let _ = send.reset(reset::BODY_ABORTED.into());
+                return PumpEnd::SenderAborted;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue, // trailers: not forwarded
+            },
+        };
+        sent += data.len() as u64;
+        if sent > limit {
+            let _ = send.reset(reset::BODY_ABORTED.into());
+            return PumpEnd::TooLarge;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = send.reset(reset::CANCELLED.into());
+                return PumpEnd::Cancelled;
+            }
+            written = send.write_chunk(data) => if written.is_err() {
+                return PumpEnd::AgentStopped;
+            },
+        }
+    }
+}
+
+/// The rest of a delivery stream as a body stream; a reset becomes an error, so
+/// the sender sees a cut connection rather than a short, "complete" body.
+fn recv_stream(
+    recv: quinn::RecvStream,
+) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Some(recv), |state| async move {
+        let mut recv = state?;
+        match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => Some((Ok(chunk.bytes), Some(recv))),
+            Ok(None) => None,
+            Err(e) => Some((Err(io::Error::other(e)), None)),
+        }
+    })
+}
+
+/// The headers the local app receives: the sender's, in order and byte for byte,
+/// minus hop-by-hop ones, plus the proxy headers.
+fn forward_headers(
+    headers: &HeaderMap,
+    remote: SocketAddr,
+    scheme: &str,
+    host: Option<&str>,
+    public_url: &str,
+    delivery_id: DeliveryId,
+) -> Vec<(String, Vec<u8>)> {
+    let connection: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| connection_tokens(v.as_bytes()).collect::<Vec<_>>())
+        .collect();
+    let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len() + 5);
+    let mut forwarded_for: Option<Vec<u8>> = None;
+    for (name, value) in headers {
+        let name = name.as_str();
+        if is_hop_by_hop(name, &connection) {
+            continue;
+        }
+        match name {
+            "x-forwarded-for" => {
+                let v = forwarded_for.get_or_insert_with(Vec::new);
+                if !v.is_empty() {
+                    v.extend_from_slice(b", ");
+                }
+                v.extend_from_slice(value.as_bytes());
+            }
+            "x-forwarded-proto" | "x-forwarded-host" | ORIGINAL_URL_HEADER | DELIVERY_ID_HEADER => {
+            }
+            _ => out.push((name.to_owned(), value.as_bytes().to_vec())),
+        }
+    }
+    let mut xff = forwarded_for.unwrap_or_default();
+    if !xff.is_empty() {
+        xff.extend_from_slice(b", ");
+    }
+    xff.extend_from_slice(remote.ip().to_string().as_bytes());
+    out.push(("x-forwarded-for".into(), xff));
+    out.push(("x-forwarded-proto".into(), scheme.as_bytes().to_vec()));
+    if let Some(host) = host {
+        out.push(("x-forwarded-host".into(), host.as_bytes().to_vec()));
+    }
+    out.push((ORIGINAL_URL_HEADER.into(), public_url.as_bytes().to_vec()));
+    out.push((
+        DELIVERY_ID_HEADER.into(),
+        delivery_id.to_string().into_bytes(),
+    ));
+    out
+}
+
+fn host_of(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+}
+
+/// Lowercase, without port and trailing dot: `Alice.Relay.Example.com.:443` and
+/// `alice.relay.example.com` are the same host.
+fn normalise_host(host: &str) -> String {
+    let without_port = if host.starts_with('[') {
+        host.split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        host.rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(host)
+            .to_owned()
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, IngressError> {
+    let mut found: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let n = value
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or(IngressError::BadRequest("invalid Content-Length"))?;
+        if found.is_some_and(|f| f != n) {
+            return Err(IngressError::BadRequest(
+                "conflicting Content-Length headers",
+            ));
+        }
+        found = Some(n);
+    }
+    Ok(found)
+}
+
+/// A placeholder for a name that failed validation, for the error message only.
+fn unknown_name(raw: &str) -> TunnelName {
+    let cleaned: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(63)
+        .collect();
+    cleaned.trim_matches('-').parse().unwrap_or_else(|_| {
+        "invalid"
+            .parse()
+            .expect("\"invalid\" is a valid tunnel name")
+    })
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Why the relay could not hand a webhook to the local app. Variant names say
+/// which side failed: the sender, the relay's routing, the agent or the local app.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("no tunnel here: webhook URLs look like /t/NAME/path")]
+    NoRoute,
+    #[error("no tunnel named {0}")]
+    UnknownTunnel(TunnelName),
+    #[error("the agent for tunnel {0} is offline")]
+    AgentOffline(TunnelName),
+    #[error("the agent for tunnel {0} dropped the delivery")]
+    AgentLost(TunnelName),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("the sender aborted the request body")]
+    SenderAborted,
+    #[error("the local app behind tunnel {tunnel} is unreachable: {message}")]
+    LocalAppUnreachable { tunnel: TunnelName, message: String },
+    #[error("the local app behind tunnel {tunnel} did not answer in time: {message}")]
+    LocalAppTimeout { tunnel: TunnelName, message: String },
+    #[error("the local app behind tunnel {tunnel} failed: {message}")]
+    LocalAppError { tunnel: TunnelName, message: String },
+}
+
+impl IngressError {
+    /// Stable, documented error code for the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IngressError::NoRoute => "not_found",
+            IngressError::UnknownTunnel(_) => "unknown_tunnel",
+            IngressError::AgentOffline(_) => "agent_offline",
+            IngressError::AgentLost(_) => "agent_error",
+            IngressError::BodyTooLarge { .. } => "body_too_large",
+            IngressError::BadRequest(_) => "bad_request",
+            IngressError::SenderAborted => "request_aborted",
+            IngressError::LocalAppUnreachable { .. } => "local_app_unreachable",
+            IngressError::LocalAppTimeout { .. } => "local_app_timeout",
+            IngressError::LocalAppError { .. } => "local_app_error",
+        }
+    }
+
+    /// The status the sender gets. Transient conditions are never 4xx: some
+    /// senders (GitLab) disable a hook for good on a 4xx.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngressError::NoRoute | IngressError::UnknownTunnel(_) => StatusCode::NOT_FOUND,
+            IngressError::AgentOffline(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngressError::AgentLost(_)
+            | IngressError::LocalAppUnreachable { .. }
+            | IngressError::LocalAppError { .. } => StatusCode::BAD_GATEWAY,
+            IngressError::LocalAppTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            IngressError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngressError::BadRequest(_) | IngressError::SenderAborted => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// An [`IngressError`] with the delivery it ended, as the sender sees it.
+struct Failure {
+    err: IngressError,
+    delivery_id: DeliveryId,
+}
+
+#[derive(Serialize)]
+struct FailureBody {
+    error: &'static str,
+    message: String,
+    delivery_id: String,
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = FailureBody {
+            error: self.err.code(),
+            message: self.err.to_string(),
+            delivery_id: self.delivery_id.to_string(),
+        };
+        let mut resp = (self.err.status(), Json(body)).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(
+            DELIVERY_ID_HEADER,
+            header_value(&self.delivery_id.to_string()),
+        );
+        if matches!(self.err, IngressError::AgentOffline(_)) {
+            headers.insert(
+                header::RETRY_AFTER,
+                header_value(&OFFLINE_RETRY_AFTER.as_secs().to_string()),
+            );
+        }
+        if matches!(self.err, IngressError::AgentLost(_)) {
+            warn!(delivery_id = %self.delivery_id, error = %self.err, "agent dropped a delivery");
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_normalise() {
+        assert_eq!(
+            normalise_host("Alice.Relay.Example.COM.:8080"),
+            "alice.relay.example.com"
+        );
+        assert_eq!(normalise_host("[::1]:8080"), "[::1]");
+        assert_eq!(normalise_host("relay"), "relay");
+    }
+
+    #[test]
+    fn proxy_headers_are_added_and_hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.append("x-private", HeaderValue::from_static("secret"));
+        h.append("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append(
+            "x-a",
+            HeaderValue::from_bytes(&[0xfe, b'b']).expect("opaque bytes are valid"),
+        );
+        let out = forward_headers(
+            &h,
+            "192.0.2.7:1234".parse().expect("addr"),
+            "http",
+            Some("relay:8080"),
+            "http://relay:8080/t/x/",
+            DeliveryId::new(),
+        );
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(&names[..2], ["x-a", "x-a"]);
+        assert_eq!(out[1].1, vec![0xfe, b'b']);
+        assert!(
+            !names.contains(&"connection")
+                && !names.contains(&"x-private")
+                && !names.contains(&"keep-alive")
+        );
+        let xff = out
+            .iter()
+            .find(|(n, _)| n == "x-forwarded-for")
+            .expect("xff");
+        assert_eq!(xff.1, b"10.0.0.1, 192.0.2.7");
+    }
+}

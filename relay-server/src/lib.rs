@@ -1,0 +1,27 @@
+//! Hookrelay's relay: the public side of the tunnel.
+//!
+//! Webhooks arrive over HTTP at `/t/NAME/...` (or `NAME.DOMAIN`) and travel over
+//! QUIC to the agent holding tunnel `NAME`, one bidirectional stream each.
+//!
+//! - [`relay`]: [`Relay::spawn`] starts everything and hands back addresses.
+//! - [`config`]: validated [`Config`] and its defaults.
+//! - [`cli`]: command line, environment and TOML file into a [`Config`].
+//! - [`ingress`]: the HTTP side; [`IngressError`] maps failures to statuses.
+//! - [`agents`](crate::agents): the QUIC side, handshake and sessions.
+//! - [`routing`]: the [`Routes`] table of tunnel holders.
+//! - [`auth`]: hashed agent tokens.
+//! - [`tls`]: certificate files or a persisted self-signed certificate.
+
+mod agents;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod ingress;
+pub mod relay;
+pub mod routing;
+pub mod tls;
+
+pub use config::{Config, TlsSource};
+pub use ingress::IngressError;
+pub use relay::{Relay, SpawnError};
+pub use routing::Routes;

@@ -1,0 +1,136 @@
+//! `relay-server`: argv and environment into a [`Config`](relay_server::Config),
+//! Ctrl-C and SIGTERM into a graceful shutdown.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser};
+use relay_server::{
+    auth::TokenStore,
+    cli::{Cli, Command, TokenCommand},
+    Relay,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Token { command }) = &cli.command {
+        let dir = cli
+            .resolved_data_dir()
+            .unwrap_or_else(|e| exit_usage(&e.to_string()));
+        return token_command(&TokenStore::open(&dir)?, command);
+    }
+    let config = cli
+        .to_config()
+        .unwrap_or_else(|e| exit_usage(&e.to_string()));
+    init_tracing();
+    let dev = config.dev;
+    let relay = Relay::spawn(config)
+        .await
+        .context("cannot start the relay")?;
+    if dev {
+        let _ = relay.tokens().revoke("dev");
+        let pattern = "*".parse().context("pattern")?;
+        let token = relay.tokens().create("dev", vec![pattern])?;
+        println!("dev token:          {token}");
+        println!("relay cert sha256:  {}", relay.cert_fingerprint());
+        println!(
+            "connect an agent:   relay-client http 3000 --relay {} --token {token} --relay-cert-sha256 {}",
+            relay.quic_addr(),
+            relay.cert_fingerprint()
+        );
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+fn token_command(store: &TokenStore, command: &TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { name, tunnels } => {
+            let token = store.create(name, tunnels.clone())?;
+            println!("{token}");
+        }
+        TokenCommand::List { json } => {
+            let records = store.list()?;
+            if *json {
+                let out: Vec<_> = records
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "name": r.name,
+                            "tunnels": r.tunnels.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                            "created_at": r.created_at,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if records.is_empty() {
+                eprintln!("no tokens; create one with `relay-server token create --name NAME --tunnels 'NAME-*'`");
+            } else {
+                println!("{:<24} TUNNELS", "NAME");
+                for r in records {
+                    let tunnels: Vec<&str> = r.tunnels.iter().map(|p| p.as_str()).collect();
+                    println!("{:<24} {}", r.name, tunnels.join(","));
+                }
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            if !store.revoke(name)? {
+                anyhow::bail!("no token named {name:?}");
+            }
+            eprintln!("revoked token {name:?}");
+        }
+    }
+    Ok(())
+}
+
+fn exit_usage(message: &str) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

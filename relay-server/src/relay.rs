@@ -1,0 +1,219 @@
+//! A running relay: its listeners, tasks and shutdown.
+
+use std::{io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{extract::State, routing::get, Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn, Instrument};
+
+use crate::{
+    agents::{self, Agents, PublicUrls},
+    auth::{TokenError, TokenStore},
+    config::Config,
+    ingress::{self, Ingress},
+    routing::{LocalRoutes, Routes},
+    tls::{TlsError, TlsMaterial},
+};
+
+/// How long shutdown waits for in-flight deliveries before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Handle to a running relay. Dropping it does not stop the relay; call
+/// [`Relay::shutdown`].
+pub struct Relay {
+    http_addr: SocketAddr,
+    quic_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    fingerprint: String,
+    tokens: Arc<TokenStore>,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Relay {
+    /// Opens the data directory, loads or creates the certificate, binds every
+    /// listener and starts serving. Ready when it returns.
+    ///
+    /// # Errors
+    /// When the data directory, certificate or any listener is unusable.
+    pub async fn spawn(config: Config) -> Result<Relay, SpawnError> {
+        let tokens = Arc::new(TokenStore::open(&config.data_dir)?);
+        let names: Vec<String> = config
+            .domain
+            .iter()
+            .flat_map(|d| [d.clone(), format!("*.{d}")])
+            .collect();
+        let tls = TlsMaterial::open(&config.tls, &config.data_dir, &names)?;
+        let routes: Arc<dyn Routes> = Arc::new(LocalRoutes::open(Some(
+            config.data_dir.join("tunnels.json"),
+        )));
+
+        let bind_err = |what: &'static str, addr: SocketAddr| {
+            move |source: io::Error| SpawnError::Bind { what, addr, source }
+        };
+        let http = TcpListener::bind(config.http)
+            .await
+            .map_err(bind_err("http", config.http))?;
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .map_err(bind_err("admin", config.admin))?;
+        let endpoint = quinn::Endpoint::server(tls.quic_server_config()?, config.quic)
+            .map_err(bind_err("quic", config.quic))?;
+        let http_addr = http.local_addr().map_err(bind_err("http", config.http))?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(bind_err("admin", config.admin))?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(bind_err("quic", config.quic))?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let ingress = Arc::new(Ingress {
+            routes: routes.clone(),
+            domain: config
+                .domain
+                .clone()
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+            body_limit_bytes: config.body_limit_bytes,
+            timeout: config.timeout,
+            scheme: "http",
+        });
+        let app = ingress::router(ingress).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone();
+        tracker.spawn(
+            async move {
+                use axum::serve::ListenerExt;
+                // Webhook responses are small writes; Nagle would hold them back.
+                let listener = http.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                if let Err(err) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(
+                        error = &err as &dyn std::error::Error,
+                        "http ingress failed"
+                    );
+                }
+            }
+            .instrument(tracing::info_span!("ingress")),
+        );
+
+        let admin_app = Router::new()
+            .route("/healthz", get(healthz))
+            .with_state(routes.clone());
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(err) = axum::serve(admin, admin_app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "admin listener failed"
+                );
+            }
+        });
+
+        let agents = Arc::new(Agents::new(
+            routes,
+            tokens.clone(),
+            PublicUrls {
+                base: config.public_url.clone(),
+                domain: config.domain.clone(),
+                http: http_addr,
+            },
+        ));
+        tracker.spawn(agents::accept_loop(
+            endpoint.clone(),
+            agents,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+
+        info!(%http_addr, %quic_addr, %admin_addr, fingerprint = tls.fingerprint(), "relay listening");
+        Ok(Relay {
+            http_addr,
+            quic_addr,
+            admin_addr,
+            fingerprint: tls.fingerprint().to_owned(),
+            tokens,
+            endpoint,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// Address of the public HTTP ingress.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// UDP address of the QUIC endpoint.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// SHA-256 fingerprint (hex) of the relay's certificate, for agents to pin.
+    pub fn cert_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The relay's token store.
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+
+    /// Stops accepting, closes agent connections with a reason, and waits up to
+    /// [`SHUTDOWN_GRACE`] for in-flight deliveries.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("in-flight work did not finish within the shutdown grace period");
+        }
+        self.endpoint
+            .close(agents_close_code(), b"relay shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("relay stopped");
+    }
+}
+
+fn agents_close_code() -> quinn::VarInt {
+    hookrelay_shared::protocol::close::SHUTDOWN.into()
+}
+
+async fn healthz(State(routes): State<Arc<dyn Routes>>) -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "tunnels_online": routes.online() }))
+}
+
+/// Why a relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen for {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("data directory {} is unusable", .0.display())]
+    DataDir(PathBuf),
+}

@@ -1,0 +1,28 @@
+//! Hookrelay's shared rules: the wire protocol between relay and agent, the frame
+//! codec that carries it, and the tunnel-name rules. No sockets, no clocks.
+//!
+//! - [`protocol`]: control messages ([`AgentToRelay`], [`RelayToAgent`]) and the
+//!   per-delivery heads ([`RequestHead`], [`AgentReply`]).
+//! - [`codec`]: length-prefixed postcard frames with a hard size limit.
+//! - [`tunnel_name`]: [`TunnelName`], a DNS label, and [`TunnelPattern`] globs.
+//! - [`http`]: header rules both ends apply (hop-by-hop headers).
+
+pub mod codec;
+pub mod http;
+pub mod protocol;
+pub mod tunnel_name;
+
+pub use codec::{CodecError, FrameCodec, MAX_FRAME_LEN};
+pub use protocol::{
+    AgentReply, AgentToRelay, DeliveryId, FailureKind, Hello, RejectReason, RelayToAgent,
+    RequestHead, ResponseHead, TunnelGrant,
+};
+pub use tunnel_name::{TunnelName, TunnelNameError, TunnelPattern};
+
+/// Version of the wire protocol. A relay and an agent must agree on it; a mismatch
+/// is answered with [`RejectReason::VersionMismatch`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// QUIC application protocol name. An endpoint offering anything else is refused
+/// during the TLS handshake, before a single frame is read.
+pub const ALPN: &[u8] = b"hookrelay/1";

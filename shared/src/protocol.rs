@@ -1,0 +1,232 @@
+//! Messages between relay and agent.
+//!
+//! One QUIC connection per agent; the agent is the client. The first
+//! bidirectional stream, opened by the agent, is the control stream: the agent
+//! writes one [`Hello`] frame and the relay answers with one [`RelayToAgent`]
+//! frame (`Welcome` or `Rejected`); further frames on it are [`AgentToRelay`] and
+//! [`RelayToAgent`] messages. Every delivery is one more bidirectional stream,
+//! opened by the relay: a [`RequestHead`] frame then the raw request body up to
+//! the stream's end; the agent answers with an [`AgentReply`] frame then, for a
+//! response, the raw response body up to the stream's end. A stream reset means
+//! the body was cut short, never that it ended.
+
+use std::{fmt, net::SocketAddr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use crate::TunnelName;
+
+/// Identifies one delivery end to end. ULIDs sort by creation time, which is the
+/// relay's arrival order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeliveryId(pub Ulid);
+
+impl DeliveryId {
+    /// A fresh id for a request arriving now.
+    pub fn new() -> Self {
+        DeliveryId(Ulid::new())
+    }
+}
+
+impl Default for DeliveryId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl FromStr for DeliveryId {
+    type Err = ulid::DecodeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ulid::from_string(s).map(DeliveryId)
+    }
+}
+
+/// First frame on the control stream. `version` comes first so that a relay can
+/// read it even when the rest of the layout changed between versions, and answer
+/// with a useful [`RejectReason::VersionMismatch`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
+    pub version: u16,
+    /// Bearer token from `relay-server token create`. Sent only once the TLS
+    /// handshake is complete (never in 0-RTT data, which can be replayed).
+    pub token: String,
+    /// Stable id of the agent installation; a reconnecting agent with the same id
+    /// takes its tunnels back from its own stale connection.
+    pub agent_id: String,
+    /// Tunnels the agent wants to hold.
+    pub tunnels: Vec<TunnelName>,
+}
+
+impl fmt::Debug for Hello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("token", &"***")
+            .field("agent_id", &self.agent_id)
+            .field("tunnels", &self.tunnels)
+            .finish()
+    }
+}
+
+/// Just the leading version of a [`Hello`], for reading one we cannot fully decode.
+#[derive(Debug, Deserialize)]
+pub struct HelloVersion {
+    /// The agent's protocol version.
+    pub version: u16,
+}
+
+/// Control messages from agent to relay, after the [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentToRelay {
+    /// The agent is leaving on purpose; the relay frees its tunnels at once.
+    Goodbye,
+}
+
+/// Control messages from relay to agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayToAgent {
+    /// The hello was accepted; the agent now holds these tunnels.
+    Welcome {
+        /// The relay's protocol version.
+        relay_version: u16,
+        /// One entry per requested tunnel, with its public URLs.
+        tunnels: Vec<TunnelGrant>,
+    },
+    /// The hello was refused; the relay closes the connection after this frame.
+    Rejected {
+        /// Machine-readable cause; decides whether the agent retries.
+        reason: RejectReason,
+        /// Human-readable explanation, printed by the agent.
+        message: String,
+    },
+}
+
+/// A tunnel the relay granted, and where senders reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelGrant {
+    /// The tunnel's name.
+    pub name: TunnelName,
+    /// Public URLs, path-style first (`http://HOST:PORT/t/NAME/`), then the
+    /// subdomain form when the relay has a domain.
+    pub public_urls: Vec<String>,
+}
+
+/// Why a relay refused an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The token is unknown or revoked.
+    BadToken,
+    /// Agent and relay speak different protocol versions.
+    VersionMismatch {
+        /// The relay's version, so the agent can say which side to upgrade.
+        relay_version: u16,
+    },
+    /// The token does not grant one of the requested tunnel names.
+    TunnelNotAllowed,
+    /// Another agent holds one of the requested tunnels.
+    TunnelTaken,
+    /// The hello could not be decoded or asked for nothing.
+    InvalidHello,
+    /// Too many failed attempts from this address; retry later.
+    TooManyAttempts,
+}
+
+impl RejectReason {
+    /// Whether retrying with the same settings can ever succeed. Fatal reasons end
+    /// the agent with a message instead of an endless retry loop.
+    pub fn is_fatal(self) -> bool {
+        !matches!(self, RejectReason::TooManyAttempts)
+    }
+}
+
+/// Everything about a webhook request except its body, sent by the relay as the
+/// first frame of a delivery stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHead {
+    /// The relay's id for this delivery.
+    pub delivery_id: DeliveryId,
+    /// The tunnel it arrived on.
+    pub tunnel: TunnelName,
+    /// HTTP method, as sent.
+    pub method: String,
+    /// Path and query below the tunnel's root, always starting with `/`.
+    pub path: String,
+    /// Request headers in arrival order, values as raw bytes, hop-by-hop headers
+    /// removed and `X-Forwarded-*` added by the relay.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The sender's address as the relay saw it.
+    pub remote_addr: SocketAddr,
+    /// The full public URL the sender used.
+    pub public_url: String,
+    /// When the relay received the request, in milliseconds since the Unix epoch.
+    pub received_at_ms: u64,
+    /// How long the relay waits for the local app's response head.
+    pub timeout_ms: u64,
+    /// The body length when the sender declared it.
+    pub body_len: Option<u64>,
+}
+
+/// The agent's answer on a delivery stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentReply {
+    /// The local app answered; its body follows on the stream.
+    Response(ResponseHead),
+    /// The local app could not be reached or did not answer in time.
+    Failed {
+        /// What went wrong, for the status code the sender gets.
+        kind: FailureKind,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Status and headers of the local app's response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseHead {
+    /// HTTP status code.
+    pub status: u16,
+    /// Response headers in order, values as raw bytes, hop-by-hop headers removed.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Why the agent could not hand a request to the local app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// Connection refused or the address is unreachable (sender gets 502).
+    LocalAppUnreachable,
+    /// No response head within the timeout (sender gets 504).
+    LocalAppTimeout,
+    /// The connection broke or the app spoke broken HTTP (sender gets 502).
+    LocalAppError,
+    /// The relayed request could not be rebuilt as HTTP by the agent (sender gets 502).
+    BadRequest,
+}
+
+/// QUIC application close codes.
+pub mod close {
+    /// The relay or agent is shutting down normally.
+    pub const SHUTDOWN: u32 = 0;
+    /// The hello was refused; the reason came on the control stream.
+    pub const REJECTED: u32 = 1;
+    /// The peer broke the protocol.
+    pub const PROTOCOL_ERROR: u32 = 2;
+    /// Another connection of the same agent took over its tunnels.
+    pub const REPLACED: u32 = 3;
+}
+
+/// QUIC stream reset codes.
+pub mod reset {
+    /// The sender's request body ended early or broke a limit.
+    pub const BODY_ABORTED: u32 = 1;
+    /// The delivery was given up (timeout, shutdown).
+    pub const CANCELLED: u32 = 2;
+}
