@@ -96,7 +96,12 @@ impl Agent {
             last_error: "not connected yet".into(),
         });
         let first = match dialer.connect().await {
-            Ok(session) => Some(session),
+            Ok(session) => {
+                status_tx.send_replace(Status::Connected {
+                    public_urls: public_urls(&session),
+                });
+                Some(session)
+            }
             Err(err) if err.is_fatal() => return Err(AgentError::Connect(err)),
             Err(err) => {
                 warn!(relay = %config.relay, "cannot reach the relay yet ({err}); retrying in the background");
@@ -305,6 +310,14 @@ async fn run_inner(
             }
         }
     }
+}
+
+fn public_urls(session: &Session) -> Vec<String> {
+    session
+        .tunnels
+        .iter()
+        .flat_map(|t| t.public_urls.clone())
+        .collect()
 }
 
 /// Exponential backoff with "equal jitter": half the step is fixed, half random.

@@ -71,7 +71,7 @@ pub struct HttpArgs {
 /// Options every agent command shares.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Directory for the agent's identity and history [default: the platform's data directory]
+    /// Directory for the agent's identity (id and generated tunnel name) [default: the platform's data directory]
     #[arg(long, env = "HOOKRELAY_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -91,7 +91,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub http: SocketAddr,
 
-    /// Inspector address [default: 127.0.0.1:4040]
+    /// Inspector address
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_INSPECT)]
     pub inspect: SocketAddr,
 

@@ -1,0 +1,324 @@
+//! The built binaries, driven the way the README tells a user to: token
+//! creation, the relay, the agent, the demo, and their failure exits.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use http::StatusCode;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStderr, ChildStdout, Command},
+};
+
+fn relay_client_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_relay-client"))
+}
+
+/// `cargo test --workspace` builds every package's binaries before running tests.
+fn relay_server_bin() -> PathBuf {
+    let path =
+        relay_client_bin().with_file_name(format!("relay-server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+fn command(bin: PathBuf) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HOOKRELAY_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Reads lines until one contains `needle`; returns it.
+async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut Lines<R>,
+    needle: &str,
+) -> anyhow::Result<String> {
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("output ended without a line containing {needle:?}")
+    })
+    .await??;
+    Ok(found)
+}
+
+/// The value of `key=value` in a log line.
+fn field(line: &str, key: &str) -> anyhow::Result<String> {
+    let start = line
+        .find(&format!("{key}="))
+        .ok_or_else(|| anyhow::anyhow!("no {key} in {line}"))?
+        + key.len()
+        + 1;
+    Ok(line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_matches('"')
+        .to_owned())
+}
+
+async fn sigterm(child: &Child) -> anyhow::Result<()> {
+    let pid = child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("process already gone"))?;
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "kill failed");
+    Ok(())
+}
+
+async fn exit_of(child: &mut Child) -> anyhow::Result<ExitStatus> {
+    Ok(tokio::time::timeout(WAIT, child.wait()).await??)
+}
+
+#[tokio::test]
+async fn readme_flow_with_the_built_binaries() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let relay_dir = dir.path().join("relay");
+    let relay_dir_arg = relay_dir
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("utf-8 path"))?;
+
+    // 1. A token, printed as the only line on stdout, stored only as a hash.
+    let out = command(relay_server_bin())
+        .args([
+            "token",
+            "create",
+            "--data-dir",
+            relay_dir_arg,
+            "--name",
+            "alice",
+            "--tunnels",
+            "alice-*",
+        ])
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let token = lines[0].to_owned();
+    assert!(
+        token.starts_with("hkr_") && token.len() >= 4 + 32,
+        "{token}"
+    );
+    let stored = std::fs::read_to_string(relay_dir.join("tokens.json"))?;
+    assert!(!stored.contains(&token) && stored.contains("alice"));
+
+    let out = command(relay_server_bin())
+        .args(["token", "list", "--data-dir", relay_dir_arg])
+        .output()
+        .await?;
+    assert!(String::from_utf8(out.stdout)?.contains("alice-*"));
+
+    // 2. The relay, which logs its addresses and certificate fingerprint.
+    let mut relay = command(relay_server_bin())
+        .args([
+            "--data-dir",
+            relay_dir_arg,
+            "--http",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .spawn()?;
+    let mut relay_err: Lines<BufReader<ChildStderr>> = BufReader::new(
+        relay
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
+    )
+    .lines();
+    let listening = line_with(&mut relay_err, "relay listening").await?;
+    let quic = field(&listening, "quic_addr")?;
+    let admin = field(&listening, "admin_addr")?;
+    let fingerprint = field(&listening, "fingerprint")?;
+    assert_eq!(fingerprint.len(), 64, "{listening}");
+    let (status, _, _) =
+        send(http::Request::get(format!("http://{admin}/healthz")).body(full(""))?).await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // 3. The agent, which prints its public URL.
+    let app = TestApp::spawn().await?;
+    let agent_dir = dir.path().join("agent");
+    let mut agent = command(relay_client_bin())
+        .args([
+            "http",
+            &app.addr.port().to_string(),
+            "--relay",
+            &quic,
+            "--token",
+            &token,
+            "--tunnel",
+            "alice-dev",
+        ])
+        .args([
+            "--relay-cert-sha256",
+            &fingerprint,
+            "--inspect",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .spawn()?;
+    let mut agent_out: Lines<BufReader<ChildStdout>> = BufReader::new(
+        agent
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
+    )
+    .lines();
+    let forwarding = line_with(&mut agent_out, "forwarding").await?;
+    let url = forwarding
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no URL in {forwarding}"))?
+        .to_owned();
+    assert!(url.ends_with("/t/alice-dev/"), "{forwarding}");
+
+    // 4. A webhook through the public URL reaches the app; the agent prints a line.
+    let (status, _, body) = post(&format!("{url}github?delivery=1"), r#"{"zen":"hi"}"#).await?;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(app.received()[0].uri, "/github?delivery=1");
+    let line = line_with(&mut agent_out, "/github").await?;
+    assert!(line.contains("POST") && line.contains("200"), "{line}");
+
+    // 5. A wrong token ends a second agent with a message and a failure exit.
+    let out = tokio::time::timeout(
+        WAIT,
+        command(relay_client_bin())
+            .args([
+                "http",
+                "3000",
+                "--relay",
+                &quic,
+                "--token",
+                "hkr_wrong",
+                "--tunnel",
+                "alice-x",
+            ])
+            .args(["--relay-cert-sha256", &fingerprint, "--no-inspect"])
+            .arg("--data-dir")
+            .arg(dir.path().join("agent2"))
+            .output(),
+    )
+    .await??;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error:") && stderr.contains("token"),
+        "{stderr}"
+    );
+
+    // 6. SIGTERM stops both cleanly.
+    sigterm(&agent).await?;
+    assert!(exit_of(&mut agent).await?.success());
+    sigterm(&relay).await?;
+    assert!(exit_of(&mut relay).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_before_binding_and_names_the_setting() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, "http = \"127.0.0.1:0\"\nbody_limit = \"a lot\"\n")?;
+    let out = command(relay_server_bin())
+        .arg("--config")
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("body_limit"), "{stderr}");
+    assert!(
+        !dir.path().join("tls").exists(),
+        "nothing was set up before validation"
+    );
+
+    let out = command(relay_server_bin())
+        .args(["--http", "not-an-address"])
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--http"));
+
+    let out = command(relay_client_bin())
+        .args(["http", "https://localhost:3000", "--token", "t"])
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("https"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn demo_serves_the_whole_path_in_one_command() -> anyhow::Result<()> {
+    let mut demo = command(relay_client_bin())
+        .args([
+            "demo",
+            "--http",
+            "127.0.0.1:0",
+            "--inspect",
+            "127.0.0.1:0",
+            "--no-sample",
+        ])
+        .spawn()?;
+    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(
+        demo.stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
+    )
+    .lines();
+    let line = line_with(&mut out, "public URL").await?;
+    let url = line
+        .split_whitespace()
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("no URL"))?
+        .to_owned();
+    let curl = line_with(&mut out, "curl -X POST").await?;
+    assert!(curl.contains(&url), "{curl}");
+    let (status, _, body) = post(&format!("{url}github/events"), r#"{"action":"opened"}"#).await?;
+    assert_eq!(status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(json["received_bytes"], 19);
+    let line = line_with(&mut out, "/github/events").await?;
+    assert!(line.contains("200"), "{line}");
+    demo.start_kill()?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), demo.wait()).await;
+    Ok(())
+}

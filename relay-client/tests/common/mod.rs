@@ -1,0 +1,261 @@
+//! Test harness: a real relay, real agents and a real local app, all on
+//! `127.0.0.1:0`, plus a plain HTTP client for senders.
+#![allow(dead_code)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use axum::{body::Body, extract::Request, response::Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use relay_client::{Agent, Config as AgentConfig, Secret, Target, Trust};
+use relay_server::{Config as RelayConfig, Relay};
+use tokio::sync::mpsc;
+
+/// Generous bound on every network wait in tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A relay on loopback with a token that grants every tunnel.
+pub struct TestRelay {
+    pub relay: Relay,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestRelay {
+    pub async fn spawn() -> anyhow::Result<TestRelay> {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut RelayConfig)) -> anyhow::Result<TestRelay> {
+        let dir = tempfile::tempdir()?;
+        let mut config = RelayConfig::loopback(dir.path().join("relay"));
+        tweak(&mut config);
+        let relay = Relay::spawn(config).await.context("relay spawn")?;
+        let token = relay.tokens().create("test", vec!["*".parse()?])?;
+        Ok(TestRelay { relay, token, dir })
+    }
+
+    /// Public path-style URL of `path` on `tunnel`.
+    pub fn url(&self, tunnel: &str, path: &str) -> String {
+        format!("http://{}/t/{tunnel}{path}", self.relay.http_addr())
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        relay_client::config::parse_fingerprint(self.relay.cert_fingerprint())
+            .expect("relay prints a valid fingerprint")
+    }
+
+    /// Agent settings for `tunnel`, forwarding to `target`, with its own data dir.
+    pub fn agent_config(&self, tunnel: Option<&str>, target: &str) -> AgentConfig {
+        self.agent_config_in(
+            &self
+                .dir
+                .path()
+                .join(format!("agent-{}", tunnel.unwrap_or("default"))),
+            tunnel,
+            target,
+        )
+    }
+
+    pub fn agent_config_in(
+        &self,
+        data_dir: &Path,
+        tunnel: Option<&str>,
+        target: &str,
+    ) -> AgentConfig {
+        AgentConfig {
+            relay: self.relay.quic_addr().to_string(),
+            token: Secret::new(self.token.clone()),
+            tunnel: tunnel.map(|t| t.parse().expect("valid tunnel name in test")),
+            target: target.parse::<Target>().expect("valid target in test"),
+            trust: Trust::Pinned(self.fingerprint()),
+            data_dir: data_dir.to_path_buf(),
+            inspect: None,
+            print_deliveries: false,
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+
+    /// An agent holding `tunnel` and forwarding to `target`, connected.
+    pub async fn agent(&self, tunnel: &str, target: &str) -> anyhow::Result<Agent> {
+        let agent =
+            tokio::time::timeout(WAIT, Agent::spawn(self.agent_config(Some(tunnel), target)))
+                .await??;
+        tokio::time::timeout(WAIT, agent.connected()).await??;
+        Ok(agent)
+    }
+}
+
+/// What the local app received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Vec<&[u8]> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+            .collect()
+    }
+}
+
+/// A local app on loopback that records every request it fully received.
+///
+/// Paths: `/echo…` answers with the request body and content type; `/slow…`
+/// waits 3 s; `/status/N` answers with status N; `/concurrent…` waits 200 ms;
+/// anything else answers 200 with JSON and two `set-cookie` headers.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> anyhow::Result<TestApp> {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let log = received.clone();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let log = log.clone();
+            async move { record_and_answer(req, log).await }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(TestApp { addr, received })
+    }
+
+    pub fn target(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("lock").clone()
+    }
+}
+
+async fn record_and_answer(req: Request, log: Arc<Mutex<Vec<Received>>>) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+        return Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .body(Body::from("body broke"))
+            .expect("static response");
+    };
+    let uri = parts.uri.to_string();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    log.lock().expect("lock").push(Received {
+        method: parts.method.to_string(),
+        uri: uri.clone(),
+        headers,
+        body: body.clone(),
+    });
+    let path = parts.uri.path();
+    if path.starts_with("/echo") {
+        let mut b = Response::builder().status(200);
+        if let Some(ct) = parts.headers.get("content-type") {
+            b = b.header("content-type", ct);
+        }
+        return b.body(Body::from(body)).expect("valid response");
+    }
+    if path.starts_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    if path.starts_with("/concurrent") {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        return Response::builder()
+            .status(code)
+            .header("x-app", "status")
+            .body(Body::from(format!("status {code}")))
+            .expect("valid response");
+    }
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("x-app", "yes")
+        .header("set-cookie", "a=1")
+        .header("set-cookie", "b=2")
+        .body(Body::from(r#"{"ok":true}"#))
+        .expect("valid response")
+}
+
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+
+/// A plain HTTP/1.1 client for senders.
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+/// A chunked body fed from a channel: the test decides when each chunk goes.
+pub fn channel_body() -> (mpsc::Sender<Bytes>, TestBody) {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
+    });
+    (tx, StreamBody::new(stream).boxed())
+}
+
+/// Sends a request and collects the whole answer.
+pub async fn send(req: http::Request<TestBody>) -> anyhow::Result<(StatusCode, HeaderMap, Bytes)> {
+    let resp = tokio::time::timeout(WAIT, client().request(req)).await??;
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(WAIT, body.collect())
+        .await??
+        .to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+pub async fn post(url: &str, body: &'static str) -> anyhow::Result<(StatusCode, HeaderMap, Bytes)> {
+    send(http::Request::post(url).body(full(body))?).await
+}
+
+/// The JSON `error` code of a relay error response.
+pub fn error_code(body: &Bytes) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| format!("<not a relay error: {}>", String::from_utf8_lossy(body)))
+}
+
+/// A loopback port with nothing listening on it.
+pub async fn dead_port() -> anyhow::Result<u16> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(l.local_addr()?.port())
+}
+
+pub fn data_dir(base: &Path, name: &str) -> PathBuf {
+    base.join(name)
+}
