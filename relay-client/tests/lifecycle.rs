@@ -382,3 +382,71 @@ async fn agent_started_before_the_relay_connects_when_it_comes_up() -> anyhow::R
     );
     Ok(())
 }
+
+async fn until_app_has(app: &TestApp, uri: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !app.received().iter().any(|r| r.uri == uri) {
+        anyhow::ensure!(Instant::now() < deadline, "the app never got {uri}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn relay_shutdown_lets_deliveries_in_flight_finish() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = relay.agent("graceful", &app.target()).await?;
+    let url = relay.url("graceful", "/slow");
+    let in_flight = tokio::spawn(async move { post(&url, "{}").await });
+    until_app_has(&app, "/slow").await?;
+    let mut status = agent.status();
+    let TestRelay { relay, .. } = relay;
+    relay.shutdown().await;
+    let (code, _, _) = in_flight.await??;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "the slow delivery completed during shutdown"
+    );
+    // Then the agent is told, and starts reconnecting.
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| matches!(s, Status::Reconnecting { .. })),
+    )
+    .await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_shutdown_lets_deliveries_in_flight_finish() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = relay.agent("leaving", &app.target()).await?;
+    let url = relay.url("leaving", "/slow");
+    let in_flight = tokio::spawn(async move { post(&url, "{}").await });
+    until_app_has(&app, "/slow").await?;
+    let stopping = tokio::spawn(agent.shutdown());
+    // While the agent drains, new webhooks are refused as offline, not lost in it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, _, body) = post(&relay.url("leaving", "/new"), "{}").await?;
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(error_code(&body), "agent_offline");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay kept routing to a departing agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, _, _) = in_flight.await??;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "the slow delivery completed during shutdown"
+    );
+    stopping.await??;
+    Ok(())
+}

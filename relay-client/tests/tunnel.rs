@@ -474,3 +474,48 @@ async fn bodies_over_the_limit_are_413_declared_or_streamed() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn subdomains_of_the_relay_domain_name_tunnels() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn_with(|c| c.domain = Some("relay.test".into())).await?;
+    let agent = relay.agent("alice", &app.target()).await?;
+    let port = relay.relay.http_addr().port();
+    assert_eq!(
+        agent.public_urls(),
+        [
+            format!("http://relay.test:{port}/t/alice/"),
+            format!("http://alice.relay.test:{port}/"),
+        ]
+    );
+    let addr = relay.relay.http_addr();
+    for host in [
+        format!("alice.relay.test:{port}"),
+        "ALICE.Relay.Test.".to_string(),
+    ] {
+        let req = Request::post(format!("http://{addr}/hooks/stripe?x=1"))
+            .header("host", &host)
+            .body(full("{}"))?;
+        let (status, _, body) = send(req).await?;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{host}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let req = Request::post(format!("http://{addr}/x"))
+        .header("host", "bob.relay.test")
+        .body(full("{}"))?;
+    let (status, _, body) = send(req).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body), "unknown_tunnel");
+    let got = app.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].uri, "/hooks/stripe?x=1");
+    assert_eq!(
+        got[0].header("x-hookrelay-original-url"),
+        [format!("http://alice.relay.test:{port}/hooks/stripe?x=1").as_bytes()]
+    );
+    Ok(())
+}

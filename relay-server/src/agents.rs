@@ -32,6 +32,10 @@ const MAX_TUNNELS_PER_AGENT: usize = 16;
 /// How long to wait for a rejected agent to read the reason before closing.
 const REJECT_LINGER: Duration = Duration::from_secs(2);
 
+/// How long a departing agent may keep its connection open to finish the
+/// deliveries in flight after saying goodbye.
+const GOODBYE_GRACE: Duration = Duration::from_secs(30);
+
 /// Shared state of the agent side.
 pub(crate) struct Agents {
     pub routes: Arc<dyn Routes>,
@@ -100,10 +104,14 @@ impl PublicUrls {
 }
 
 /// Accepts agent connections until `shutdown`, each in its own tracked task.
+///
+/// `shutdown` stops accepting; `close_sessions` (fired later, once the ingress
+/// has drained) closes the established agent connections.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     agents: Arc<Agents>,
     shutdown: CancellationToken,
+    close_sessions: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
@@ -117,7 +125,7 @@ pub(crate) async fn accept_loop(
         };
         let remote = incoming.remote_address();
         let agents = agents.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = close_sessions.clone();
         tracker.spawn(
             async move {
                 if let Err(err) = session(incoming, agents, shutdown).await {
@@ -127,7 +135,6 @@ pub(crate) async fn accept_loop(
             .instrument(info_span!("session", %remote)),
         );
     }
-    endpoint.close(close::SHUTDOWN.into(), b"relay shutting down");
 }
 
 async fn session(
@@ -291,7 +298,12 @@ async fn session(
                         Ok(Some(AgentToRelay::Goodbye)) | Ok(None) => {}
                         Err(err) => warn!(error = &err as &dyn std::error::Error, "bad control frame"),
                     }
-                    connection.close(close::SHUTDOWN.into(), b"goodbye");
+                    // The agent is leaving: route nothing new to it, but let the
+                    // deliveries in flight finish; the agent closes when done.
+                    agents.routes.release(&hello.tunnels, session_id);
+                    if tokio::time::timeout(GOODBYE_GRACE, connection.closed()).await.is_err() {
+                        connection.close(close::SHUTDOWN.into(), b"goodbye");
+                    }
                     Ok(())
                 }
             }

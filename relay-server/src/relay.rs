@@ -30,6 +30,8 @@ pub struct Relay {
     tokens: Arc<TokenStore>,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
+    close_sessions: CancellationToken,
+    ingress: tokio::task::JoinHandle<()>,
     tracker: TaskTracker,
 }
 
@@ -71,6 +73,7 @@ impl Relay {
             .map_err(bind_err("quic", config.quic))?;
 
         let shutdown = CancellationToken::new();
+        let close_sessions = CancellationToken::new();
         let tracker = TaskTracker::new();
 
         let ingress = Arc::new(Ingress {
@@ -85,7 +88,7 @@ impl Relay {
         });
         let app = ingress::router(ingress).into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
-        tracker.spawn(
+        let ingress = tokio::spawn(
             async move {
                 use axum::serve::ListenerExt;
                 // Webhook responses are small writes; Nagle would hold them back.
@@ -134,6 +137,7 @@ impl Relay {
             endpoint.clone(),
             agents,
             shutdown.clone(),
+            close_sessions.clone(),
             tracker.clone(),
         ));
 
@@ -146,6 +150,8 @@ impl Relay {
             tokens,
             endpoint,
             shutdown,
+            close_sessions,
+            ingress,
             tracker,
         })
     }
@@ -175,16 +181,22 @@ impl Relay {
         &self.tokens
     }
 
-    /// Stops accepting, closes agent connections with a reason, and waits up to
-    /// [`SHUTDOWN_GRACE`] for in-flight deliveries.
+    /// Stops accepting webhooks and agents, lets the deliveries in flight finish
+    /// (up to [`SHUTDOWN_GRACE`]), then closes agent connections with a reason
+    /// the agents print before they reconnect.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, self.ingress).await;
+        if drained.is_err() {
+            warn!("deliveries still in flight after the shutdown grace period; cutting them");
+        }
+        self.close_sessions.cancel();
         self.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+        if tokio::time::timeout(Duration::from_secs(2), self.tracker.wait())
             .await
             .is_err()
         {
-            warn!("in-flight work did not finish within the shutdown grace period");
+            warn!("agent sessions did not close in time");
         }
         self.endpoint
             .close(agents_close_code(), b"relay shutting down");
