@@ -17,7 +17,9 @@ use tracing::{info, warn, Instrument};
 use crate::{
     config::Config,
     forward::Forwarder,
+    history::History,
     inspector,
+    replay::Replayer,
     session::{endpoint_for, with_transport, ConnectError, Dialer, LinkEnd, Session},
     terminal::Terminal,
     tls,
@@ -52,6 +54,7 @@ pub enum Status {
 /// Handle to a running agent.
 pub struct Agent {
     tunnel: TunnelName,
+    history: History,
     status: watch::Receiver<Status>,
     inspector_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
@@ -69,6 +72,9 @@ impl Agent {
     /// match, an incompatible relay, an unusable data directory or inspector address.
     pub async fn spawn(config: Config) -> Result<Agent, AgentError> {
         let identity = Identity::open(&config.data_dir)?;
+        let history =
+            History::open(&config.data_dir, config.retention).map_err(AgentError::History)?;
+        let secrets = std::sync::Arc::new(config.secrets.clone());
         let tunnel = match &config.tunnel {
             Some(t) => t.clone(),
             None => identity.tunnel.clone(),
@@ -126,6 +132,14 @@ impl Agent {
                     inspector::InspectorState {
                         status: status.clone(),
                         tunnel: tunnel.clone(),
+                        history: history.clone(),
+                        replayer: Replayer::new(
+                            history.clone(),
+                            Some(config.target.clone()),
+                            secrets.clone(),
+                        ),
+                        data_dir: config.data_dir.clone(),
+                        target: config.target.to_string(),
                     },
                     shutdown.clone(),
                 ));
@@ -137,6 +151,8 @@ impl Agent {
         let forwarder = Forwarder::new(
             config.target.clone(),
             Terminal::new(config.print_deliveries),
+            history.clone(),
+            secrets,
         );
         let run = run(
             dialer,
@@ -149,6 +165,7 @@ impl Agent {
         let task = tokio::spawn(run.instrument(tracing::info_span!("agent", tunnel = %tunnel)));
         Ok(Agent {
             tunnel,
+            history,
             status,
             inspector_addr,
             shutdown,
@@ -168,6 +185,11 @@ impl Agent {
             Status::Connected { public_urls } => public_urls.clone(),
             _ => Vec::new(),
         }
+    }
+
+    /// The exchange history.
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// Live status updates.
@@ -223,6 +245,12 @@ impl Agent {
         let result = self.closed().await;
         if let Some(inspector) = self.inspector.take() {
             let _ = inspector.await;
+        }
+        if let Err(err) = self.history.flush().await {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "cannot flush history"
+            );
         }
         result
     }
@@ -415,6 +443,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    History(crate::history::HistoryError),
     #[error("the agent has stopped")]
     Stopped,
     #[error("the agent crashed: {0}")]

@@ -3,11 +3,18 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use hookrelay_shared::TunnelName;
+use hookrelay_shared::{
+    signature::{parse_secret_spec, Provider, SecretSet},
+    TunnelName,
+};
 
 use crate::{
     agent::{default_data_dir, DEFAULT_MAX_BACKOFF},
+    commands::parse_time,
     config::{parse_fingerprint, Config, Secret, Target, Trust, DEFAULT_INSPECT},
+    export::Format,
+    history::{Filter, Retention, DEFAULT_MAX_EXCHANGES},
+    replay::ReplayOptions,
 };
 
 /// Hookrelay agent: receives webhooks from your relay over QUIC and forwards
@@ -26,6 +33,14 @@ pub enum Command {
     Http(HttpArgs),
     /// Run a relay, an agent and a sample app on loopback, in one process, to try Hookrelay
     Demo(DemoArgs),
+    /// List recorded exchanges, newest first
+    History(HistoryArgs),
+    /// Show one exchange with its headers and bodies
+    Show(ShowArgs),
+    /// Send recorded requests again, as they were or edited, optionally re-signed
+    Replay(ReplayArgs),
+    /// Export an exchange as a curl command, HAR or JSON
+    Export(ExportArgs),
 }
 
 /// `relay-client http TARGET`
@@ -64,6 +79,20 @@ pub struct HttpArgs {
     #[arg(long, short, env = "HOOKRELAY_QUIET")]
     pub quiet: bool,
 
+    /// Provider secret for signature checks and re-signed replays, PROVIDER=SECRET (repeatable;
+    /// up to two per provider during rotation). Providers: stripe, github, slack, shopify,
+    /// standard_webhooks (svix), twilio, gitlab, twitch, paddle
+    #[arg(long = "verify", env = "HOOKRELAY_VERIFY", hide_env_values = true, value_delimiter = ',', value_name = "PROVIDER=SECRET", value_parser = parse_secret_spec_arg)]
+    pub verify: Vec<(Provider, String)>,
+
+    /// Most exchanges kept in history (oldest go first)
+    #[arg(long, env = "HOOKRELAY_MAX_EXCHANGES", default_value_t = DEFAULT_MAX_EXCHANGES, value_name = "N")]
+    pub max_exchanges: u64,
+
+    /// Most bytes of history kept, e.g. 1GiB (oldest go first)
+    #[arg(long, env = "HOOKRELAY_MAX_HISTORY_BYTES", value_name = "SIZE", value_parser = relay_server::config::parse_size, default_value = "1GiB")]
+    pub max_history_bytes: u64,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -71,7 +100,7 @@ pub struct HttpArgs {
 /// Options every agent command shares.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Directory for the agent's identity (id and generated tunnel name) [default: the platform's data directory]
+    /// Directory for the agent's identity and history [default: the platform's data directory]
     #[arg(long, env = "HOOKRELAY_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -122,7 +151,197 @@ impl HttpArgs {
             inspect: (!self.common.no_inspect).then_some(self.common.inspect),
             print_deliveries: !self.quiet,
             max_backoff: DEFAULT_MAX_BACKOFF,
+            secrets: secret_set(&self.verify),
+            retention: Retention {
+                max_exchanges: self.max_exchanges.max(1),
+                max_bytes: self.max_history_bytes.max(1),
+            },
         }
+    }
+}
+
+fn parse_secret_spec_arg(s: &str) -> Result<(Provider, String), String> {
+    parse_secret_spec(s).map_err(|e| e.to_string())
+}
+
+/// Builds the secret set; extra secrets beyond two per provider were refused
+/// at parse time only per value, so the set is built leniently here.
+pub fn secret_set(specs: &[(Provider, String)]) -> SecretSet {
+    let mut set = SecretSet::new();
+    for (provider, secret) in specs {
+        if let Err(err) = set.add(*provider, secret.clone()) {
+            tracing::warn!(%provider, "ignoring a secret: {err}");
+        }
+    }
+    set
+}
+
+/// Filters shared by `history` and bulk `replay`.
+#[derive(Debug, Args, Default)]
+pub struct FilterArgs {
+    /// Only this method
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only paths containing this text
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only this status (404), class (4xx) or `failed` (no answer or 5xx)
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only exchanges whose request or response body contains this text
+    #[arg(long, value_name = "TEXT")]
+    pub search: Option<String>,
+    /// Only exchanges with this header, NAME or 'NAME: VALUE' (value contains)
+    #[arg(long)]
+    pub header: Option<String>,
+    /// Received at or after: 15m, 2h, 7d (ago), 2026-11-28T17:00:00Z, or Unix seconds
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    pub since: Option<u64>,
+    /// Received before (same forms as --since)
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    pub until: Option<u64>,
+    /// Only this tunnel
+    #[arg(long)]
+    pub tunnel: Option<String>,
+}
+
+impl FilterArgs {
+    /// The filter these flags describe.
+    pub fn filter(&self) -> Filter {
+        Filter {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            status: self.status.clone(),
+            q: self.search.clone(),
+            header: self.header.clone(),
+            since: self.since,
+            until: self.until,
+            tunnel: self.tunnel.clone(),
+        }
+    }
+
+    /// Whether any filter is set.
+    pub fn is_set(&self) -> bool {
+        self.filter() != Filter::default()
+    }
+}
+
+/// `relay-client history`
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// How many to list
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// List exchanges older than this id (paging)
+    #[arg(long, value_name = "ID")]
+    pub before: Option<String>,
+    /// Print the stable JSON form: {"exchanges": [...], "next_before": ID|null}
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `relay-client show ID`
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Exchange id (from `history`)
+    pub id: String,
+    /// Print the exchange as JSON, bodies included (base64 and text)
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `relay-client replay ID...`
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Exchanges to replay; without ids, every exchange matching the filters (oldest first)
+    pub ids: Vec<String>,
+    /// Send to this base URL instead of the local app, e.g. http://127.0.0.1:4000
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// Replace the method
+    #[arg(long = "set-method", value_name = "METHOD")]
+    pub set_method: Option<String>,
+    /// Replace the path and query
+    #[arg(long = "set-path", value_name = "PATH")]
+    pub set_path: Option<String>,
+    /// Set a header, 'Name: value' (repeatable; replaces every header of that name)
+    #[arg(long = "set-header", value_name = "'NAME: VALUE'")]
+    pub set_header: Vec<String>,
+    /// Remove a header (repeatable)
+    #[arg(long = "remove-header", value_name = "NAME")]
+    pub remove_header: Vec<String>,
+    /// Replace the body with this file's bytes
+    #[arg(long, value_name = "FILE")]
+    pub body_file: Option<PathBuf>,
+    /// Refresh the timestamp and sign again with the provider's secret (Stripe, Slack, GitHub,
+    /// Standard Webhooks, Shopify, Twitch, Paddle), so the app's own check accepts the replay
+    #[arg(long)]
+    pub resign: bool,
+    /// Provider secret for --resign when no agent is running, PROVIDER=SECRET (repeatable)
+    #[arg(long = "verify", env = "HOOKRELAY_VERIFY", hide_env_values = true, value_delimiter = ',', value_name = "PROVIDER=SECRET", value_parser = parse_secret_spec_arg)]
+    pub verify: Vec<(Provider, String)>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
+    /// Print the new exchanges as JSON (one array)
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl ReplayArgs {
+    /// The edits as replay options.
+    ///
+    /// # Errors
+    /// When the body file cannot be read.
+    pub fn options(&self) -> std::io::Result<ReplayOptions> {
+        use base64::Engine as _;
+        let body_base64 = match &self.body_file {
+            Some(path) => {
+                Some(base64::engine::general_purpose::STANDARD.encode(std::fs::read(path)?))
+            }
+            None => None,
+        };
+        Ok(ReplayOptions {
+            to: self.to.clone(),
+            method: self.set_method.clone(),
+            path: self.set_path.clone(),
+            set_headers: self.set_header.clone(),
+            remove_headers: self.remove_header.clone(),
+            body: None,
+            body_base64,
+            resign: self.resign,
+        })
+    }
+}
+
+/// `relay-client export ID --format F`
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Exchange id (from `history`)
+    pub id: String,
+    /// Output format
+    #[arg(long, value_enum)]
+    pub format: Format,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl CommonArgs {
+    /// The data directory to use.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// Where a running agent's inspector would be.
+    pub fn inspect(&self) -> Option<SocketAddr> {
+        (!self.no_inspect).then_some(self.inspect)
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use hookrelay_shared::TunnelName;
+use hookrelay_shared::{signature::SecretSet, TunnelName};
+
+use crate::history::Retention;
 
 /// Default inspector address: loopback only, the port ngrok users expect.
 pub const DEFAULT_INSPECT: &str = "127.0.0.1:4040";
@@ -29,6 +31,10 @@ pub struct Config {
     pub print_deliveries: bool,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Provider secrets for signature verdicts and re-signed replays.
+    pub secrets: SecretSet,
+    /// How much history to keep.
+    pub retention: Retention,
 }
 
 /// A secret string whose `Debug` never shows it.

@@ -65,6 +65,8 @@ impl Demo {
             inspect: Some(free_or_any(args.inspect).await),
             print_deliveries,
             max_backoff: FAST_MAX_BACKOFF,
+            secrets: hookrelay_shared::signature::SecretSet::new(),
+            retention: crate::history::Retention::default(),
         })
         .await
         .context("cannot start the agent")?;

@@ -1,13 +1,19 @@
-//! Hands one delivery to the local app and streams its answer back.
+//! Hands one delivery to the local app, streams its answer back, and records
+//! the exchange in the history as it goes.
 //!
 //! The request body is read from the delivery stream as the relay sends it and
 //! the response body is written back as the app produces it; neither is held
-//! whole. A reset from the relay (the sender's body was cut) reaches the app as
-//! a broken body, never as a short, complete one.
+//! whole: each chunk is also appended to the history store as it passes. A reset
+//! from the relay (the sender's body was cut) reaches the app as a broken body,
+//! never as a short, complete one.
 
 use std::{
     io,
     pin::Pin,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -17,7 +23,8 @@ use hookrelay_shared::{
     codec::{read_frame, write_frame},
     http::{connection_tokens, is_hop_by_hop},
     protocol::reset,
-    AgentReply, FailureKind, RequestHead, ResponseHead,
+    signature::{self, SecretSet, SignedRequest},
+    AgentReply, CodecError, FailureKind, RequestHead, ResponseHead,
 };
 use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::{Body, Frame, SizeHint};
@@ -25,7 +32,13 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tracing::{debug, warn};
 
-use crate::{config::Target, terminal::Terminal};
+use crate::{
+    config::Target,
+    history::{
+        self, Durations, Exchange, ExchangeId, History, Part, RequestRecord, ResponseRecord,
+    },
+    terminal::Terminal,
+};
 
 /// Time the relay gets to send a delivery's head after opening its stream.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,28 +52,57 @@ const POOL_IDLE_PER_HOST: usize = 64;
 type StreamBoxed =
     Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send>>;
 
+/// The keep-alive HTTP client used for the local app (deliveries and replays).
+pub(crate) fn local_client<B>() -> Client<HttpConnector, B>
+where
+    B: Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connector = HttpConnector::new();
+    // Webhook bodies and answers are small writes: Nagle would delay them.
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
 /// Forwards deliveries to one local app over a keep-alive pool.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     client: Client<HttpConnector, RelayBody>,
     target: Target,
     terminal: Terminal,
+    history: History,
+    secrets: Arc<SecretSet>,
+}
+
+/// Header names and raw values, in order.
+type RawHeaders = Vec<(String, Vec<u8>)>;
+
+/// What the local app did with a request.
+#[derive(Debug, Default)]
+struct Forwarded {
+    /// Status and headers of the app's answer, when it answered.
+    response: Option<(u16, RawHeaders)>,
+    app_ms: Option<u64>,
 }
 
 impl Forwarder {
-    pub fn new(target: Target, terminal: Terminal) -> Self {
-        let mut connector = HttpConnector::new();
-        // Webhook bodies and answers are small writes: Nagle would delay them.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+    pub fn new(
+        target: Target,
+        terminal: Terminal,
+        history: History,
+        secrets: Arc<SecretSet>,
+    ) -> Self {
         Forwarder {
-            client,
+            client: local_client(),
             target,
             terminal,
+            history,
+            secrets,
         }
     }
 
@@ -71,6 +113,12 @@ impl Forwarder {
         {
             Ok(Ok(Some(head))) => head,
             Ok(Ok(None)) => return,
+            Ok(Err(CodecError::Io(_) | CodecError::Truncated)) | Err(_) => {
+                // The relay gave up on this delivery before its head arrived.
+                debug!("delivery cancelled before its head arrived");
+                let _ = send.reset(reset::CANCELLED.into());
+                return;
+            }
             Ok(Err(err)) => {
                 warn!(
                     error = &err as &dyn std::error::Error,
@@ -79,19 +127,106 @@ impl Forwarder {
                 let _ = send.reset(reset::CANCELLED.into());
                 return;
             }
-            Err(_) => {
-                let _ = send.reset(reset::CANCELLED.into());
-                return;
-            }
         };
+        let received_at_ms = history::now_ms();
         let started = Instant::now();
+        let id = ExchangeId::new();
+        let tee = Tee::new(self.history.clone(), id);
+        let response_tee = Tee::new(self.history.clone(), id);
+        let mut forwarded = Forwarded::default();
         let stopped = send.stopped();
         let outcome = tokio::select! {
-            outcome = self.forward(&head, recv, &mut send) => outcome,
+            outcome = self.forward(&head, recv, &mut send, tee.clone(), response_tee.clone(), &mut forwarded) => outcome,
             // The relay gave up (sender gone, relay timeout): stop the local request too.
             _ = stopped => Outcome::Cancelled,
         };
-        self.terminal.delivery(&head, &outcome, started.elapsed());
+        let took = started.elapsed();
+        // Recorded (on disk) before the terminal line: whatever the developer
+        // saw printed survives a kill -9.
+        self.record(
+            &head,
+            id,
+            received_at_ms,
+            took,
+            &outcome,
+            forwarded,
+            &tee,
+            &response_tee,
+        )
+        .await;
+        self.terminal.delivery(&head, &outcome, took);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        head: &RequestHead,
+        id: ExchangeId,
+        received_at_ms: u64,
+        took: Duration,
+        outcome: &Outcome,
+        forwarded: Forwarded,
+        request_tee: &Tee,
+        response_tee: &Tee,
+    ) {
+        let (history_outcome, error) = match outcome {
+            Outcome::Responded(_) => (history::Outcome::Ok, None),
+            Outcome::Failed(kind, message) => (outcome_of(*kind), Some(message.clone())),
+            Outcome::Cancelled => (
+                history::Outcome::Cancelled,
+                Some("the relay or the sender gave up before the app finished".into()),
+            ),
+        };
+        let provider = signature::detect(&head.headers);
+        let verdict = provider.map(|_| {
+            let body = self.history.body(id, Part::Request).unwrap_or_default();
+            let req = SignedRequest {
+                headers: &head.headers,
+                body: &body,
+                url: Some(&head.public_url),
+            };
+            // Judged as of the relay's arrival stamp: how long the agent took
+            // to get it must not make a fresh webhook look stale.
+            let now = i64::try_from(head.received_at_ms / 1000).unwrap_or(i64::MAX);
+            signature::verify_detected(&self.secrets, &req, now)
+        });
+        let exchange = Exchange {
+            id,
+            delivery_id: Some(head.delivery_id.to_string()),
+            tunnel: head.tunnel.to_string(),
+            received_at_relay_ms: Some(head.received_at_ms),
+            received_at_ms,
+            remote_addr: Some(head.remote_addr.to_string()),
+            method: head.method.clone(),
+            url: head.public_url.clone(),
+            path: head.path.clone(),
+            target: self.target.to_string(),
+            request: RequestRecord {
+                headers: history::headers_from(&head.headers),
+                body_len: request_tee.len(),
+            },
+            response: forwarded.response.map(|(status, headers)| ResponseRecord {
+                status,
+                headers: history::headers_from(&headers),
+                body_len: response_tee.len(),
+            }),
+            outcome: history_outcome,
+            error,
+            duration: Durations {
+                relay_to_agent_ms: received_at_ms.checked_sub(head.received_at_ms),
+                local_app_ms: forwarded.app_ms,
+                total_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            },
+            provider,
+            signature: verdict,
+            replay_of: None,
+        };
+        if let Err(err) = self.history.record(exchange).await {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "cannot record the exchange"
+            );
+        }
     }
 
     async fn forward(
@@ -99,12 +234,16 @@ impl Forwarder {
         head: &RequestHead,
         recv: quinn::RecvStream,
         send: &mut quinn::SendStream,
+        request_tee: Tee,
+        response_tee: Tee,
+        forwarded: &mut Forwarded,
     ) -> Outcome {
         let timeout = Duration::from_millis(head.timeout_ms);
-        let request = match self.build_request(head, recv) {
+        let request = match self.build_request(head, recv, request_tee) {
             Ok(r) => r,
             Err(message) => return fail(send, FailureKind::BadRequest, message).await,
         };
+        let sent_at = Instant::now();
         let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
@@ -130,6 +269,7 @@ impl Forwarder {
                 return fail(send, FailureKind::LocalAppTimeout, message).await;
             }
         };
+        forwarded.app_ms = Some(u64::try_from(sent_at.elapsed().as_millis()).unwrap_or(u64::MAX));
 
         let (parts, mut body) = response.into_parts();
         let connection: Vec<String> = parts
@@ -138,13 +278,14 @@ impl Forwarder {
             .iter()
             .flat_map(|v| connection_tokens(v.as_bytes()).collect::<Vec<_>>())
             .collect();
-        let headers = parts
+        let headers: Vec<(String, Vec<u8>)> = parts
             .headers
             .iter()
             .filter(|(n, _)| !is_hop_by_hop(n.as_str(), &connection))
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect();
         let status = parts.status.as_u16();
+        forwarded.response = Some((status, headers.clone()));
         let reply = AgentReply::Response(ResponseHead { status, headers });
         if write_frame(send, &reply).await.is_err() {
             return Outcome::Cancelled;
@@ -157,6 +298,7 @@ impl Forwarder {
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        response_tee.append(Part::Response, &data);
                         if send.write_chunk(data).await.is_err() {
                             return Outcome::Cancelled;
                         }
@@ -178,13 +320,14 @@ impl Forwarder {
         &self,
         head: &RequestHead,
         recv: quinn::RecvStream,
+        tee: Tee,
     ) -> Result<Request<RelayBody>, String> {
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| format!("invalid method {:?}", head.method))?;
         let mut request = Request::builder()
             .method(method)
             .uri(self.target.url(&head.path))
-            .body(RelayBody::new(recv, head.body_len))
+            .body(RelayBody::new(recv, head.body_len, tee))
             .map_err(|e| format!("cannot build a request for {:?}: {e}", head.path))?;
         let headers = request.headers_mut();
         for (name, value) in &head.headers {
@@ -195,6 +338,50 @@ impl Forwarder {
             headers.append(name, value);
         }
         Ok(request)
+    }
+}
+
+fn outcome_of(kind: FailureKind) -> history::Outcome {
+    match kind {
+        FailureKind::LocalAppUnreachable => history::Outcome::LocalAppUnreachable,
+        FailureKind::LocalAppTimeout => history::Outcome::LocalAppTimeout,
+        FailureKind::LocalAppError => history::Outcome::LocalAppError,
+        FailureKind::BadRequest => history::Outcome::BadRequest,
+    }
+}
+
+/// Copies body chunks into the history as they stream past.
+#[derive(Clone)]
+struct Tee {
+    history: History,
+    id: ExchangeId,
+    seq: Arc<AtomicU32>,
+    len: Arc<AtomicU64>,
+}
+
+impl Tee {
+    fn new(history: History, id: ExchangeId) -> Self {
+        Tee {
+            history,
+            id,
+            seq: Arc::default(),
+            len: Arc::default(),
+        }
+    }
+
+    fn append(&self, part: Part, chunk: &[u8]) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.len.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if let Err(err) = self.history.append_body(self.id, part, seq, chunk) {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "cannot record a body chunk"
+            );
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Relaxed)
     }
 }
 
@@ -209,7 +396,7 @@ async fn fail(send: &mut quinn::SendStream, kind: FailureKind, message: String) 
     Outcome::Failed(kind, message)
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
@@ -240,13 +427,19 @@ pub(crate) struct RelayBody {
 }
 
 impl RelayBody {
-    fn new(recv: quinn::RecvStream, len: Option<u64>) -> Self {
-        let stream = futures_util::stream::unfold(Some(recv), |state| async move {
-            let mut recv = state?;
-            match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
-                Ok(Some(chunk)) => Some((Ok(Frame::data(chunk.bytes)), Some(recv))),
-                Ok(None) => None,
-                Err(e) => Some((Err(io::Error::other(e)), None)),
+    fn new(recv: quinn::RecvStream, len: Option<u64>, tee: Tee) -> Self {
+        let stream = futures_util::stream::unfold(Some(recv), move |state| {
+            let tee = tee.clone();
+            async move {
+                let mut recv = state?;
+                match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
+                    Ok(Some(chunk)) => {
+                        tee.append(Part::Request, &chunk.bytes);
+                        Some((Ok(Frame::data(chunk.bytes)), Some(recv)))
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some((Err(io::Error::other(e)), None)),
+                }
             }
         });
         RelayBody {

@@ -4,31 +4,47 @@
 //! developer's machine, so it refuses any request whose `Host` or `Origin` is
 //! not a loopback name: a DNS-rebinding page or a cross-site form cannot use it.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, path::PathBuf};
 
 use axum::{
-    extract::{Request, State},
+    extract::{
+        ws::{Message, WebSocket, WebSocketUpgrade},
+        Path, Query, Request, State,
+    },
     http::{header, HeaderMap, HeaderValue, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Json, Router,
 };
 use hookrelay_shared::TunnelName;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::Status;
+use crate::{
+    agent::Status,
+    export::{self, ExchangeDetail, Format},
+    history::{ExchangeId, Filter, History, HistoryError},
+    replay::{ReplayError, ReplayOptions, Replayer},
+};
 
 /// Strict policy: only our own scripts, styles and API.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// What the inspector shows.
+/// Default page size of `GET /api/exchanges`.
+const DEFAULT_PAGE: usize = 50;
+
+/// What the inspector shows and acts on.
 #[derive(Clone)]
 pub(crate) struct InspectorState {
     pub status: watch::Receiver<Status>,
     pub tunnel: TunnelName,
+    pub history: History,
+    pub replayer: Replayer,
+    pub data_dir: PathBuf,
+    pub target: String,
 }
 
 pub(crate) fn router(state: InspectorState) -> Router {
@@ -38,6 +54,12 @@ pub(crate) fn router(state: InspectorState) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/api/status", get(status))
+        .route("/api/exchanges", get(list).delete(clear))
+        .route("/api/exchanges/{id}", get(show).delete(delete))
+        .route("/api/exchanges/{id}/replay", post(replay_one))
+        .route("/api/exchanges/{id}/export", get(export_one))
+        .route("/api/replay", post(replay_many))
+        .route("/api/live", get(live))
         .fallback(asset)
         .layer(middleware::from_fn(loopback_only))
         .with_state(state)
@@ -56,13 +78,289 @@ pub(crate) async fn serve(
     }
 }
 
-async fn status(State(state): State<InspectorState>) -> Json<serde_json::Value> {
+fn status_json(state: &InspectorState) -> serde_json::Value {
     let status = state.status.borrow().clone();
     let mut body = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
     if let Some(obj) = body.as_object_mut() {
         obj.insert("tunnel".into(), json!(state.tunnel.as_str()));
+        obj.insert("target".into(), json!(state.target));
+        obj.insert(
+            "data_dir".into(),
+            json!(state.data_dir.display().to_string()),
+        );
+        obj.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     }
-    Json(body)
+    body
+}
+
+async fn status(State(state): State<InspectorState>) -> Json<serde_json::Value> {
+    Json(status_json(&state))
+}
+
+/// Query string of `GET /api/exchanges`: the filters plus paging.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    limit: Option<usize>,
+    before: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    header: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    tunnel: Option<String>,
+}
+
+impl ListQuery {
+    fn filter(&self) -> Result<Filter, ApiError> {
+        let time = |v: &Option<String>, name: &str| -> Result<Option<u64>, ApiError> {
+            v.as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    crate::commands::parse_time(s)
+                        .map_err(|e| ApiError::bad(format!("{name}: {e}")))
+                })
+                .transpose()
+        };
+        let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        Ok(Filter {
+            method: nonempty(&self.method),
+            path: nonempty(&self.path),
+            status: nonempty(&self.status),
+            q: nonempty(&self.q),
+            header: nonempty(&self.header),
+            since: time(&self.since, "since")?,
+            until: time(&self.until, "until")?,
+            tunnel: nonempty(&self.tunnel),
+        })
+    }
+}
+
+fn parse_id(id: &str) -> Result<ExchangeId, ApiError> {
+    id.parse().map_err(ApiError::from)
+}
+
+async fn list(
+    State(state): State<InspectorState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let filter = query.filter()?;
+    let before = query
+        .before
+        .as_deref()
+        .filter(|b| !b.is_empty())
+        .map(parse_id)
+        .transpose()?;
+    let page = state
+        .history
+        .list(&filter, before, query.limit.unwrap_or(DEFAULT_PAGE))?;
+    Ok(Json(page).into_response())
+}
+
+async fn show(
+    State(state): State<InspectorState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let exchange = state.history.get(parse_id(&id)?)?;
+    Ok(Json(ExchangeDetail::load(&state.history, exchange)?).into_response())
+}
+
+async fn delete(
+    State(state): State<InspectorState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    if !state.history.delete(id)? {
+        return Err(HistoryError::NotFound(id).into());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn clear(State(state): State<InspectorState>) -> Result<Response, ApiError> {
+    state.history.clear()?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn replay_one(
+    State(state): State<InspectorState>,
+    Path(id): Path<String>,
+    body: Option<Json<ReplayOptions>>,
+) -> Result<Response, ApiError> {
+    let options = body.map(|Json(o)| o).unwrap_or_default();
+    let exchange = state.replayer.replay(parse_id(&id)?, &options).await?;
+    Ok((StatusCode::CREATED, Json(exchange)).into_response())
+}
+
+/// Body of `POST /api/replay`: which exchanges (ids, or a filter) and how.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct BulkReplay {
+    ids: Vec<String>,
+    filter: Option<Filter>,
+    options: ReplayOptions,
+}
+
+async fn replay_many(
+    State(state): State<InspectorState>,
+    Json(bulk): Json<BulkReplay>,
+) -> Result<Response, ApiError> {
+    let results = match (&bulk.filter, bulk.ids.is_empty()) {
+        (Some(filter), true) => {
+            state
+                .replayer
+                .replay_matching(filter, &bulk.options)
+                .await?
+        }
+        (None, false) => {
+            let mut out = Vec::new();
+            for id in &bulk.ids {
+                out.push(match parse_id(id) {
+                    Ok(id) => state.replayer.replay(id, &bulk.options).await,
+                    Err(_) => Err(ReplayError::History(HistoryError::BadId(id.clone()))),
+                });
+            }
+            out
+        }
+        _ => return Err(ApiError::bad("give either `ids` or `filter`".into())),
+    };
+    let results: Vec<serde_json::Value> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(e) => json!({ "ok": true, "exchange": e }),
+            Err(e) => json!({ "ok": false, "error": e.to_string() }),
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ExportQuery {
+    format: Format,
+}
+
+async fn export_one(
+    State(state): State<InspectorState>,
+    Path(id): Path<String>,
+    Query(query): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let exchange = state.history.get(parse_id(&id)?)?;
+    let detail = ExchangeDetail::load(&state.history, exchange)?;
+    let (content_type, disposition) = match query.format {
+        Format::Curl => ("text/plain; charset=utf-8", None),
+        Format::Har => (
+            "application/json",
+            Some(format!("attachment; filename=\"{id}.har\"")),
+        ),
+        Format::Json => ("application/json", None),
+    };
+    let mut resp = export::render(&detail, query.format).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(d) = disposition.and_then(|d| HeaderValue::from_str(&d).ok()) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, d);
+    }
+    Ok(resp)
+}
+
+/// `GET /api/live`: a WebSocket that pushes `{"type":"status",…}` now and on
+/// every change, and `{"type":"exchange","exchange":…}` as each completes.
+async fn live(State(state): State<InspectorState>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| live_session(socket, state))
+}
+
+async fn live_session(mut socket: WebSocket, state: InspectorState) {
+    // Subscribe first, so nothing falls between the snapshot and the feed.
+    let mut events = state.history.subscribe();
+    let mut status = state.status.clone();
+    // The snapshot below is this version: only later changes are news.
+    status.mark_unchanged();
+    let hello = json!({ "type": "status", "status": status_json(&state) });
+    if socket
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        let msg = tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => serde_json::to_value(&event).unwrap_or_default(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => json!({ "type": "lagged", "missed": n }),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            changed = status.changed() => match changed {
+                Ok(()) => json!({ "type": "status", "status": status_json(&state) }),
+                Err(_) => break,
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            },
+        };
+        if socket
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// An API failure as JSON.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(message: String) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message,
+        }
+    }
+}
+
+impl From<HistoryError> for ApiError {
+    fn from(e: HistoryError) -> Self {
+        let (status, code) = match &e {
+            HistoryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            HistoryError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
+            HistoryError::Locked(_) | HistoryError::Storage(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "storage")
+            }
+        };
+        ApiError {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ReplayError> for ApiError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::History(h) => h.into(),
+            other => ApiError::bad(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.code, "message": self.message })),
+        )
+            .into_response()
+    }
 }
 
 async fn asset(req: Request) -> Response {

@@ -9,16 +9,24 @@
 //! - [`session`]: one QUIC connection: handshake and delivery streams.
 //! - [`tls`]: certificate checks (public roots, pinned fingerprint).
 //! - [`demo`]: relay, agent and sample app in one process.
+//! - [`history`]: exchanges recorded in sled, with retention and a live feed.
+//! - [`replay`]: re-sends recorded requests, edited and re-signed on demand.
+//! - [`export`]: curl, HAR and JSON renderings.
+//! - [`commands`]: `history`, `show`, `replay`, `export` over the API or the store.
 //! - `forward`: hands deliveries to the local app (keep-alive pool).
 //! - `inspector`: loopback-only status API and web UI.
 //! - `terminal`: one line per delivery on stdout.
 
 pub mod agent;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod export;
 mod forward;
+pub mod history;
 mod inspector;
+pub mod replay;
 pub mod session;
 mod terminal;
 pub mod tls;

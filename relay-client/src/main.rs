@@ -3,9 +3,12 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use relay_client::{
-    cli::{Cli, Command, HttpArgs},
+    cli::{secret_set, Cli, Command, ExportArgs, HistoryArgs, HttpArgs, ReplayArgs, ShowArgs},
+    commands::{self, Backend},
+    history::ExchangeId,
     Agent,
 };
 
@@ -16,6 +19,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Http(args) => http(args).await,
         Command::Demo(args) => relay_client::demo::run(args).await,
+        Command::History(args) => history(args).await,
+        Command::Show(args) => show(args).await,
+        Command::Replay(args) => replay(args).await,
+        Command::Export(args) => export(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -68,6 +75,110 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
     }
     agent.shutdown().await?;
     Ok(())
+}
+
+async fn backend(
+    common: &relay_client::cli::CommonArgs,
+    secrets: &[(hookrelay_shared::signature::Provider, String)],
+) -> anyhow::Result<Backend> {
+    Backend::open(&common.data_dir(), common.inspect(), secret_set(secrets)).await
+}
+
+async fn history(args: HistoryArgs) -> anyhow::Result<()> {
+    let backend = backend(&args.common, &[]).await?;
+    let before = args
+        .before
+        .as_deref()
+        .map(str::parse::<ExchangeId>)
+        .transpose()?;
+    let page = backend
+        .list(&args.filters.filter(), before, args.limit)
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&page)?);
+    } else {
+        commands::print_table(&page);
+    }
+    backend.close().await
+}
+
+async fn show(args: ShowArgs) -> anyhow::Result<()> {
+    let backend = backend(&args.common, &[]).await?;
+    let detail = backend.get(args.id.parse()?).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+    } else {
+        commands::print_detail(&detail);
+    }
+    backend.close().await
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let options = args.options().context("cannot read --body-file")?;
+    let backend = backend(&args.common, &args.verify).await?;
+    if args.resign && backend.is_api() && !args.verify.is_empty() {
+        eprintln!("note: the running agent re-signs with its own --verify secrets");
+    }
+    let results: Vec<Result<relay_client::history::Exchange, String>> = if args.ids.is_empty() {
+        if !args.filters.is_set() {
+            anyhow::bail!("name exchanges to replay, or select them with filters (e.g. --status failed --since 1h)");
+        }
+        backend
+            .replay_matching(&args.filters.filter(), &options)
+            .await?
+    } else {
+        let mut out = Vec::new();
+        for id in &args.ids {
+            let id: ExchangeId = id.parse()?;
+            out.push(
+                backend
+                    .replay(id, &options)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+            );
+        }
+        out
+    };
+    let failures = results.iter().filter(|r| r.is_err()).count();
+    if args.json {
+        let ok: Vec<&relay_client::history::Exchange> =
+            results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        println!("{}", serde_json::to_string_pretty(&ok)?);
+    }
+    for r in &results {
+        match r {
+            Ok(e) if !args.json => {
+                let status = e
+                    .status()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.error.clone().unwrap_or_default());
+                println!(
+                    "{}  replay of {}  {} {}  -> {status}",
+                    e.id,
+                    e.replay_of.map(|i| i.to_string()).unwrap_or_default(),
+                    e.method,
+                    e.path
+                );
+            }
+            Ok(_) => {}
+            Err(message) => eprintln!("error: {message}"),
+        }
+    }
+    backend.close().await?;
+    if results.is_empty() {
+        eprintln!("nothing matched");
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} of {} replays could not be sent", results.len());
+    }
+    Ok(())
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let backend = backend(&args.common, &[]).await?;
+    let detail = backend.get(args.id.parse()?).await?;
+    println!("{}", commands::render_export(&detail, args.format));
+    backend.close().await
 }
 
 fn init_tracing() {

@@ -6,10 +6,12 @@
 //! - [`codec`]: length-prefixed postcard frames with a hard size limit.
 //! - [`tunnel_name`]: [`TunnelName`], a DNS label, and [`TunnelPattern`] globs.
 //! - [`http`]: header rules both ends apply (hop-by-hop headers).
+//! - [`signature`]: webhook signature detection, verification and re-signing.
 
 pub mod codec;
 pub mod http;
 pub mod protocol;
+pub mod signature;
 pub mod tunnel_name;
 
 pub use codec::{CodecError, FrameCodec, MAX_FRAME_LEN};

@@ -83,6 +83,8 @@ impl TestRelay {
             inspect: None,
             print_deliveries: false,
             max_backoff: Duration::from_millis(500),
+            secrets: Default::default(),
+            retention: Default::default(),
         }
     }
 

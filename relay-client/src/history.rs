@@ -1,0 +1,1034 @@
+//! Exchange history: every delivery and replay the agent handles, persisted in
+//! sled and broadcast to live inspector sessions.
+//!
+//! Layout (known only to this module): tree `exchanges` maps a 16-byte ULID to
+//! the exchange's JSON; tree `bodies` maps ULID, part (0 request, 1 response)
+//! and chunk number to raw body bytes, written chunk by chunk as they stream
+//! past, so that recording never holds a whole body in memory.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    path::Path,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use hookrelay_shared::signature::{self, Verdict};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use ulid::Ulid;
+
+/// Default retention by count: enough for weeks of integration work.
+pub const DEFAULT_MAX_EXCHANGES: u64 = 10_000;
+
+/// Default retention by stored bytes (bodies and metadata): 1 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+
+/// Live-feed buffer per subscriber; a slower reader skips ahead (and is told).
+const EVENT_BUFFER: usize = 1024;
+
+/// Most exchanges one list call returns.
+pub const MAX_PAGE: usize = 500;
+
+/// Identifies one recorded exchange (sortable by time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExchangeId(pub Ulid);
+
+impl ExchangeId {
+    /// A fresh id, strictly greater than every id made before it in this
+    /// process (ULIDs made in the same millisecond are otherwise random, and
+    /// the history lists in id order).
+    pub fn new() -> Self {
+        static GENERATOR: Mutex<Option<ulid::Generator>> = Mutex::new(None);
+        let mut generator = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let generator = generator.get_or_insert_with(ulid::Generator::new);
+        // Overflow needs 2^80 ids in one millisecond; fall back to a plain one.
+        ExchangeId(generator.generate().unwrap_or_else(|_| Ulid::new()))
+    }
+
+    fn key(self) -> [u8; 16] {
+        self.0 .0.to_be_bytes()
+    }
+
+    fn from_key(key: &[u8]) -> Option<Self> {
+        let bytes: [u8; 16] = key.get(..16)?.try_into().ok()?;
+        Some(ExchangeId(Ulid(u128::from_be_bytes(bytes))))
+    }
+}
+
+impl Default for ExchangeId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ExchangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl FromStr for ExchangeId {
+    type Err = HistoryError;
+    fn from_str(s: &str) -> Result<Self, HistoryError> {
+        Ulid::from_string(s.trim())
+            .map(ExchangeId)
+            .map_err(|_| HistoryError::BadId(s.to_owned()))
+    }
+}
+
+/// One header, value as raw bytes. In JSON the value is text (lossy when not
+/// UTF-8) plus `value_base64` holding the exact bytes when they are not UTF-8.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "HeaderJson", into = "HeaderJson")]
+pub struct Header {
+    /// Lowercase name.
+    pub name: String,
+    /// Exact value bytes.
+    pub value: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeaderJson {
+    name: String,
+    value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+impl From<Header> for HeaderJson {
+    fn from(h: Header) -> Self {
+        match String::from_utf8(h.value) {
+            Ok(value) => HeaderJson {
+                name: h.name,
+                value,
+                value_base64: None,
+            },
+            Err(e) => {
+                let bytes = e.into_bytes();
+                HeaderJson {
+                    name: h.name,
+                    value: String::from_utf8_lossy(&bytes).into_owned(),
+                    value_base64: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+                }
+            }
+        }
+    }
+}
+
+impl From<HeaderJson> for Header {
+    fn from(h: HeaderJson) -> Self {
+        let value = h
+            .value_base64
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_else(|| h.value.into_bytes());
+        Header {
+            name: h.name,
+            value,
+        }
+    }
+}
+
+/// Converts wire headers into recorded ones.
+pub fn headers_from(pairs: &[(String, Vec<u8>)]) -> Vec<Header> {
+    pairs
+        .iter()
+        .map(|(n, v)| Header {
+            name: n.to_ascii_lowercase(),
+            value: v.clone(),
+        })
+        .collect()
+}
+
+/// How an exchange ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The app answered (any status).
+    Ok,
+    /// The app could not be reached.
+    LocalAppUnreachable,
+    /// The app did not answer in time.
+    LocalAppTimeout,
+    /// The connection broke or the app spoke broken HTTP.
+    LocalAppError,
+    /// The request could not be built (bad method or header after editing).
+    BadRequest,
+    /// The relay or sender gave up first.
+    Cancelled,
+}
+
+impl Outcome {
+    /// Whether this counts as a failed delivery (for "replay every failed").
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Outcome::Ok)
+    }
+}
+
+/// Request side of an exchange.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Headers in arrival order.
+    pub headers: Vec<Header>,
+    /// Body length in bytes (the body itself is stored apart).
+    pub body_len: u64,
+}
+
+/// Response side of an exchange.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseRecord {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers in order.
+    pub headers: Vec<Header>,
+    /// Body length in bytes.
+    pub body_len: u64,
+}
+
+/// Timings, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durations {
+    /// From the relay's arrival stamp to the agent's (includes clock skew).
+    pub relay_to_agent_ms: Option<u64>,
+    /// From sending to the local app until its response head.
+    pub local_app_ms: Option<u64>,
+    /// From the agent's arrival stamp to the end of the response body.
+    pub total_ms: u64,
+}
+
+/// A request and its response as recorded. The stable JSON form of `--json`
+/// output and of the inspector API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exchange {
+    /// This exchange's id.
+    pub id: ExchangeId,
+    /// The relay's delivery id; `None` for replays.
+    pub delivery_id: Option<String>,
+    /// Tunnel the webhook arrived on.
+    pub tunnel: String,
+    /// When the relay received it (Unix ms).
+    pub received_at_relay_ms: Option<u64>,
+    /// When the agent received it, or when a replay started (Unix ms).
+    pub received_at_ms: u64,
+    /// The sender's address.
+    pub remote_addr: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// The full public URL the sender used (for replays: the URL replayed to).
+    pub url: String,
+    /// Path and query below the tunnel root.
+    pub path: String,
+    /// Base URL of the app the request went to.
+    pub target: String,
+    /// Request headers and body length.
+    pub request: RequestRecord,
+    /// Response, when the app answered.
+    pub response: Option<ResponseRecord>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why it failed, in words.
+    pub error: Option<String>,
+    /// Timings.
+    pub duration: Durations,
+    /// Detected signature provider.
+    pub provider: Option<signature::Provider>,
+    /// Signature verdict, when a provider was detected.
+    pub signature: Option<Verdict>,
+    /// The exchange this one replays.
+    pub replay_of: Option<ExchangeId>,
+}
+
+impl Exchange {
+    /// The response status, if any.
+    pub fn status(&self) -> Option<u16> {
+        self.response.as_ref().map(|r| r.status)
+    }
+
+    fn stored_bytes(&self, meta_len: usize) -> u64 {
+        meta_len as u64 + self.request.body_len + self.response.as_ref().map_or(0, |r| r.body_len)
+    }
+}
+
+/// Which body of an exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The request body.
+    Request = 0,
+    /// The response body.
+    Response = 1,
+}
+
+/// What the live feed carries.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HistoryEvent {
+    /// An exchange completed and was recorded.
+    Exchange {
+        /// The exchange.
+        exchange: Box<Exchange>,
+    },
+    /// One exchange was deleted.
+    Deleted {
+        /// Its id.
+        id: ExchangeId,
+    },
+    /// History was cleared.
+    Cleared,
+}
+
+/// Retention limits, oldest removed first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Most exchanges kept.
+    pub max_exchanges: u64,
+    /// Most bytes kept (bodies and metadata).
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_exchanges: DEFAULT_MAX_EXCHANGES,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// Filters for listing, all optional; every given one must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Method, case-insensitive.
+    pub method: Option<String>,
+    /// Substring of the path (ASCII case-insensitive).
+    pub path: Option<String>,
+    /// `404`, `4xx`, or `failed` (no response or a 5xx).
+    pub status: Option<String>,
+    /// Text in the request or response body (ASCII case-insensitive).
+    pub q: Option<String>,
+    /// `name` (present) or `name:value` (value contains).
+    pub header: Option<String>,
+    /// Received at or after (Unix ms).
+    pub since: Option<u64>,
+    /// Received before (Unix ms).
+    pub until: Option<u64>,
+    /// Tunnel name.
+    pub tunnel: Option<String>,
+}
+
+impl Filter {
+    /// Whether the filter needs the bodies.
+    fn needs_bodies(&self) -> bool {
+        self.q.as_deref().is_some_and(|q| !q.is_empty())
+    }
+
+    fn matches_meta(&self, e: &Exchange) -> bool {
+        if let Some(m) = &self.method {
+            if !e.method.eq_ignore_ascii_case(m) {
+                return false;
+            }
+        }
+        if let Some(p) = &self.path {
+            if !contains_ci(e.path.as_bytes(), p.as_bytes()) {
+                return false;
+            }
+        }
+        if let Some(t) = &self.tunnel {
+            if e.tunnel != *t {
+                return false;
+            }
+        }
+        if self.since.is_some_and(|s| e.received_at_ms < s)
+            || self.until.is_some_and(|u| e.received_at_ms >= u)
+        {
+            return false;
+        }
+        if let Some(s) = &self.status {
+            if !status_matches(s, e) {
+                return false;
+            }
+        }
+        if let Some(h) = &self.header {
+            let (name, value) = match h.split_once(':') {
+                Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim())),
+                None => (h.trim().to_ascii_lowercase(), None),
+            };
+            let found = e
+                .request
+                .headers
+                .iter()
+                .chain(e.response.iter().flat_map(|r| &r.headers))
+                .any(|hd| {
+                    hd.name == name && value.is_none_or(|v| contains_ci(&hd.value, v.as_bytes()))
+                });
+            if !found {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn status_matches(spec: &str, e: &Exchange) -> bool {
+    let spec = spec.trim().to_ascii_lowercase();
+    let status = e.status();
+    if spec == "failed" || spec == "error" {
+        return e.outcome.is_failure() || status.is_some_and(|s| s >= 500);
+    }
+    if let Some(class) = spec.strip_suffix("xx").and_then(|c| c.parse::<u16>().ok()) {
+        return status.is_some_and(|s| s / 100 == class);
+    }
+    spec.parse::<u16>().is_ok_and(|code| status == Some(code))
+}
+
+fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// One page of a listing, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Page {
+    /// The exchanges.
+    pub exchanges: Vec<Exchange>,
+    /// Pass as `before` to get the next (older) page; `None` at the end.
+    pub next_before: Option<ExchangeId>,
+}
+
+/// Ordered log of recorded exchanges. Cheap to clone; clones share one store.
+#[derive(Clone)]
+pub struct History {
+    db: sled::Db,
+    exchanges: sled::Tree,
+    bodies: sled::Tree,
+    events: broadcast::Sender<HistoryEvent>,
+    retention: Retention,
+    totals: Arc<Mutex<Totals>>,
+    /// Ticks for every flush request and flush start.
+    flush_clock: Arc<AtomicU64>,
+    /// The clock reading just before the last completed flush started.
+    flushed: Arc<tokio::sync::Mutex<u64>>,
+}
+
+impl fmt::Debug for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("History")
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Running totals, and each kept exchange's size in age order, for retention.
+#[derive(Debug, Default)]
+struct Totals {
+    bytes: u64,
+    sizes: VecDeque<(ExchangeId, u64)>,
+}
+
+impl History {
+    /// Opens or creates the store under `dir`.
+    ///
+    /// # Errors
+    /// [`HistoryError::Locked`] when another process holds the store (a
+    /// running agent), or a storage error.
+    pub fn open(dir: &Path, retention: Retention) -> Result<Self, HistoryError> {
+        let db = sled::Config::new()
+            .path(dir.join("history"))
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.raw_os_error() == Some(11) =>
+                {
+                    HistoryError::Locked(dir.display().to_string())
+                }
+                other => HistoryError::Storage(other.to_string()),
+            })?;
+        Self::from_db(db, retention)
+    }
+
+    /// An in-memory store that vanishes on drop.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn temporary(retention: Retention) -> Result<Self, HistoryError> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(|e| HistoryError::Storage(e.to_string()))?;
+        Self::from_db(db, retention)
+    }
+
+    fn from_db(db: sled::Db, retention: Retention) -> Result<Self, HistoryError> {
+        let exchanges = db.open_tree("exchanges").map_err(storage)?;
+        let bodies = db.open_tree("bodies").map_err(storage)?;
+        let mut totals = Totals::default();
+        for item in exchanges.iter() {
+            let (key, value) = item.map_err(storage)?;
+            let Some(id) = ExchangeId::from_key(&key) else {
+                continue;
+            };
+            let size = match serde_json::from_slice::<Exchange>(&value) {
+                Ok(e) => e.stored_bytes(value.len()),
+                Err(_) => value.len() as u64,
+            };
+            totals.bytes += size;
+            totals.sizes.push_back((id, size));
+        }
+        // Bodies of exchanges that never finished (a crash mid-delivery) would
+        // otherwise leak: drop those without a record.
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let history = History {
+            db,
+            exchanges,
+            bodies,
+            events,
+            retention,
+            totals: Arc::new(Mutex::new(totals)),
+            flush_clock: Arc::default(),
+            flushed: Arc::default(),
+        };
+        history.drop_orphan_bodies()?;
+        history.enforce_retention()?;
+        Ok(history)
+    }
+
+    fn drop_orphan_bodies(&self) -> Result<(), HistoryError> {
+        let mut last: Option<[u8; 16]> = None;
+        let mut orphan = false;
+        for item in self.bodies.iter().keys() {
+            let key = item.map_err(storage)?;
+            let Some(prefix) = key.get(..16).and_then(|k| <[u8; 16]>::try_from(k).ok()) else {
+                self.bodies.remove(&key).map_err(storage)?;
+                continue;
+            };
+            if last != Some(prefix) {
+                last = Some(prefix);
+                orphan = !self.exchanges.contains_key(prefix).map_err(storage)?;
+            }
+            if orphan {
+                self.bodies.remove(&key).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Live feed. Subscribe *before* listing so nothing falls in the gap.
+    pub fn subscribe(&self) -> broadcast::Receiver<HistoryEvent> {
+        self.events.subscribe()
+    }
+
+    /// Appends one chunk of a body being recorded; `seq` counts from 0.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn append_body(
+        &self,
+        id: ExchangeId,
+        part: Part,
+        seq: u32,
+        chunk: &[u8],
+    ) -> Result<(), HistoryError> {
+        self.bodies
+            .insert(body_key(id, part, seq), chunk)
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Stores a whole body at once (replays).
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn put_body(&self, id: ExchangeId, part: Part, body: &[u8]) -> Result<(), HistoryError> {
+        for (seq, chunk) in body.chunks(256 * 1024).enumerate() {
+            self.append_body(id, part, u32::try_from(seq).unwrap_or(u32::MAX), chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Records a finished exchange (its bodies already appended), applies
+    /// retention, waits until it is on disk, then tells live subscribers: an
+    /// exchange anyone has seen survives a kill -9.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn record(&self, exchange: Exchange) -> Result<(), HistoryError> {
+        let json =
+            serde_json::to_vec(&exchange).map_err(|e| HistoryError::Storage(e.to_string()))?;
+        let size = exchange.stored_bytes(json.len());
+        self.exchanges
+            .insert(exchange.id.key(), json)
+            .map_err(storage)?;
+        {
+            let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+            totals.bytes += size;
+            // Ids are time-ordered; a replay recorded late still sorts by its start.
+            let pos = totals.sizes.partition_point(|(id, _)| *id < exchange.id);
+            totals.sizes.insert(pos, (exchange.id, size));
+        }
+        self.enforce_retention()?;
+        self.flush().await?;
+        let _ = self.events.send(HistoryEvent::Exchange {
+            exchange: Box::new(exchange),
+        });
+        Ok(())
+    }
+
+    /// Flushes everything written so far to disk. Concurrent callers share
+    /// one flush (group commit): a caller whose writes an earlier flush
+    /// already covered returns without another fsync.
+    ///
+    /// sled's own `flush_async` runs on sled's small thread pool, which it also
+    /// needs for the log writes a flush waits on; under load that deadlocks
+    /// (seen in our tests), so the blocking flush runs on tokio's pool instead.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn flush(&self) -> Result<(), HistoryError> {
+        let wanted = self.flush_clock.fetch_add(1, Ordering::SeqCst);
+        let mut flushed = self.flushed.lock().await;
+        if *flushed > wanted {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let mark = self.flush_clock.fetch_add(1, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| HistoryError::Storage(format!("flush task failed: {e}")))?
+            .map_err(storage)?;
+        *flushed = mark;
+        Ok(())
+    }
+
+    fn enforce_retention(&self) -> Result<(), HistoryError> {
+        loop {
+            let victim = {
+                let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+                let over = totals.sizes.len() as u64 > self.retention.max_exchanges
+                    || (totals.bytes > self.retention.max_bytes && totals.sizes.len() > 1);
+                if !over {
+                    return Ok(());
+                }
+                let Some((id, size)) = totals.sizes.pop_front() else {
+                    return Ok(());
+                };
+                totals.bytes = totals.bytes.saturating_sub(size);
+                id
+            };
+            self.remove_stored(victim)?;
+        }
+    }
+
+    fn remove_stored(&self, id: ExchangeId) -> Result<bool, HistoryError> {
+        let existed = self.exchanges.remove(id.key()).map_err(storage)?.is_some();
+        for key in self.bodies.scan_prefix(id.key()).keys() {
+            self.bodies.remove(key.map_err(storage)?).map_err(storage)?;
+        }
+        Ok(existed)
+    }
+
+    /// One exchange.
+    ///
+    /// # Errors
+    /// [`HistoryError::NotFound`] or a storage error.
+    pub fn get(&self, id: ExchangeId) -> Result<Exchange, HistoryError> {
+        let value = self
+            .exchanges
+            .get(id.key())
+            .map_err(storage)?
+            .ok_or(HistoryError::NotFound(id))?;
+        serde_json::from_slice(&value)
+            .map_err(|e| HistoryError::Storage(format!("damaged record {id}: {e}")))
+    }
+
+    /// A body, reassembled from its chunks.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
+        let mut prefix = id.key().to_vec();
+        prefix.push(part as u8);
+        let mut out = Vec::new();
+        for item in self.bodies.scan_prefix(prefix) {
+            let (_, chunk) = item.map_err(storage)?;
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Newest first, `limit` at most, starting below `before` when given.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn list(
+        &self,
+        filter: &Filter,
+        before: Option<ExchangeId>,
+        limit: usize,
+    ) -> Result<Page, HistoryError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let iter = match before {
+            Some(b) => self.exchanges.range(..b.key()),
+            None => self.exchanges.iter(),
+        };
+        let mut exchanges = Vec::new();
+        let mut next_before = None;
+        for item in iter.rev() {
+            let (_, value) = item.map_err(storage)?;
+            let Ok(e) = serde_json::from_slice::<Exchange>(&value) else {
+                continue;
+            };
+            if !filter.matches_meta(&e) {
+                continue;
+            }
+            if filter.needs_bodies() {
+                let q = filter.q.as_deref().unwrap_or_default().as_bytes();
+                let hit = contains_ci(&self.body(e.id, Part::Request)?, q)
+                    || contains_ci(&self.body(e.id, Part::Response)?, q);
+                if !hit {
+                    continue;
+                }
+            }
+            if exchanges.len() == limit {
+                next_before = exchanges.last().map(|x: &Exchange| x.id);
+                break;
+            }
+            exchanges.push(e);
+        }
+        Ok(Page {
+            exchanges,
+            next_before,
+        })
+    }
+
+    /// Deletes one exchange; returns whether it existed.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn delete(&self, id: ExchangeId) -> Result<bool, HistoryError> {
+        let existed = self.remove_stored(id)?;
+        if existed {
+            let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pos) = totals.sizes.iter().position(|(i, _)| *i == id) {
+                if let Some((_, size)) = totals.sizes.remove(pos) {
+                    totals.bytes = totals.bytes.saturating_sub(size);
+                }
+            }
+            drop(totals);
+            let _ = self.events.send(HistoryEvent::Deleted { id });
+        }
+        Ok(existed)
+    }
+
+    /// Deletes everything.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn clear(&self) -> Result<(), HistoryError> {
+        self.exchanges.clear().map_err(storage)?;
+        self.bodies.clear().map_err(storage)?;
+        *self.totals.lock().unwrap_or_else(|p| p.into_inner()) = Totals::default();
+        let _ = self.events.send(HistoryEvent::Cleared);
+        Ok(())
+    }
+
+    /// Number of exchanges kept.
+    pub fn len(&self) -> usize {
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sizes
+            .len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn body_key(id: ExchangeId, part: Part, seq: u32) -> [u8; 21] {
+    let mut key = [0u8; 21];
+    key[..16].copy_from_slice(&id.key());
+    key[16] = part as u8;
+    key[17..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn storage(e: sled::Error) -> HistoryError {
+    HistoryError::Storage(e.to_string())
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Why a history operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HistoryError {
+    #[error("no exchange {0}")]
+    NotFound(ExchangeId),
+    #[error("{0:?} is not an exchange id")]
+    BadId(String),
+    #[error(
+        "the history in {0} is held by a running agent; use its inspector (--inspect ADDR) or stop it"
+    )]
+    Locked(String),
+    #[error("history storage failed: {0}")]
+    Storage(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(method: &str, path: &str, status: Option<u16>) -> Exchange {
+        Exchange {
+            id: ExchangeId::new(),
+            delivery_id: Some("d".into()),
+            tunnel: "t".into(),
+            received_at_relay_ms: Some(now_ms()),
+            received_at_ms: now_ms(),
+            remote_addr: None,
+            method: method.into(),
+            url: format!("http://relay/t/t{path}"),
+            path: path.into(),
+            target: "http://127.0.0.1:3000".into(),
+            request: RequestRecord {
+                headers: vec![Header {
+                    name: "x-github-event".into(),
+                    value: b"push".to_vec(),
+                }],
+                body_len: 0,
+            },
+            response: status.map(|s| ResponseRecord {
+                status: s,
+                headers: vec![],
+                body_len: 0,
+            }),
+            outcome: if status.is_some() {
+                Outcome::Ok
+            } else {
+                Outcome::LocalAppUnreachable
+            },
+            error: None,
+            duration: Durations::default(),
+            provider: None,
+            signature: None,
+            replay_of: None,
+        }
+    }
+
+    async fn record_with_body(h: &History, mut e: Exchange, body: &[u8]) -> ExchangeId {
+        e.request.body_len = body.len() as u64;
+        let id = e.id;
+        for (i, chunk) in body.chunks(3).enumerate() {
+            h.append_body(id, Part::Request, i as u32, chunk)
+                .expect("append");
+        }
+        h.record(e).await.expect("record");
+        id
+    }
+
+    #[tokio::test]
+    async fn bodies_reassemble_and_lists_filter_newest_first() {
+        let h = History::temporary(Retention::default()).expect("open");
+        let a = record_with_body(
+            &h,
+            exchange("POST", "/github", Some(200)),
+            b"{\"action\":\"opened\"}",
+        )
+        .await;
+        let b = record_with_body(&h, exchange("GET", "/health", Some(404)), b"").await;
+        let c = record_with_body(&h, exchange("POST", "/stripe", None), b"Payment_Intent").await;
+        assert_eq!(
+            h.body(a, Part::Request).expect("body"),
+            b"{\"action\":\"opened\"}"
+        );
+        let all = h.list(&Filter::default(), None, 10).expect("list");
+        let ids: Vec<ExchangeId> = all.exchanges.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [c, b, a]);
+
+        let by = |f: Filter| -> Vec<ExchangeId> {
+            h.list(&f, None, 10)
+                .expect("list")
+                .exchanges
+                .iter()
+                .map(|e| e.id)
+                .collect()
+        };
+        assert_eq!(
+            by(Filter {
+                method: Some("post".into()),
+                ..Default::default()
+            }),
+            [c, a]
+        );
+        assert_eq!(
+            by(Filter {
+                path: Some("HUB".into()),
+                ..Default::default()
+            }),
+            [a]
+        );
+        assert_eq!(
+            by(Filter {
+                path: Some("/gitlab".into()),
+                ..Default::default()
+            }),
+            Vec::<ExchangeId>::new()
+        );
+        assert_eq!(
+            by(Filter {
+                status: Some("4xx".into()),
+                ..Default::default()
+            }),
+            [b]
+        );
+        assert_eq!(
+            by(Filter {
+                status: Some("200".into()),
+                ..Default::default()
+            }),
+            [a]
+        );
+        assert_eq!(
+            by(Filter {
+                status: Some("failed".into()),
+                ..Default::default()
+            }),
+            [c]
+        );
+        assert_eq!(
+            by(Filter {
+                q: Some("payment_INTENT".into()),
+                ..Default::default()
+            }),
+            [c]
+        );
+        assert_eq!(
+            by(Filter {
+                header: Some("X-GitHub-Event: PUSH".into()),
+                ..Default::default()
+            })
+            .len(),
+            3
+        );
+        assert_eq!(
+            by(Filter {
+                header: Some("x-stripe".into()),
+                ..Default::default()
+            })
+            .len(),
+            0
+        );
+
+        let page = h.list(&Filter::default(), None, 2).expect("list");
+        assert_eq!(page.exchanges.len(), 2);
+        let rest = h
+            .list(&Filter::default(), page.next_before, 2)
+            .expect("list");
+        assert_eq!(rest.exchanges.iter().map(|e| e.id).collect::<Vec<_>>(), [a]);
+        assert!(rest.next_before.is_none());
+    }
+
+    #[tokio::test]
+    async fn retention_drops_oldest_by_count_and_bytes() {
+        let h = History::temporary(Retention {
+            max_exchanges: 3,
+            max_bytes: u64::MAX,
+        })
+        .expect("open");
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(record_with_body(&h, exchange("POST", "/x", Some(200)), b"abc").await);
+        }
+        assert_eq!(h.len(), 3);
+        assert!(matches!(h.get(ids[0]), Err(HistoryError::NotFound(_))));
+        assert!(
+            h.body(ids[0], Part::Request).expect("body").is_empty(),
+            "bodies go with their record"
+        );
+        assert!(h.get(ids[4]).is_ok());
+
+        let h = History::temporary(Retention {
+            max_exchanges: 100,
+            max_bytes: 5_000,
+        })
+        .expect("open");
+        let big = vec![b'x'; 2_000];
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(record_with_body(&h, exchange("POST", "/x", Some(200)), &big).await);
+        }
+        assert!(h.len() <= 2, "{} kept", h.len());
+        assert!(h.get(ids[3]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn delete_and_clear_tell_subscribers() {
+        let h = History::temporary(Retention::default()).expect("open");
+        let mut rx = h.subscribe();
+        let id = record_with_body(&h, exchange("POST", "/x", Some(200)), b"a").await;
+        assert!(matches!(rx.try_recv(), Ok(HistoryEvent::Exchange { .. })));
+        assert!(h.delete(id).expect("delete"));
+        assert!(!h.delete(id).expect("delete"));
+        assert!(matches!(rx.try_recv(), Ok(HistoryEvent::Deleted { .. })));
+        record_with_body(&h, exchange("POST", "/x", Some(200)), b"a").await;
+        h.clear().expect("clear");
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn non_utf8_header_values_round_trip_through_json() {
+        let h = Header {
+            name: "x-bin".into(),
+            value: vec![0xff, b'a'],
+        };
+        let json = serde_json::to_string(&h).expect("json");
+        assert!(json.contains("value_base64"));
+        let back: Header = serde_json::from_str(&json).expect("json");
+        assert_eq!(back, h);
+        let text = Header {
+            name: "a".into(),
+            value: b"b".to_vec(),
+        };
+        assert_eq!(
+            serde_json::to_string(&text).expect("json"),
+            r#"{"name":"a","value":"b"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopening_and_orphan_bodies_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = {
+            let h = History::open(dir.path(), Retention::default()).expect("open");
+            let id = record_with_body(&h, exchange("POST", "/x", Some(200)), b"kept").await;
+            h.append_body(ExchangeId::new(), Part::Request, 0, b"orphan")
+                .expect("append");
+            h.db.flush().expect("flush");
+            id
+        };
+        let h = History::open(dir.path(), Retention::default()).expect("reopen");
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.body(id, Part::Request).expect("body"), b"kept");
+        // "kept" is two 3-byte chunks; the orphan's one chunk is gone.
+        assert_eq!(h.bodies.len(), 2, "the orphan chunk was removed");
+    }
+}

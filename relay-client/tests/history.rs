@@ -1,0 +1,691 @@
+//! History, the inspector API, the live feed and replay, against a real relay,
+//! agent and app.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use hookrelay_shared::signature::{self, Provider, SecretSet, SignedRequest};
+use http::{Request, StatusCode};
+use relay_client::{history::Outcome, Agent};
+use serde_json::{json, Value};
+
+const STRIPE_SECRET: &str = "whsec_test_secret";
+
+/// An agent with the inspector on and a Stripe secret configured.
+async fn inspected_agent(relay: &TestRelay, tunnel: &str, target: &str) -> anyhow::Result<Agent> {
+    let mut config = relay.agent_config(Some(tunnel), target);
+    config.inspect = Some("127.0.0.1:0".parse()?);
+    let mut secrets = SecretSet::new();
+    secrets.add(Provider::Stripe, STRIPE_SECRET.into())?;
+    secrets.add(
+        Provider::StandardWebhooks,
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+    )?;
+    config.secrets = secrets;
+    let agent = Agent::spawn(config).await?;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
+    Ok(agent)
+}
+
+fn api(agent: &Agent, path: &str) -> String {
+    format!(
+        "http://{}{path}",
+        agent.inspector_addr().expect("inspector on")
+    )
+}
+
+async fn get_json(url: &str) -> anyhow::Result<Value> {
+    let (status, _, body) = send(Request::get(url).body(full(""))?).await?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(serde_json::from_slice(&body)?)
+}
+
+async fn post_json(url: &str, body: Value) -> anyhow::Result<(StatusCode, Value)> {
+    let req = Request::post(url)
+        .header("content-type", "application/json")
+        .body(full(body.to_string()))?;
+    let (status, _, body) = send(req).await?;
+    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+/// Waits until the agent has recorded `n` exchanges (recording completes just
+/// after the sender has its answer).
+async fn recorded(agent: &Agent, n: usize) -> anyhow::Result<()> {
+    tokio::time::timeout(WAIT, async {
+        while agent.history().len() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_exchange_is_recorded_exactly() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "rec", &app.target()).await?;
+    let body: &'static [u8] = b"{\"id\":\"evt_1\",\"bin\":\"\xff\"}";
+    let req = Request::post(relay.url("rec", "/hooks/x?y=1"))
+        .header("content-type", "application/json")
+        .header("x-multi", "1")
+        .header("x-multi", "2")
+        .body(full(body))?;
+    let (status, headers, _) = send(req).await?;
+    assert_eq!(status, StatusCode::OK);
+    let delivery_id = headers
+        .get("x-hookrelay-delivery-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    recorded(&agent, 1).await?;
+
+    let page = get_json(&api(&agent, "/api/exchanges")).await?;
+    let e = &page["exchanges"][0];
+    assert_eq!(e["delivery_id"], delivery_id.as_str());
+    assert_eq!(e["tunnel"], "rec");
+    assert_eq!(e["method"], "POST");
+    assert_eq!(e["path"], "/hooks/x?y=1");
+    assert_eq!(e["url"], relay.url("rec", "/hooks/x?y=1"));
+    assert_eq!(e["outcome"], "ok");
+    assert_eq!(e["response"]["status"], 200);
+    assert_eq!(e["request"]["body_len"], body.len());
+    assert!(
+        e["received_at_relay_ms"].as_u64().is_some()
+            && e["duration"]["total_ms"].as_u64().is_some()
+    );
+    let multi: Vec<&Value> = e["request"]["headers"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter(|h| h["name"] == "x-multi")
+                .map(|h| &h["value"])
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(multi, [&json!("1"), &json!("2")]);
+
+    let id = e["id"].as_str().unwrap_or_default().to_owned();
+    let detail = get_json(&api(&agent, &format!("/api/exchanges/{id}"))).await?;
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(detail["request_body"]["base64"].as_str().unwrap_or(""))?;
+    assert_eq!(bytes, body, "the stored body is byte-exact");
+    assert!(
+        detail["request_body"]["text"].is_null(),
+        "not valid UTF-8, so no text view"
+    );
+    assert_eq!(detail["response_body"]["text"], r#"{"ok":true}"#);
+    Ok(())
+}
+
+#[tokio::test]
+async fn list_filters_and_pages_newest_first() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "filter", &app.target()).await?;
+    post(&relay.url("filter", "/github/push"), r#"{"ref":"main"}"#).await?;
+    post(&relay.url("filter", "/status/404"), "nope").await?;
+    post(&relay.url("filter", "/status/500"), "boom").await?;
+    send(
+        Request::put(relay.url("filter", "/stripe"))
+            .header("x-tag", "blue")
+            .body(full("needle in here"))?,
+    )
+    .await?;
+    recorded(&agent, 4).await?;
+
+    let paths = |v: &Value| -> Vec<String> {
+        v["exchanges"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["path"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let all = get_json(&api(&agent, "/api/exchanges")).await?;
+    assert_eq!(
+        paths(&all),
+        ["/stripe", "/status/500", "/status/404", "/github/push"]
+    );
+    for (query, expected) in [
+        ("method=put", vec!["/stripe"]),
+        ("path=github", vec!["/github/push"]),
+        ("status=4xx", vec!["/status/404"]),
+        ("status=failed", vec!["/status/500"]),
+        ("q=NEEDLE", vec!["/stripe"]),
+        ("header=x-tag:blue", vec!["/stripe"]),
+        ("tunnel=other", vec![]),
+        (
+            "since=1h",
+            vec!["/stripe", "/status/500", "/status/404", "/github/push"],
+        ),
+        ("until=1h", vec![]),
+    ] {
+        let got = get_json(&api(&agent, &format!("/api/exchanges?{query}"))).await?;
+        assert_eq!(paths(&got), expected, "{query}");
+    }
+    let first = get_json(&api(&agent, "/api/exchanges?limit=3")).await?;
+    assert_eq!(paths(&first).len(), 3);
+    let before = first["next_before"].as_str().unwrap_or_default().to_owned();
+    let rest = get_json(&api(
+        &agent,
+        &format!("/api/exchanges?limit=3&before={before}"),
+    ))
+    .await?;
+    assert_eq!(paths(&rest), ["/github/push"]);
+    assert!(rest["next_before"].is_null());
+
+    // Delete one, then clear.
+    let id = all["exchanges"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (status, _, _) =
+        send(Request::delete(api(&agent, &format!("/api/exchanges/{id}"))).body(full(""))?).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) =
+        send(Request::get(api(&agent, &format!("/api/exchanges/{id}"))).body(full(""))?).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) =
+        send(Request::delete(api(&agent, "/api/exchanges")).body(full(""))?).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        paths(&get_json(&api(&agent, "/api/exchanges")).await?).len(),
+        0
+    );
+    let (status, _, _) =
+        send(Request::get(api(&agent, "/api/exchanges/not-an-id")).body(full(""))?).await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    Ok(())
+}
+
+#[tokio::test]
+async fn inspector_refuses_foreign_hosts_and_origins() -> anyhow::Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "guard", "3000").await?;
+    let url = api(&agent, "/api/exchanges");
+    for (host, origin) in [
+        ("evil.example", None),
+        ("127.0.0.1.evil.example", None),
+        ("localhost", Some("http://evil.example")),
+        ("localhost", Some("null")),
+    ] {
+        let mut req = Request::delete(&url).header("host", host);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let (status, _, body) = send(req.body(full(""))?).await?;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{host} {origin:?}");
+        assert_eq!(error_code(&body), "forbidden_host");
+    }
+    let (status, _, _) = send(
+        Request::get(&url)
+            .header("origin", "http://localhost:4040")
+            .body(full(""))?,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // The WebSocket too: a rebinding page cannot open the live feed.
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        api(&agent, "/api/live").replace("http", "ws"),
+    )?;
+    req.headers_mut()
+        .insert("origin", "http://evil.example".parse()?);
+    assert!(
+        tokio_tungstenite::connect_async(req).await.is_err(),
+        "cross-origin websocket refused"
+    );
+    Ok(())
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next JSON message of the live feed.
+async fn next(ws: &mut Ws) -> anyhow::Result<Value> {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("feed closed"))??;
+        if msg.is_text() {
+            return Ok(serde_json::from_str(msg.to_text()?)?);
+        }
+    }
+}
+
+#[tokio::test]
+async fn live_feed_pushes_each_exchange_as_it_completes() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "live", &app.target()).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(api(&agent, "/api/live").replace("http", "ws")).await?;
+    let hello = next(&mut ws).await?;
+    assert_eq!(hello["type"], "status");
+    assert_eq!(hello["status"]["state"], "connected");
+    assert_eq!(hello["status"]["public_urls"][0], relay.url("live", "/"));
+    for i in 0..3 {
+        post(&relay.url("live", &format!("/event/{i}")), "{}").await?;
+        let event = next(&mut ws).await?;
+        assert_eq!(event["type"], "exchange");
+        assert_eq!(event["exchange"]["path"], format!("/event/{i}"));
+        assert_eq!(event["exchange"]["response"]["status"], 200);
+    }
+    ws.send(tokio_tungstenite::tungstenite::Message::Close(None))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_and_edited_replay_create_linked_exchanges() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let other = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "again", &app.target()).await?;
+    let req = Request::post(relay.url("again", "/echo/orig?x=1"))
+        .header("content-type", "text/plain")
+        .header("x-keep", "k")
+        .header("x-drop", "d")
+        .body(full("original body"))?;
+    send(req).await?;
+    recorded(&agent, 1).await?;
+    let original = get_json(&api(&agent, "/api/exchanges")).await?["exchanges"][0].clone();
+    let id = original["id"].as_str().unwrap_or_default().to_owned();
+
+    // Plain replay: same request to the same app.
+    let (status, replayed) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{replayed}");
+    assert_eq!(replayed["replay_of"], id.as_str());
+    assert_eq!(replayed["response"]["status"], 200);
+    let got = app.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].uri, "/echo/orig?x=1");
+    assert_eq!(&got[1].body[..], b"original body");
+    assert_eq!(got[1].header("x-keep"), [&b"k"[..]]);
+
+    // Edited replay to another app.
+    let edits = json!({
+        "to": other.target(),
+        "method": "PUT",
+        "path": "/echo/edited",
+        "set_headers": ["X-Keep: changed", "X-New: n"],
+        "remove_headers": ["x-drop"],
+        "body": "edited body",
+    });
+    let (status, edited) =
+        post_json(&api(&agent, &format!("/api/exchanges/{id}/replay")), edits).await?;
+    assert_eq!(status, StatusCode::CREATED, "{edited}");
+    let got = other.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].method, "PUT");
+    assert_eq!(got[0].uri, "/echo/edited");
+    assert_eq!(&got[0].body[..], b"edited body");
+    assert_eq!(got[0].header("content-length"), [&b"11"[..]]);
+    assert_eq!(got[0].header("x-keep"), [&b"changed"[..]]);
+    assert_eq!(got[0].header("x-new"), [&b"n"[..]]);
+    assert!(got[0].header("x-drop").is_empty());
+    assert_eq!(app.received().len(), 2, "the edited replay went elsewhere");
+
+    let detail = get_json(&api(
+        &agent,
+        &format!("/api/exchanges/{}", edited["id"].as_str().unwrap_or("")),
+    ))
+    .await?;
+    assert_eq!(detail["replay_of"], id.as_str());
+    assert_eq!(detail["request_body"]["text"], "edited body");
+    assert_eq!(detail["response_body"]["text"], "edited body");
+    let all = get_json(&api(&agent, "/api/exchanges")).await?;
+    assert_eq!(all["exchanges"].as_array().map(Vec::len), Some(3));
+
+    // Bad edits are refused with a reason, and nothing is sent.
+    let (status, err) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({ "set_headers": ["no colon"] }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let (status, _) = post_json(
+        &api(
+            &agent,
+            &format!(
+                "/api/exchanges/{}/replay",
+                relay_client::history::ExchangeId::new()
+            ),
+        ),
+        json!({}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    Ok(())
+}
+
+/// A Stripe-signed webhook replayed after the provider's tolerance: the app's
+/// own check refuses the plain replay and accepts the re-signed one.
+#[tokio::test]
+async fn resigned_replay_passes_the_apps_own_signature_check() -> anyhow::Result<()> {
+    use axum::{body::Body, extract::Request as AxumRequest, response::Response};
+    use http_body_util::BodyExt;
+
+    // The "app": verifies Stripe signatures against the real clock, like stripe-go.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let app_addr = listener.local_addr()?;
+    let checker = axum::Router::new().fallback(|req: AxumRequest| async move {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let headers: Vec<(String, Vec<u8>)> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        let now = i64::try_from(relay_client::history::now_ms() / 1000).unwrap_or(0);
+        let verdict = signature::verify(
+            Provider::Stripe,
+            &[STRIPE_SECRET],
+            &SignedRequest {
+                headers: &headers,
+                body: &body,
+                url: None,
+            },
+            now,
+            None,
+        );
+        let status = if verdict.is_valid() { 200 } else { 400 };
+        Response::builder()
+            .status(status)
+            .body(Body::from(format!("{verdict:?}")))
+            .expect("response")
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, checker).await;
+    });
+
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "resign", &format!("http://{app_addr}")).await?;
+    // Signed 20 minutes ago: a delivery that waited, or one replayed later.
+    let body = r#"{"id":"evt_1","type":"payment_intent.succeeded"}"#;
+    let t = relay_client::history::now_ms() / 1000 - 1200;
+    let mut headers = vec![("stripe-signature".to_owned(), Vec::new())];
+    signature::resign(
+        Provider::Stripe,
+        STRIPE_SECRET,
+        &mut headers,
+        body.as_bytes(),
+        i64::try_from(t)?,
+    )?;
+    let sig = String::from_utf8(headers[0].1.clone())?;
+    let (status, _, _) = send(
+        Request::post(relay.url("resign", "/stripe"))
+            .header("stripe-signature", &sig)
+            .body(full(body))?,
+    )
+    .await?;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "the app refuses a stale signature"
+    );
+    recorded(&agent, 1).await?;
+    let original = get_json(&api(&agent, "/api/exchanges")).await?["exchanges"][0].clone();
+    assert_eq!(original["provider"], "stripe");
+    assert_eq!(original["signature"]["verdict"], "stale", "{original}");
+    let id = original["id"].as_str().unwrap_or_default().to_owned();
+
+    let (_, plain) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({}),
+    )
+    .await?;
+    assert_eq!(
+        plain["response"]["status"], 400,
+        "a plain replay is still stale"
+    );
+    let (_, resigned) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({ "resign": true }),
+    )
+    .await?;
+    assert_eq!(resigned["response"]["status"], 200, "{resigned}");
+    assert_eq!(resigned["signature"]["verdict"], "valid");
+    // Re-signing also covers an edited body.
+    let (_, edited) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({ "resign": true, "body": "{\"id\":\"evt_2\"}" }),
+    )
+    .await?;
+    assert_eq!(edited["response"]["status"], 200, "{edited}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn resign_without_a_secret_is_refused_with_a_reason() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "nosecret", &app.target()).await?;
+    post(&relay.url("nosecret", "/plain"), "{}").await?;
+    send(
+        Request::post(relay.url("nosecret", "/slack"))
+            .header("x-slack-signature", "v0=00")
+            .header("x-slack-request-timestamp", "1")
+            .body(full("a=b"))?,
+    )
+    .await?;
+    recorded(&agent, 2).await?;
+    let all = get_json(&api(&agent, "/api/exchanges")).await?;
+    let slack = all["exchanges"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let plain = all["exchanges"][1]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(all["exchanges"][0]["signature"]["verdict"], "no_secret");
+    let (status, err) = post_json(
+        &api(&agent, &format!("/api/exchanges/{plain}/replay")),
+        json!({ "resign": true }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no known signature")),
+        "{err}"
+    );
+    let (status, err) = post_json(
+        &api(&agent, &format!("/api/exchanges/{slack}/replay")),
+        json!({ "resign": true }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--verify slack=")),
+        "{err}"
+    );
+    assert_eq!(app.received().len(), 2, "refused replays send nothing");
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_exchanges_since_a_time_replay_in_one_call() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "bulk", &app.target()).await?;
+    for path in [
+        "/status/500",
+        "/ok/1",
+        "/status/503",
+        "/ok/2",
+        "/status/502",
+    ] {
+        post(&relay.url("bulk", path), "{}").await?;
+    }
+    recorded(&agent, 5).await?;
+    let (status, out) = post_json(
+        &api(&agent, "/api/replay"),
+        json!({ "filter": { "status": "failed", "since": 0 } }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let results = out["results"].as_array().cloned().unwrap_or_default();
+    let paths: Vec<&str> = results
+        .iter()
+        .map(|r| r["exchange"]["path"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        paths,
+        ["/status/500", "/status/503", "/status/502"],
+        "oldest first, failures only"
+    );
+    assert_eq!(app.received().len(), 8);
+    Ok(())
+}
+
+#[tokio::test]
+async fn exports_render_curl_har_and_json() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "export", &app.target()).await?;
+    send(
+        Request::post(relay.url("export", "/hook?a=1"))
+            .header("content-type", "application/json")
+            .header("x-quote", "it's")
+            .body(full(r#"{"a":"it's"}"#))?,
+    )
+    .await?;
+    send(
+        Request::post(relay.url("export", "/bin"))
+            .body(full(Bytes::from_static(b"\x00\x01\xff")))?,
+    )
+    .await?;
+    recorded(&agent, 2).await?;
+    let all = get_json(&api(&agent, "/api/exchanges")).await?;
+    let bin = all["exchanges"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let text = all["exchanges"][1]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    let (status, headers, curl) = send(
+        Request::get(api(
+            &agent,
+            &format!("/api/exchanges/{text}/export?format=curl"),
+        ))
+        .body(full(""))?,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain")));
+    let curl = String::from_utf8(curl.to_vec())?;
+    assert!(
+        curl.starts_with(&format!(
+            "curl -X POST '{}'",
+            relay.url("export", "/hook?a=1")
+        )),
+        "{curl}"
+    );
+    assert!(
+        curl.contains(r"-H 'x-quote: it'\''s'")
+            && curl.contains(r#"--data-binary '{"a":"it'\''s"}'"#),
+        "{curl}"
+    );
+    let (_, _, curl_bin) = send(
+        Request::get(api(
+            &agent,
+            &format!("/api/exchanges/{bin}/export?format=curl"),
+        ))
+        .body(full(""))?,
+    )
+    .await?;
+    assert!(
+        String::from_utf8(curl_bin.to_vec())?.starts_with("printf %s 'AAH/' | base64 -d | curl")
+    );
+
+    let har = get_json(&api(
+        &agent,
+        &format!("/api/exchanges/{text}/export?format=har"),
+    ))
+    .await?;
+    assert_eq!(har["log"]["version"], "1.2");
+    let entry = &har["log"]["entries"][0];
+    assert_eq!(entry["request"]["method"], "POST");
+    assert_eq!(entry["request"]["postData"]["text"], r#"{"a":"it's"}"#);
+    assert_eq!(entry["request"]["queryString"][0]["name"], "a");
+    assert_eq!(entry["response"]["status"], 200);
+    assert!(entry["startedDateTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z') && t.len() == 24));
+    let har_bin = get_json(&api(
+        &agent,
+        &format!("/api/exchanges/{bin}/export?format=har"),
+    ))
+    .await?;
+    assert_eq!(
+        har_bin["log"]["entries"][0]["request"]["postData"]["encoding"],
+        "base64"
+    );
+
+    let full_json = get_json(&api(
+        &agent,
+        &format!("/api/exchanges/{text}/export?format=json"),
+    ))
+    .await?;
+    assert_eq!(full_json["request_body"]["text"], r#"{"a":"it's"}"#);
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_survives_agent_restarts_and_keeps_to_its_limits() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let dir = relay.dir.path().join("persist");
+    let mut config = relay.agent_config_in(&dir, Some("persist"), &app.target());
+    config.retention.max_exchanges = 3;
+    let agent = Agent::spawn(config.clone()).await?;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
+    for i in 0..5 {
+        post(&relay.url("persist", &format!("/n/{i}")), "{}").await?;
+    }
+    recorded(&agent, 3).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(agent.history().len(), 3);
+    agent.shutdown().await?;
+
+    let agent = Agent::spawn(config).await?;
+    let page = agent.history().list(&Default::default(), None, 10)?;
+    let paths: Vec<&str> = page.exchanges.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/n/4", "/n/3", "/n/2"],
+        "the newest three survive the restart"
+    );
+    assert!(page.exchanges.iter().all(|e| e.outcome == Outcome::Ok));
+    Ok(())
+}
