@@ -103,9 +103,9 @@ impl Agent {
         });
         let first = match dialer.connect().await {
             Ok(session) => {
-                status_tx.send_replace(Status::Connected {
-                    public_urls: public_urls(&session),
-                });
+                let urls = public_urls(&session);
+                info!(tunnel = %tunnel, public_urls = ?urls, relay = %config.relay, "connected to the relay");
+                status_tx.send_replace(Status::Connected { public_urls: urls });
                 Some(session)
             }
             Err(err) if err.is_fatal() => return Err(AgentError::Connect(err)),
@@ -150,7 +150,7 @@ impl Agent {
 
         let forwarder = Forwarder::new(
             config.target.clone(),
-            Terminal::new(config.print_deliveries),
+            Terminal::new(config.print_deliveries, config.log_format),
             history.clone(),
             secrets,
         );

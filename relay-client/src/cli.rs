@@ -11,7 +11,7 @@ use hookrelay_shared::{
 use crate::{
     agent::{default_data_dir, DEFAULT_MAX_BACKOFF},
     commands::parse_time,
-    config::{parse_fingerprint, Config, Secret, Target, Trust, DEFAULT_INSPECT},
+    config::{parse_fingerprint, Config, LogFormat, Secret, Target, Trust, DEFAULT_INSPECT},
     export::Format,
     history::{Filter, Retention, DEFAULT_MAX_EXCHANGES},
     replay::ReplayOptions,
@@ -78,6 +78,10 @@ pub struct HttpArgs {
     /// Do not print a line per delivery
     #[arg(long, short, env = "HOOKRELAY_QUIET")]
     pub quiet: bool,
+
+    /// Output for people (text) or for log collectors (json: one object per line)
+    #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Provider secret for signature checks and re-signed replays, PROVIDER=SECRET (repeatable;
     /// up to two per provider during rotation). Providers: stripe, github, slack, shopify,
@@ -150,6 +154,7 @@ impl HttpArgs {
                 .unwrap_or_else(default_data_dir),
             inspect: (!self.common.no_inspect).then_some(self.common.inspect),
             print_deliveries: !self.quiet,
+            log_format: self.log_format,
             max_backoff: DEFAULT_MAX_BACKOFF,
             secrets: secret_set(&self.verify),
             retention: Retention {

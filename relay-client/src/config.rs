@@ -29,12 +29,24 @@ pub struct Config {
     pub inspect: Option<SocketAddr>,
     /// Print one line per delivery on stdout.
     pub print_deliveries: bool,
+    /// How those lines (and the agent's logs) are written.
+    pub log_format: LogFormat,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
     /// Provider secrets for signature verdicts and re-signed replays.
     pub secrets: SecretSet,
     /// How much history to keep.
     pub retention: Retention,
+}
+
+/// Human-readable lines, or one JSON object per line for log collectors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `12:04:05  POST /github  200  12 ms`, and plain log lines on stderr.
+    #[default]
+    Text,
+    /// One JSON object per line on stdout (exchanges) and stderr (logs).
+    Json,
 }
 
 /// A secret string whose `Debug` never shows it.

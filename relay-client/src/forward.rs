@@ -143,18 +143,19 @@ impl Forwarder {
         let took = started.elapsed();
         // Recorded (on disk) before the terminal line: whatever the developer
         // saw printed survives a kill -9.
-        self.record(
-            &head,
-            id,
-            received_at_ms,
-            took,
-            &outcome,
-            forwarded,
-            &tee,
-            &response_tee,
-        )
-        .await;
-        self.terminal.delivery(&head, &outcome, took);
+        let exchange = self
+            .record(
+                &head,
+                id,
+                received_at_ms,
+                took,
+                &outcome,
+                forwarded,
+                &tee,
+                &response_tee,
+            )
+            .await;
+        self.terminal.exchange(&exchange);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -168,9 +169,9 @@ impl Forwarder {
         forwarded: Forwarded,
         request_tee: &Tee,
         response_tee: &Tee,
-    ) {
+    ) -> Exchange {
         let (history_outcome, error) = match outcome {
-            Outcome::Responded(_) => (history::Outcome::Ok, None),
+            Outcome::Responded => (history::Outcome::Ok, None),
             Outcome::Failed(kind, message) => (outcome_of(*kind), Some(message.clone())),
             Outcome::Cancelled => (
                 history::Outcome::Cancelled,
@@ -221,12 +222,13 @@ impl Forwarder {
             signature: verdict,
             replay_of: None,
         };
-        if let Err(err) = self.history.record(exchange).await {
+        if let Err(err) = self.history.record(exchange.clone()).await {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
                 "cannot record the exchange"
             );
         }
+        exchange
     }
 
     async fn forward(
@@ -294,7 +296,7 @@ impl Forwarder {
             match body.frame().await {
                 None => {
                     let _ = send.finish();
-                    return Outcome::Responded(status);
+                    return Outcome::Responded;
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
@@ -407,11 +409,11 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-/// How a delivery ended, for the terminal line.
+/// How a delivery ended (the status is in [`Forwarded`]).
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    /// The app answered with this status.
-    Responded(u16),
+    /// The app answered and its whole response went back.
+    Responded,
     /// The app could not be reached or failed.
     Failed(FailureKind, String),
     /// The relay or the sender gave up first.

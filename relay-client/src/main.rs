@@ -8,6 +8,7 @@ use clap::Parser;
 use relay_client::{
     cli::{secret_set, Cli, Command, ExportArgs, HistoryArgs, HttpArgs, ReplayArgs, ShowArgs},
     commands::{self, Backend},
+    config::LogFormat,
     history::ExchangeId,
     Agent,
 };
@@ -15,7 +16,9 @@ use relay_client::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let json_logs =
+        matches!(&cli.command, Command::Http(args) if args.log_format == LogFormat::Json);
+    init_tracing(json_logs);
     let result = match cli.command {
         Command::Http(args) => http(args).await,
         Command::Demo(args) => relay_client::demo::run(args).await,
@@ -36,20 +39,16 @@ async fn main() -> ExitCode {
 async fn http(args: HttpArgs) -> anyhow::Result<()> {
     let config = args.to_config();
     let target = config.target.clone();
+    let json = config.log_format == LogFormat::Json;
     let mut agent = Agent::spawn(config).await?;
-    println!("Hookrelay agent   (Ctrl-C to quit)\n");
-    println!("  tunnel      {}", agent.tunnel());
+    let banner = Banner {
+        json,
+        tunnel: agent.tunnel().to_string(),
+        target: target.to_string(),
+        inspector: agent.inspector_addr().map(|a| format!("http://{a}")),
+    };
     let urls = agent.public_urls();
-    if urls.is_empty() {
-        println!("  forwarding  (waiting for the relay) -> {target}");
-    }
-    for url in &urls {
-        println!("  forwarding  {url} -> {target}");
-    }
-    if let Some(addr) = agent.inspector_addr() {
-        println!("  inspector   http://{addr}");
-    }
-    println!();
+    banner.start(&urls);
     let mut status = agent.status();
     tokio::select! {
         result = agent.closed() => return result.map_err(Into::into),
@@ -61,12 +60,13 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
                 let current = status.borrow().clone();
                 match current {
                     relay_client::Status::Connected { public_urls } if !was_connected => {
-                        for url in public_urls {
-                            println!("  forwarding  {url} -> {target}");
-                        }
+                        banner.online(&public_urls);
                         was_connected = true;
                     }
-                    relay_client::Status::Reconnecting { .. } => was_connected = false,
+                    relay_client::Status::Reconnecting { .. } if was_connected => {
+                        banner.offline();
+                        was_connected = false;
+                    }
                     _ => {}
                 }
             }
@@ -75,6 +75,61 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
     }
     agent.shutdown().await?;
     Ok(())
+}
+
+/// What `relay-client http` prints about the tunnel itself, as text for
+/// people or as JSON lines (`--log-format json`).
+struct Banner {
+    json: bool,
+    tunnel: String,
+    target: String,
+    inspector: Option<String>,
+}
+
+impl Banner {
+    fn start(&self, urls: &[String]) {
+        if self.json {
+            let line = serde_json::json!({
+                "type": "started",
+                "tunnel": self.tunnel,
+                "public_urls": urls,
+                "target": self.target,
+                "inspector": self.inspector,
+            });
+            println!("{line}");
+            return;
+        }
+        println!("Hookrelay agent   (Ctrl-C to quit)\n");
+        println!("  tunnel      {}", self.tunnel);
+        if urls.is_empty() {
+            println!("  forwarding  (waiting for the relay) -> {}", self.target);
+        }
+        for url in urls {
+            println!("  forwarding  {url} -> {}", self.target);
+        }
+        if let Some(inspector) = &self.inspector {
+            println!("  inspector   {inspector}");
+        }
+        println!();
+    }
+
+    fn online(&self, urls: &[String]) {
+        if self.json {
+            let line = serde_json::json!({ "type": "online", "public_urls": urls });
+            println!("{line}");
+        } else {
+            for url in urls {
+                println!("  forwarding  {url} -> {}", self.target);
+            }
+        }
+    }
+
+    fn offline(&self) {
+        if self.json {
+            println!("{}", serde_json::json!({ "type": "offline" }));
+        }
+        // Text mode: the reconnect warnings on stderr already say so.
+    }
 }
 
 async fn backend(
@@ -181,15 +236,19 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
     backend.close().await
 }
 
-fn init_tracing() {
+fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 async fn wait_for_signal() {

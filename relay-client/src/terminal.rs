@@ -1,56 +1,74 @@
-//! The agent's live terminal view: one line per delivery, like ngrok's.
+//! The agent's live terminal view: one line per exchange, like ngrok's
+//! console, or one JSON object per line for machines (`--log-format json`).
 
-use std::{
-    io::{IsTerminal, Write},
-    time::Duration,
+use std::io::{IsTerminal, Write};
+
+use serde_json::json;
+
+use crate::{
+    config::LogFormat,
+    export::iso8601,
+    history::{Exchange, Outcome},
 };
 
-use hookrelay_shared::{FailureKind, RequestHead};
-
-use crate::forward::Outcome;
-
-/// Prints deliveries to stdout (or nowhere).
+/// Prints exchanges to stdout (or nowhere).
 #[derive(Clone, Debug)]
 pub(crate) struct Terminal {
     enabled: bool,
+    format: LogFormat,
     color: bool,
 }
 
 impl Terminal {
-    pub fn new(enabled: bool) -> Self {
+    pub fn new(enabled: bool, format: LogFormat) -> Self {
         Terminal {
             enabled,
+            format,
             color: enabled
+                && format == LogFormat::Text
                 && std::io::stdout().is_terminal()
                 && std::env::var_os("NO_COLOR").is_none(),
         }
     }
 
-    /// `12:04:05  POST /github/events  200 OK  12 ms`
-    pub fn delivery(&self, head: &RequestHead, outcome: &Outcome, took: Duration) {
-        match outcome {
-            Outcome::Failed(kind, message) => {
-                tracing::warn!(delivery_id = %head.delivery_id, method = %head.method, path = %head.path, "{message}");
-                let _ = kind;
+    /// Prints one finished exchange: `12:04:05  POST /github/events  200  12 ms`.
+    pub fn exchange(&self, e: &Exchange) {
+        match (e.outcome, &e.error) {
+            (Outcome::Ok, _) => {
+                tracing::debug!(delivery_id = ?e.delivery_id, status = ?e.status(), "delivered");
             }
-            Outcome::Cancelled => {
-                tracing::debug!(delivery_id = %head.delivery_id, "delivery cancelled by the relay");
+            (Outcome::Cancelled, _) => {
+                tracing::debug!(delivery_id = ?e.delivery_id, "delivery cancelled by the relay");
             }
-            Outcome::Responded(status) => {
-                tracing::debug!(delivery_id = %head.delivery_id, status, "delivered");
+            (_, error) => {
+                tracing::warn!(
+                    delivery_id = ?e.delivery_id,
+                    method = %e.method,
+                    path = %e.path,
+                    "{}",
+                    error.as_deref().unwrap_or("delivery failed")
+                );
             }
         }
         if !self.enabled {
             return;
         }
-        let (status, class) = match outcome {
-            Outcome::Responded(s) => (s.to_string(), s / 100),
-            Outcome::Failed(FailureKind::LocalAppTimeout, _) => ("504 timeout".into(), 5),
-            Outcome::Failed(FailureKind::LocalAppUnreachable, _) => {
-                ("502 app unreachable".into(), 5)
-            }
-            Outcome::Failed(_, _) => ("502 app error".into(), 5),
-            Outcome::Cancelled => ("--- cancelled".into(), 0),
+        let line = match self.format {
+            LogFormat::Json => json_line(e),
+            LogFormat::Text => self.text_line(e),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    fn text_line(&self, e: &Exchange) -> String {
+        let (status, class) = match (e.status(), e.outcome) {
+            (Some(s), _) => (s.to_string(), s / 100),
+            (None, Outcome::LocalAppTimeout) => ("504 timeout".into(), 5),
+            (None, Outcome::LocalAppUnreachable) => ("502 app unreachable".into(), 5),
+            (None, Outcome::Cancelled) => ("--- cancelled".into(), 0),
+            (None, _) => ("502 app error".into(), 5),
         };
         let status = if self.color {
             let code = match class {
@@ -64,16 +82,41 @@ impl Terminal {
         } else {
             format!("{status:<8}")
         };
-        let time = format_time(head.received_at_ms);
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "{time}  {:<7} {:<40} {status} {:>6} ms",
-            head.method,
-            truncate(&head.path, 40),
-            took.as_millis()
-        );
+        let replay = if e.replay_of.is_some() {
+            "  (replay)"
+        } else {
+            ""
+        };
+        format!(
+            "{}  {:<7} {:<40} {status} {:>6} ms{replay}",
+            format_time(e.received_at_ms),
+            e.method,
+            truncate(&e.path, 40),
+            e.duration.total_ms,
+        )
     }
+}
+
+/// The `--log-format json` line: a stable, flat summary (the whole record is
+/// one `relay-client show ID --json` away).
+fn json_line(e: &Exchange) -> String {
+    json!({
+        "type": "exchange",
+        "time": iso8601(e.received_at_ms),
+        "id": e.id,
+        "delivery_id": e.delivery_id,
+        "tunnel": e.tunnel,
+        "method": e.method,
+        "path": e.path,
+        "status": e.status(),
+        "outcome": e.outcome,
+        "error": e.error,
+        "duration_ms": e.duration.total_ms,
+        "provider": e.provider,
+        "signature": e.signature,
+        "replay_of": e.replay_of,
+    })
+    .to_string()
 }
 
 fn truncate(s: &str, max: usize) -> String {

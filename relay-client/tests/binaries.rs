@@ -322,3 +322,70 @@ async fn demo_serves_the_whole_path_in_one_command() -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), demo.wait()).await;
     Ok(())
 }
+
+#[tokio::test]
+async fn log_format_json_prints_one_object_per_line() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let dir = tempfile::tempdir()?;
+    let mut agent = command(relay_client_bin())
+        .args(["http", &app.target(), "--relay"])
+        .arg(relay.relay.quic_addr().to_string())
+        .args(["--token", &relay.token, "--tunnel", "jsonlog"])
+        .args(["--relay-cert-sha256", &hex::encode(relay.fingerprint())])
+        .args(["--no-inspect", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .spawn()?;
+    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(
+        agent
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
+    )
+    .lines();
+    let mut err: Lines<BufReader<ChildStderr>> = BufReader::new(
+        agent
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
+    )
+    .lines();
+
+    let started: serde_json::Value = serde_json::from_str(&line_with(&mut out, "{").await?)?;
+    assert_eq!(started["type"], "started");
+    assert_eq!(started["tunnel"], "jsonlog");
+    assert_eq!(started["public_urls"][0], relay.url("jsonlog", "/"));
+    assert!(started["inspector"].is_null());
+
+    let (status, _, _) = post(&relay.url("jsonlog", "/hooks/a?b=1"), r#"{"x":1}"#).await?;
+    assert_eq!(status, StatusCode::OK);
+    let line: serde_json::Value = serde_json::from_str(&line_with(&mut out, "{").await?)?;
+    assert_eq!(line["type"], "exchange");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/hooks/a?b=1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["outcome"], "ok");
+    assert!(line["id"].as_str().is_some_and(|id| id.len() == 26));
+    assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(line["duration_ms"].is_u64());
+
+    let (status, _, _) = post(&relay.url("jsonlog", "/status/503"), "{}").await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let line: serde_json::Value = serde_json::from_str(&line_with(&mut out, "{").await?)?;
+    assert_eq!(line["path"], "/status/503");
+    assert_eq!(line["status"], 503);
+
+    // Logs on stderr are JSON too (the shutdown is logged).
+    sigterm(&agent).await?;
+    assert!(exit_of(&mut agent).await?.success());
+    let mut log_lines = 0;
+    while let Ok(Some(l)) = tokio::time::timeout(WAIT, err.next_line()).await? {
+        let parsed: serde_json::Value =
+            serde_json::from_str(&l).map_err(|e| anyhow::anyhow!("{e}: {l}"))?;
+        assert!(parsed["level"].is_string(), "{l}");
+        log_lines += 1;
+    }
+    assert!(log_lines > 0, "the agent logged nothing");
+    Ok(())
+}

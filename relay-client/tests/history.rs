@@ -689,3 +689,233 @@ async fn history_survives_agent_restarts_and_keeps_to_its_limits() -> anyhow::Re
     assert!(page.exchanges.iter().all(|e| e.outcome == Outcome::Ok));
     Ok(())
 }
+
+/// Bytes covering every value, in an order no compressor or chunker flatters.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn binary_bodies_at_the_size_limit_are_recorded_whole() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "big", &app.target()).await?;
+    // The relay's default limit is 25 MiB: the largest body it accepts.
+    let body = noise(25 * 1024 * 1024);
+    let req = Request::post(relay.url("big", "/echo/blob"))
+        .header("content-type", "application/octet-stream")
+        .body(full(body.clone()))?;
+    let (status, _, echoed) = send(req).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(echoed == body, "the app echoed the body back whole");
+    recorded(&agent, 1).await?;
+
+    let page = agent
+        .history()
+        .list(&Default::default(), None, 10)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let e = &page.exchanges[0];
+    assert_eq!(e.request.body_len, body.len() as u64);
+    let h = agent.history();
+    let stored = h
+        .body(e.id, relay_client::history::Part::Request)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(
+        stored == body,
+        "request body stored byte for byte, not truncated"
+    );
+    let stored = h
+        .body(e.id, relay_client::history::Part::Response)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(stored == body, "response body stored byte for byte");
+
+    // The API serves it back exactly too (base64, no text view for binary).
+    let detail = get_json(&api(&agent, &format!("/api/exchanges/{}", e.id))).await?;
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(detail["request_body"]["base64"].as_str().unwrap_or(""))?;
+    assert!(decoded == body);
+    assert!(detail["request_body"]["text"].is_null());
+    Ok(())
+}
+
+/// Runs an exported curl command with `sh`, as a user would paste it.
+async fn run_shell(script: &str) -> anyhow::Result<()> {
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{script} --silent --show-error --output /dev/null"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "the exported command failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Headers as the app saw them, minus those the relay adds on every hop.
+fn sender_headers(r: &Received) -> Vec<(String, Vec<u8>)> {
+    let mut h: Vec<(String, Vec<u8>)> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            !n.starts_with("x-forwarded-") && !n.starts_with("x-hookrelay-") && n != "forwarded"
+        })
+        .cloned()
+        .collect();
+    h.sort();
+    h
+}
+
+#[tokio::test]
+async fn exported_curl_reproduces_the_request_byte_for_byte() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "curl", &app.target()).await?;
+    // A text body with shell metacharacters, and a binary body with no
+    // content-type (curl would add one of its own if not told otherwise).
+    send(
+        Request::post(relay.url("curl", "/hook?a=1&b=%20x"))
+            .header("content-type", "application/json")
+            .header("x-quote", "it's $HOME `id` \"q\" \\n")
+            .header("x-multi", "1")
+            .header("x-multi", "2")
+            .body(full("{\"text\":\"it's $HOME\\n `id`\"}\n"))?,
+    )
+    .await?;
+    send(Request::put(relay.url("curl", "/bin")).body(full(noise(4096)))?).await?;
+    recorded(&agent, 2).await?;
+    let originals = app.received();
+    assert_eq!(originals.len(), 2);
+
+    let all = get_json(&api(&agent, "/api/exchanges")).await?;
+    for (i, original) in originals.iter().enumerate() {
+        // Newest first in the list.
+        let id = all["exchanges"][1 - i]["id"].as_str().unwrap_or_default();
+        let (status, _, script) = send(
+            Request::get(api(
+                &agent,
+                &format!("/api/exchanges/{id}/export?format=curl"),
+            ))
+            .body(full(""))?,
+        )
+        .await?;
+        assert_eq!(status, StatusCode::OK);
+        run_shell(&String::from_utf8(script.to_vec())?).await?;
+        let again = app
+            .received()
+            .get(2 + i)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("the curl command did not reach the app"))?;
+        assert_eq!(again.method, original.method);
+        assert_eq!(again.uri, original.uri);
+        assert!(again.body == original.body, "body differs");
+        assert_eq!(sender_headers(&again), sender_headers(original));
+    }
+    Ok(())
+}
+
+/// Checks the fields HAR 1.2 requires (http://www.softwareishard.com/blog/har-12-spec/).
+fn assert_valid_har(har: &Value) {
+    fn has(v: &Value, path: &str, check: fn(&Value) -> bool) {
+        let mut cur = v;
+        for key in path.split('.') {
+            cur = &cur[key];
+        }
+        assert!(check(cur), "HAR: {path} is missing or mistyped: {cur}");
+    }
+    let s = |v: &Value| v.is_string();
+    let n = |v: &Value| v.is_number();
+    let a = |v: &Value| v.is_array();
+    let o = |v: &Value| v.is_object();
+    has(har, "log.version", |v| v == "1.2");
+    has(har, "log.creator.name", s);
+    has(har, "log.creator.version", s);
+    has(har, "log.entries", a);
+    for entry in har["log"]["entries"].as_array().into_iter().flatten() {
+        has(entry, "startedDateTime", s);
+        has(entry, "time", n);
+        for key in [
+            "request.method",
+            "request.url",
+            "request.httpVersion",
+            "response.statusText",
+            "response.httpVersion",
+            "response.redirectURL",
+            "response.content.mimeType",
+        ] {
+            has(entry, key, s);
+        }
+        for key in [
+            "request.headersSize",
+            "request.bodySize",
+            "response.status",
+            "response.headersSize",
+            "response.bodySize",
+            "response.content.size",
+            "timings.send",
+            "timings.wait",
+            "timings.receive",
+        ] {
+            has(entry, key, n);
+        }
+        for key in [
+            "request.cookies",
+            "request.headers",
+            "request.queryString",
+            "response.cookies",
+            "response.headers",
+        ] {
+            has(entry, key, a);
+        }
+        has(entry, "cache", o);
+        for h in entry["request"]["headers"].as_array().into_iter().flatten() {
+            has(h, "name", s);
+            has(h, "value", s);
+        }
+        if !entry["request"]["postData"].is_null() {
+            has(entry, "request.postData.mimeType", s);
+            has(entry, "request.postData.text", s);
+        }
+        let started = entry["startedDateTime"].as_str().unwrap_or_default();
+        assert!(
+            started.len() >= 20 && started.as_bytes()[10] == b'T',
+            "ISO 8601: {started}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn har_export_is_valid_har_1_2_for_every_kind_of_exchange() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "har", &app.target()).await?;
+    post(&relay.url("har", "/echo/json?x=1"), r#"{"a":1}"#).await?;
+    send(Request::post(relay.url("har", "/echo/bin")).body(full(noise(64)))?).await?;
+    send(Request::get(relay.url("har", "/status/404")).body(full(""))?).await?;
+    recorded(&agent, 3).await?;
+    let all = get_json(&api(&agent, "/api/exchanges")).await?;
+    for e in all["exchanges"].as_array().into_iter().flatten() {
+        let id = e["id"].as_str().unwrap_or_default();
+        let har = get_json(&api(
+            &agent,
+            &format!("/api/exchanges/{id}/export?format=har"),
+        ))
+        .await?;
+        assert_valid_har(&har);
+    }
+    Ok(())
+}
