@@ -41,6 +41,8 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Export an exchange as a curl command, HAR or JSON
     Export(ExportArgs),
+    /// Check a webhook's signature offline; exits 0 when valid, 1 when not
+    Verify(VerifyArgs),
 }
 
 /// `relay-client http TARGET`
@@ -336,6 +338,35 @@ pub struct ExportArgs {
     pub format: Format,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// `relay-client verify --provider P --secret S --header 'K: V'... --body-file F`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Provider whose scheme to check [default: detected from the signature header]
+    #[arg(long, value_name = "PROVIDER")]
+    pub provider: Option<Provider>,
+    /// Signing secret (repeat for two during a rotation)
+    #[arg(long = "secret", required = true, value_name = "SECRET")]
+    pub secrets: Vec<String>,
+    /// A request header, as `Name: value` (repeatable)
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// File holding the exact request body bytes (`-` for stdin)
+    #[arg(long, value_name = "FILE")]
+    pub body_file: PathBuf,
+    /// The full URL the sender called (Twilio signs it)
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Check as of this Unix time in seconds [default: now]
+    #[arg(long, value_name = "UNIX")]
+    pub now: Option<i64>,
+    /// Timestamp tolerance in seconds [default: the provider's own]
+    #[arg(long, value_name = "SECONDS")]
+    pub tolerance: Option<u64>,
+    /// Print the verdict as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl CommonArgs {

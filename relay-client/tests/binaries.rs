@@ -389,3 +389,71 @@ async fn log_format_json_prints_one_object_per_line() -> anyhow::Result<()> {
     assert!(log_lines > 0, "the agent logged nothing");
     Ok(())
 }
+
+/// `relay-client verify` over every signature test vector: exit 0 exactly
+/// when the vector says valid.
+#[tokio::test]
+async fn verify_command_agrees_with_every_signature_vector() -> anyhow::Result<()> {
+    let vectors: serde_json::Value = serde_json::from_str(include_str!(
+        "../../shared/tests/data/signature-vectors.json"
+    ))?;
+    let vectors = vectors
+        .as_array()
+        .or_else(|| vectors["vectors"].as_array())
+        .ok_or_else(|| anyhow::anyhow!("no vectors"))?;
+    assert_eq!(vectors.len(), 68);
+    let dir = tempfile::tempdir()?;
+    for v in vectors {
+        let id = v["id"].as_str().unwrap_or_default();
+        let body_file = dir.path().join(format!("{id}.body"));
+        std::fs::write(&body_file, v["body"].as_str().unwrap_or_default())?;
+        let mut cmd = command(relay_client_bin());
+        cmd.args([
+            "verify",
+            "--provider",
+            v["provider"].as_str().unwrap_or_default(),
+        ])
+        .args(["--secret", v["secret"].as_str().unwrap_or_default()])
+        .args(["--now", &v["now_unix"].to_string()])
+        .arg("--body-file")
+        .arg(&body_file)
+        .arg("--json");
+        if let Some(t) = v["tolerance_s"].as_u64() {
+            cmd.args(["--tolerance", &t.to_string()]);
+        }
+        if let Some(url) = v["url"].as_str() {
+            cmd.args(["--url", url]);
+        }
+        for (name, value) in v["headers"].as_object().into_iter().flatten() {
+            cmd.args([
+                "--header",
+                &format!("{name}: {}", value.as_str().unwrap_or_default()),
+            ]);
+        }
+        let out = cmd.output().await?;
+        let verdict: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("{id}: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let expect_valid = v["expect_valid"].as_bool() == Some(true);
+        assert_eq!(
+            out.status.code(),
+            Some(if expect_valid { 0 } else { 1 }),
+            "{id}: {verdict}"
+        );
+        assert_eq!(
+            verdict["verdict"] == "valid",
+            expect_valid,
+            "{id}: {verdict}"
+        );
+    }
+
+    // Usage errors are neither valid nor invalid: exit 2 with a message.
+    let out = command(relay_client_bin())
+        .args(["verify", "--secret", "s", "--body-file"])
+        .arg(dir.path().join("missing"))
+        .args(["--header", "stripe-signature: t=1,v1=00"])
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+    Ok(())
+}
