@@ -74,14 +74,21 @@ impl Backend {
                 }
             }
         }
-        let history = History::open(data_dir, Retention::default()).map_err(|e| match e {
-            HistoryError::Locked(dir) => anyhow::anyhow!(
-                "the history in {dir} is held by a running agent whose inspector is not at {}; \
-                 pass that agent's --inspect ADDR",
-                inspect
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "any address (--no-inspect)".into())
-            ),
+        // Never prune here: the agent's own --max-exchanges/--max-history-bytes
+        // may be larger than the defaults, and reading history must not delete
+        // any of it. The agent applies its limits when it next starts.
+        let keep_all = Retention {
+            max_exchanges: u64::MAX,
+            max_bytes: u64::MAX,
+        };
+        // A mistyped --data-dir must not look like an empty history.
+        anyhow::ensure!(
+            History::exists(data_dir),
+            "no history in {}: no agent has run with this --data-dir",
+            data_dir.display()
+        );
+        let history = History::open(data_dir, keep_all).map_err(|e| match e {
+            HistoryError::Locked(dir) => locked(&dir, inspect),
             other => other.into(),
         })?;
         let replayer = Replayer::new(history.clone(), None, Arc::new(secrets));
@@ -222,6 +229,15 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+fn locked(dir: &str, inspect: Option<SocketAddr>) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the history in {dir} is held by a running agent{}; pass that agent's --inspect ADDR",
+        inspect
+            .map(|a| format!(" whose inspector is not at {a}"))
+            .unwrap_or_default()
+    )
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {

@@ -447,15 +447,23 @@ impl History {
             .cache_capacity(64 * 1024 * 1024)
             .open()
             .map_err(|e| match e {
+                // sled reports a held lock as an `Other` I/O error whose text
+                // is all that identifies it (sled 0.34).
                 sled::Error::Io(io)
                     if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.raw_os_error() == Some(11) =>
+                        || io.raw_os_error() == Some(11)
+                        || io.to_string().contains("could not acquire lock") =>
                 {
                     HistoryError::Locked(dir.display().to_string())
                 }
                 other => HistoryError::Storage(other.to_string()),
             })?;
         Self::from_db(db, retention)
+    }
+
+    /// Whether a store was ever created under `dir`.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("history").join("conf").exists() || dir.join("history").join("db").exists()
     }
 
     /// An in-memory store that vanishes on drop.

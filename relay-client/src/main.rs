@@ -41,7 +41,13 @@ async fn main() -> ExitCode {
 }
 
 async fn http(args: HttpArgs) -> anyhow::Result<()> {
-    let config = args.to_config();
+    let mut config = args.to_config();
+    // The inspector reports this directory so that `history`, `show`… can tell
+    // whether this agent serves theirs; a path relative to the agent's working
+    // directory would mean something else to a command run elsewhere.
+    if let Ok(dir) = std::path::absolute(&config.data_dir) {
+        config.data_dir = dir;
+    }
     let target = config.target.clone();
     let json = config.log_format == LogFormat::Json;
     let mut agent = Agent::spawn(config).await?;
