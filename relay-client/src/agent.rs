@@ -120,6 +120,9 @@ impl Agent {
 
         let shutdown = CancellationToken::new();
         let (inspector_addr, inspector) = match config.inspect {
+            Some(addr) if !addr.ip().is_loopback() => {
+                return Err(AgentError::InspectorNotLoopback(addr))
+            }
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
@@ -438,6 +441,11 @@ pub enum AgentError {
     Tls(String),
     #[error("cannot open a UDP socket: {0}")]
     Endpoint(String),
+    #[error(
+        "the inspector shows every webhook's contents and must listen on loopback \
+         (127.0.0.1 or [::1]), not {0}"
+    )]
+    InspectorNotLoopback(SocketAddr),
     #[error("cannot start the inspector on {addr} (use --inspect ADDR or --no-inspect)")]
     Inspector {
         addr: SocketAddr,

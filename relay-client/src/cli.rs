@@ -110,11 +110,11 @@ pub struct CommonArgs {
     #[arg(long, env = "HOOKRELAY_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Inspector address (keep it on loopback)
-    #[arg(long, env = "HOOKRELAY_INSPECT", value_name = "ADDR", default_value = DEFAULT_INSPECT)]
+    /// Inspector address, on loopback (`http` serves it there; the other commands look for a running agent there)
+    #[arg(long, env = "HOOKRELAY_INSPECT", value_name = "ADDR", default_value = DEFAULT_INSPECT, value_parser = parse_loopback)]
     pub inspect: SocketAddr,
 
-    /// Do not start the inspector
+    /// `http`: do not start the inspector. Other commands: do not look for a running agent; read the store directly
     #[arg(long, env = "HOOKRELAY_NO_INSPECT")]
     pub no_inspect: bool,
 }
@@ -127,7 +127,7 @@ pub struct DemoArgs {
     pub http: SocketAddr,
 
     /// Inspector address
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_INSPECT)]
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_INSPECT, value_parser = parse_loopback)]
     pub inspect: SocketAddr,
 
     /// Do not send the sample webhook at start
@@ -164,6 +164,21 @@ impl HttpArgs {
                 max_bytes: self.max_history_bytes.max(1),
             },
         }
+    }
+}
+
+/// A loopback socket address: the inspector shows webhook contents and
+/// replays requests, so it never listens beyond this machine.
+fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:4040"))?;
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!(
+            "{addr} is not a loopback address; the inspector shows every webhook, keep it on 127.0.0.1 or [::1]"
+        ))
     }
 }
 
@@ -447,6 +462,18 @@ mod tests {
         assert!(
             Cli::try_parse_from(["relay-client", "http", "3000"]).is_err(),
             "token is required"
+        );
+        let err = with(&["--inspect", "0.0.0.0:4040"])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("not a loopback address")),
+            "{err:?}"
+        );
+        assert!(with(&["--inspect", "[::1]:4040"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["relay-client", "history", "--inspect", "10.0.0.1:4040"]).is_err()
         );
     }
 }

@@ -179,7 +179,10 @@ impl Forwarder {
             ),
         };
         let provider = signature::detect(&head.headers);
-        let verdict = provider.map(|_| {
+        // With secrets configured, a request without any signature is worth
+        // flagging ("unsigned"); without them, no verdict unless one is signed.
+        let judge = provider.is_some() || !self.secrets.is_empty();
+        let verdict = judge.then(|| {
             let body = self.history.body(id, Part::Request).unwrap_or_default();
             let req = SignedRequest {
                 headers: &head.headers,
@@ -241,9 +244,16 @@ impl Forwarder {
         forwarded: &mut Forwarded,
     ) -> Outcome {
         let timeout = Duration::from_millis(head.timeout_ms);
-        let request = match self.build_request(head, recv, request_tee) {
+        // Shared with the request body, so that when the app fails before it
+        // read the whole body, the rest is still read and recorded: history
+        // (and any replay of this failure) must have the body the sender sent.
+        let recv: SharedRecv = Arc::new(tokio::sync::Mutex::new(recv));
+        let request = match self.build_request(head, recv.clone(), request_tee.clone()) {
             Ok(r) => r,
-            Err(message) => return fail(send, FailureKind::BadRequest, message).await,
+            Err(message) => {
+                drain(&recv, &request_tee, timeout).await;
+                return fail(send, FailureKind::BadRequest, message).await;
+            }
         };
         let sent_at = Instant::now();
         let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
@@ -260,6 +270,7 @@ impl Forwarder {
                     }
                     _ => format!("{} broke the exchange: {}", self.target, error_chain(&err)),
                 };
+                drain(&recv, &request_tee, timeout).await;
                 return fail(send, kind, message).await;
             }
             Err(_) => {
@@ -268,6 +279,7 @@ impl Forwarder {
                     self.target,
                     timeout.as_secs_f32()
                 );
+                drain(&recv, &request_tee, timeout).await;
                 return fail(send, FailureKind::LocalAppTimeout, message).await;
             }
         };
@@ -321,7 +333,7 @@ impl Forwarder {
     fn build_request(
         &self,
         head: &RequestHead,
-        recv: quinn::RecvStream,
+        recv: SharedRecv,
         tee: Tee,
     ) -> Result<Request<RelayBody>, String> {
         let method = Method::from_bytes(head.method.as_bytes())
@@ -387,6 +399,23 @@ impl Tee {
     }
 }
 
+/// The delivery stream's receiving half, shared by the request body handed to
+/// the app and [`drain`]. Chunks are recorded while the lock is held, so the
+/// history keeps them in order whoever reads them.
+type SharedRecv = Arc<tokio::sync::Mutex<quinn::RecvStream>>;
+
+/// Reads and records whatever of the request body the app did not take,
+/// for at most `limit`.
+async fn drain(recv: &SharedRecv, tee: &Tee, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        let mut recv = recv.lock().await;
+        while let Ok(Some(chunk)) = recv.read_chunk(MAX_CHUNK_BYTES, true).await {
+            tee.append(Part::Request, &chunk.bytes);
+        }
+    })
+    .await;
+}
+
 async fn fail(send: &mut quinn::SendStream, kind: FailureKind, message: String) -> Outcome {
     let reply = AgentReply::Failed {
         kind,
@@ -429,15 +458,18 @@ pub(crate) struct RelayBody {
 }
 
 impl RelayBody {
-    fn new(recv: quinn::RecvStream, len: Option<u64>, tee: Tee) -> Self {
+    fn new(recv: SharedRecv, len: Option<u64>, tee: Tee) -> Self {
         let stream = futures_util::stream::unfold(Some(recv), move |state| {
             let tee = tee.clone();
             async move {
-                let mut recv = state?;
-                match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
+                let shared = state?;
+                let mut recv = shared.lock().await;
+                let read = recv.read_chunk(MAX_CHUNK_BYTES, true).await;
+                match read {
                     Ok(Some(chunk)) => {
                         tee.append(Part::Request, &chunk.bytes);
-                        Some((Ok(Frame::data(chunk.bytes)), Some(recv)))
+                        drop(recv);
+                        Some((Ok(Frame::data(chunk.bytes)), Some(shared)))
                     }
                     Ok(None) => None,
                     Err(e) => Some((Err(io::Error::other(e)), None)),

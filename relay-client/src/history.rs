@@ -634,7 +634,10 @@ impl History {
                 totals.bytes = totals.bytes.saturating_sub(size);
                 id
             };
-            self.remove_stored(victim)?;
+            if self.remove_stored(victim)? {
+                // Live views drop it too.
+                let _ = self.events.send(HistoryEvent::Deleted { id: victim });
+            }
         }
     }
 

@@ -61,6 +61,7 @@ pub(crate) fn router(state: InspectorState) -> Router {
         .route("/api/replay", post(replay_many))
         .route("/api/live", get(live))
         .fallback(asset)
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(loopback_only))
         .with_state(state)
 }
@@ -194,23 +195,75 @@ async fn replay_one(
 }
 
 /// Body of `POST /api/replay`: which exchanges (ids, or a filter) and how.
+/// The filter takes the list's query parameters (times as Unix seconds or
+/// milliseconds, RFC 3339, a date or an age such as `2h`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct BulkReplay {
     ids: Vec<String>,
-    filter: Option<Filter>,
+    filter: Option<BulkFilter>,
     options: ReplayOptions,
+}
+
+/// [`ListQuery`]'s filters in JSON, where times may also be numbers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct BulkFilter {
+    method: Option<String>,
+    path: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    header: Option<String>,
+    since: Option<TimeArg>,
+    until: Option<TimeArg>,
+    tunnel: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum TimeArg {
+    Number(u64),
+    Text(String),
+}
+
+impl BulkFilter {
+    fn filter(self) -> Result<Filter, ApiError> {
+        let text = |t: Option<TimeArg>| {
+            t.map(|t| match t {
+                TimeArg::Number(n) => n.to_string(),
+                TimeArg::Text(s) => s,
+            })
+        };
+        let query = ListQuery {
+            method: self.method,
+            path: self.path,
+            status: self.status,
+            q: self.q,
+            header: self.header,
+            since: text(self.since),
+            until: text(self.until),
+            tunnel: self.tunnel,
+            ..ListQuery::default()
+        };
+        let filter = query.filter()?;
+        if filter == Filter::default() {
+            return Err(ApiError::bad(
+                "an empty filter would replay everything; give at least one filter or `ids`".into(),
+            ));
+        }
+        Ok(filter)
+    }
 }
 
 async fn replay_many(
     State(state): State<InspectorState>,
     Json(bulk): Json<BulkReplay>,
 ) -> Result<Response, ApiError> {
-    let results = match (&bulk.filter, bulk.ids.is_empty()) {
+    let results = match (bulk.filter, bulk.ids.is_empty()) {
         (Some(filter), true) => {
             state
                 .replayer
-                .replay_matching(filter, &bulk.options)
+                .replay_matching(&filter.filter()?, &bulk.options)
                 .await?
         }
         (None, false) => {
@@ -364,6 +417,16 @@ impl IntoResponse for ApiError {
 }
 
 async fn asset(req: Request) -> Response {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        let mut resp = (
+            StatusCode::METHOD_NOT_ALLOWED,
+            Json(json!({ "error": "method_not_allowed", "message": "the page is read-only" })),
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
     match hookrelay_web_ui::asset(req.uri().path()) {
         Some(a) => {
             let mut resp = a.bytes.into_response();
@@ -383,8 +446,50 @@ async fn asset(req: Request) -> Response {
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             resp
         }
-        None => (StatusCode::NOT_FOUND, Json(json!({ "error": "not_found" }))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "not_found", "message": format!("nothing at {}", req.uri().path()) })),
+        )
+            .into_response(),
     }
+}
+
+/// Gives every error the API's JSON shape, including those axum produces
+/// itself (bad query strings, malformed or mistyped JSON, wrong methods).
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let allow = resp.headers().get(header::ALLOW).cloned();
+    let body = axum::body::to_bytes(resp.into_body(), 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&body).trim().to_owned();
+    if message.is_empty() {
+        message = status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_owned();
+    }
+    let mut out = (status, Json(json!({ "error": code, "message": message }))).into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
 }
 
 async fn loopback_only(req: Request, next: Next) -> Response {

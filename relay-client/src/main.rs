@@ -308,8 +308,13 @@ fn verify(args: VerifyArgs) -> ExitCode {
         headers.push((name.trim().to_ascii_lowercase(), value.as_bytes().to_vec()));
     }
     let Some(provider) = args.provider.or_else(|| signature::detect(&headers)) else {
-        eprintln!("error: no signature header recognised; name the scheme with --provider");
-        return ExitCode::from(2);
+        // Nothing to check against: not valid, so exit 1 like any other failure.
+        if args.json {
+            println!("{}", serde_json::json!({ "verdict": "unsigned" }));
+        } else {
+            println!("unsigned: no signature header recognised (name the scheme with --provider)");
+        }
+        return ExitCode::FAILURE;
     };
     let now = args.now.unwrap_or_else(|| {
         i64::try_from(relay_client::history::now_ms() / 1000).unwrap_or(i64::MAX)

@@ -2,7 +2,10 @@
 //! optionally edited and re-signed, and records the result as a new exchange
 //! linked to the original.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -26,6 +29,14 @@ use crate::{
 
 /// Most exchanges one bulk replay sends.
 pub const MAX_BULK_REPLAY: usize = 500;
+
+/// How long a replay waits for the app's whole answer (the relay's default
+/// delivery timeout).
+pub const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Marks a replay for the app; replaces the relay's delivery id, which an app
+/// that de-duplicates on it would otherwise use to drop the replay.
+pub const REPLAY_OF_HEADER: &str = "x-hookrelay-replay-of";
 
 /// Edits applied to a replay. Everything is optional; an empty set replays the
 /// request exactly as it was recorded.
@@ -108,8 +119,10 @@ impl Replayer {
             .iter()
             // Recomputed by the HTTP client for the (possibly edited) body.
             .filter(|h| h.name != "content-length" && !is_hop_by_hop(&h.name, &[]))
+            .filter(|h| h.name != "x-hookrelay-delivery-id" && h.name != REPLAY_OF_HEADER)
             .map(|h| (h.name.clone(), h.value.clone()))
             .collect();
+        headers.push((REPLAY_OF_HEADER.into(), id.to_string().into_bytes()));
         for name in &options.remove_headers {
             let name = name.trim().to_ascii_lowercase();
             headers.retain(|(n, _)| *n != name);
@@ -178,44 +191,56 @@ impl Replayer {
             let now = i64::try_from(received_at_ms / 1000).unwrap_or(i64::MAX);
             signature::verify_detected(&self.secrets, &req, now)
         });
-        let (response, outcome, error, app_ms) = match self.client.request(request).await {
-            Ok(resp) => {
-                let app_ms = started.elapsed().as_millis() as u64;
-                let (parts, body) = resp.into_parts();
-                match body.collect().await {
-                    Ok(collected) => {
-                        let bytes = collected.to_bytes();
-                        self.history.put_body(id, Part::Response, &bytes)?;
-                        let headers = parts
-                            .headers
-                            .iter()
-                            .map(|(n, v)| Header {
-                                name: n.as_str().to_owned(),
-                                value: v.as_bytes().to_vec(),
-                            })
-                            .collect();
-                        let record = ResponseRecord {
-                            status: parts.status.as_u16(),
-                            headers,
-                            body_len: bytes.len() as u64,
-                        };
-                        (Some(record), Outcome::Ok, None, Some(app_ms))
-                    }
-                    Err(e) => (
-                        None,
-                        Outcome::LocalAppError,
-                        Some(format!("response body broke: {e}")),
-                        Some(app_ms),
-                    ),
+        let answer = tokio::time::timeout(REPLAY_TIMEOUT, async {
+            let resp = self.client.request(request).await?;
+            let app_ms = started.elapsed().as_millis() as u64;
+            let (parts, body) = resp.into_parts();
+            Ok::<_, hyper_util::client::legacy::Error>((parts, body.collect().await, app_ms))
+        })
+        .await;
+        let (response, outcome, error, app_ms) = match answer {
+            Err(_) => (
+                None,
+                Outcome::LocalAppTimeout,
+                Some(format!(
+                    "{target} did not answer within {}s",
+                    REPLAY_TIMEOUT.as_secs()
+                )),
+                None,
+            ),
+            Ok(Ok((parts, collected, app_ms))) => match collected {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    self.history.put_body(id, Part::Response, &bytes)?;
+                    let headers = parts
+                        .headers
+                        .iter()
+                        .map(|(n, v)| Header {
+                            name: n.as_str().to_owned(),
+                            value: v.as_bytes().to_vec(),
+                        })
+                        .collect();
+                    let record = ResponseRecord {
+                        status: parts.status.as_u16(),
+                        headers,
+                        body_len: bytes.len() as u64,
+                    };
+                    (Some(record), Outcome::Ok, None, Some(app_ms))
                 }
-            }
-            Err(e) if e.is_connect() => (
+                Err(e) => (
+                    None,
+                    Outcome::LocalAppError,
+                    Some(format!("response body broke: {e}")),
+                    Some(app_ms),
+                ),
+            },
+            Ok(Err(e)) if e.is_connect() => (
                 None,
                 Outcome::LocalAppUnreachable,
                 Some(format!("cannot connect to {target}")),
                 None,
             ),
-            Err(e) => (None, Outcome::LocalAppError, Some(error_chain(&e)), None),
+            Ok(Err(e)) => (None, Outcome::LocalAppError, Some(error_chain(&e)), None),
         };
         let exchange = Exchange {
             id,

@@ -919,3 +919,182 @@ async fn har_export_is_valid_har_1_2_for_every_kind_of_exchange() -> anyhow::Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dead_app_still_gets_the_whole_request_recorded_and_replayable() -> anyhow::Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let dead = format!("http://127.0.0.1:{}", dead_port().await?);
+    // Secrets configured, so an unsigned request is flagged as such.
+    let agent = inspected_agent(&relay, "down", &dead).await?;
+    let body = noise(300 * 1024);
+    let req = Request::post(relay.url("down", "/hook"))
+        .header("content-type", "application/octet-stream")
+        .body(full(body.clone()))?;
+    let (status, _, _) = send(req).await?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    recorded(&agent, 1).await?;
+    let page = get_json(&api(&agent, "/api/exchanges")).await?;
+    let e = &page["exchanges"][0];
+    assert_eq!(e["outcome"], "local_app_unreachable");
+    assert_eq!(e["request"]["body_len"], body.len(), "{e}");
+    assert_eq!(e["signature"]["verdict"], "unsigned");
+    let id: relay_client::history::ExchangeId = e["id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stored = agent
+        .history()
+        .body(id, relay_client::history::Part::Request)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(
+        stored == body,
+        "the body the app never read is in the history"
+    );
+
+    // Once the app is back, replaying the failure delivers that whole body,
+    // marked as a replay and without the relay's delivery id.
+    let app = TestApp::spawn().await?;
+    let (status, replay) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({ "to": app.target() }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{replay}");
+    let got = app.received();
+    assert!(got[0].body == body);
+    assert_eq!(
+        got[0].header("x-hookrelay-replay-of"),
+        [id.to_string().as_bytes()]
+    );
+    assert!(got[0].header("x-hookrelay-delivery-id").is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_evictions_reach_the_live_feed() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let mut config = relay.agent_config(Some("evict"), &app.target());
+    config.inspect = Some("127.0.0.1:0".parse()?);
+    config.retention.max_exchanges = 2;
+    let agent = Agent::spawn(config).await?;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(api(&agent, "/api/live").replace("http", "ws")).await?;
+    assert_eq!(next(&mut ws).await?["type"], "status");
+    let mut ids = Vec::new();
+    let mut deleted = Vec::new();
+    for i in 0..3 {
+        post(&relay.url("evict", &format!("/{i}")), "{}").await?;
+        let mut event = next(&mut ws).await?;
+        if event["type"] == "deleted" {
+            deleted.push(event["id"].clone());
+            event = next(&mut ws).await?;
+        }
+        assert_eq!(event["type"], "exchange", "{event}");
+        ids.push(event["exchange"]["id"].clone());
+    }
+    assert_eq!(
+        deleted,
+        [ids[0].clone()],
+        "the oldest went, and the feed said so"
+    );
+    assert_eq!(agent.history().len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_api_error_is_json_with_a_code() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "errors", &app.target()).await?;
+    let cases: Vec<(Request<TestBody>, StatusCode, &str)> = vec![
+        (
+            Request::get(api(&agent, "/api/exchanges?bogus=1")).body(full(""))?,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::get(api(&agent, "/api/exchanges?since=yesterday")).body(full(""))?,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::put(api(&agent, "/api/exchanges")).body(full(""))?,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Request::get(api(&agent, "/api/exchanges/NOTANID")).body(full(""))?,
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+        ),
+        (
+            Request::get(api(
+                &agent,
+                "/api/exchanges/01JD0000000000000000000000/export",
+            ))
+            .body(full(""))?,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::post(api(&agent, "/api/replay"))
+                .header("content-type", "application/json")
+                .body(full("{not json"))?,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::post(api(&agent, "/api/replay"))
+                .header("content-type", "application/json")
+                .body(full(r#"{"filter":{}}"#))?,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            Request::post(api(&agent, "/api/replay"))
+                .header("content-type", "application/json")
+                .body(full(r#"{"idz":[]}"#))?,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_request",
+        ),
+        (
+            Request::post(api(&agent, "/")).body(full(""))?,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Request::get(api(&agent, "/nothing-here")).body(full(""))?,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (req, want, code) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, headers, body) = send(req).await?;
+        assert_eq!(status, want, "{what}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            headers
+                .get("content-type")
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json")),
+            "{what}"
+        );
+        let json: Value = serde_json::from_slice(&body)?;
+        assert_eq!(json["error"], code, "{what}: {json}");
+        assert!(
+            json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {json}"
+        );
+    }
+    // Bulk replay filters take the same time forms as the list.
+    let (status, body) = post_json(
+        &api(&agent, "/api/replay"),
+        json!({ "filter": { "status": "failed", "since": "2h" } }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"], json!([]));
+    Ok(())
+}
