@@ -119,6 +119,7 @@ impl Agent {
         };
 
         let shutdown = CancellationToken::new();
+        let terminal = Terminal::new(config.print_deliveries, config.log_format);
         let (inspector_addr, inspector) = match config.inspect {
             Some(addr) if !addr.ip().is_loopback() => {
                 return Err(AgentError::InspectorNotLoopback(addr))
@@ -140,7 +141,8 @@ impl Agent {
                             history.clone(),
                             Some(config.target.clone()),
                             secrets.clone(),
-                        ),
+                        )
+                        .with_terminal(terminal.clone()),
                         data_dir: config.data_dir.clone(),
                         target: config.target.to_string(),
                     },
@@ -151,12 +153,7 @@ impl Agent {
             None => (None, None),
         };
 
-        let forwarder = Forwarder::new(
-            config.target.clone(),
-            Terminal::new(config.print_deliveries, config.log_format),
-            history.clone(),
-            secrets,
-        );
+        let forwarder = Forwarder::new(config.target.clone(), terminal, history.clone(), secrets);
         let run = run(
             dialer,
             first,

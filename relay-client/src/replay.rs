@@ -25,6 +25,7 @@ use crate::{
         self, Durations, Exchange, ExchangeId, Filter, Header, History, HistoryError, Outcome,
         Part, RequestRecord, ResponseRecord,
     },
+    terminal::Terminal,
 };
 
 /// Most exchanges one bulk replay sends.
@@ -68,15 +69,24 @@ pub struct Replayer {
     client: Client<HttpConnector, Full<Bytes>>,
     target: Option<Target>,
     secrets: Arc<SecretSet>,
+    /// Where a running agent prints its exchange lines.
+    terminal: Option<Terminal>,
 }
 
 impl Replayer {
+    /// Prints each replay on the agent's terminal, like its deliveries.
+    pub(crate) fn with_terminal(mut self, terminal: Terminal) -> Self {
+        self.terminal = Some(terminal);
+        self
+    }
+
     /// A replayer over `history`, sending to `target` by default (the running
     /// agent's app) or else to each exchange's recorded target.
     pub fn new(history: History, target: Option<Target>, secrets: Arc<SecretSet>) -> Self {
         Replayer {
             history,
             client: local_client(),
+            terminal: None,
             target,
             secrets,
         }
@@ -270,6 +280,9 @@ impl Replayer {
             replay_of: Some(original.id),
         };
         self.history.record(exchange.clone()).await?;
+        if let Some(terminal) = &self.terminal {
+            terminal.exchange(&exchange);
+        }
         Ok(exchange)
     }
 

@@ -333,7 +333,7 @@ async fn log_format_json_prints_one_object_per_line() -> anyhow::Result<()> {
         .arg(relay.relay.quic_addr().to_string())
         .args(["--token", &relay.token, "--tunnel", "jsonlog"])
         .args(["--relay-cert-sha256", &hex::encode(relay.fingerprint())])
-        .args(["--no-inspect", "--log-format", "json"])
+        .args(["--inspect", "127.0.0.1:0", "--log-format", "json"])
         .arg("--data-dir")
         .arg(dir.path())
         .spawn()?;
@@ -356,7 +356,10 @@ async fn log_format_json_prints_one_object_per_line() -> anyhow::Result<()> {
     assert_eq!(started["type"], "started");
     assert_eq!(started["tunnel"], "jsonlog");
     assert_eq!(started["public_urls"][0], relay.url("jsonlog", "/"));
-    assert!(started["inspector"].is_null());
+    let inspector = started["inspector"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no inspector in {started}"))?
+        .to_owned();
 
     let (status, _, _) = post(&relay.url("jsonlog", "/hooks/a?b=1"), r#"{"x":1}"#).await?;
     assert_eq!(status, StatusCode::OK);
@@ -369,6 +372,16 @@ async fn log_format_json_prints_one_object_per_line() -> anyhow::Result<()> {
     assert!(line["id"].as_str().is_some_and(|id| id.len() == 26));
     assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')));
     assert!(line["duration_ms"].is_u64());
+
+    // A replay made through the inspector gets its line too.
+    let id = line["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _, _) =
+        send(http::Request::post(format!("{inspector}/api/exchanges/{id}/replay")).body(full(""))?)
+            .await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let line: serde_json::Value = serde_json::from_str(&line_with(&mut out, "{").await?)?;
+    assert_eq!(line["replay_of"], id.as_str());
+    assert_eq!(line["status"], 200);
 
     let (status, _, _) = post(&relay.url("jsonlog", "/status/503"), "{}").await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
