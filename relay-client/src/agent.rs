@@ -153,7 +153,13 @@ impl Agent {
             None => (None, None),
         };
 
-        let forwarder = Forwarder::new(config.target.clone(), terminal, history.clone(), secrets);
+        let forwarder = Forwarder::new(
+            config.target.clone(),
+            terminal,
+            history.clone(),
+            secrets,
+            config.dedupe,
+        );
         let run = run(
             dialer,
             first,

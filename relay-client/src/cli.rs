@@ -81,6 +81,11 @@ pub struct HttpArgs {
     #[arg(long, short, env = "HOOKRELAY_QUIET")]
     pub quiet: bool,
 
+    /// Forward provider retries of events the app already accepted (by default they are answered
+    /// with the first answer and recorded as duplicates)
+    #[arg(long, env = "HOOKRELAY_NO_DEDUPE")]
+    pub no_dedupe: bool,
+
     /// Output for people (text) or for log collectors (json: one object per line)
     #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -156,6 +161,7 @@ impl HttpArgs {
                 .unwrap_or_else(default_data_dir),
             inspect: (!self.common.no_inspect).then_some(self.common.inspect),
             print_deliveries: !self.quiet,
+            dedupe: !self.no_dedupe,
             log_format: self.log_format,
             max_backoff: DEFAULT_MAX_BACKOFF,
             secrets: secret_set(&self.verify),

@@ -37,6 +37,8 @@ pub struct Config {
     pub secrets: SecretSet,
     /// How much history to keep.
     pub retention: Retention,
+    /// Suppress provider retries of events the app already accepted.
+    pub dedupe: bool,
 }
 
 /// Human-readable lines, or one JSON object per line for log collectors.

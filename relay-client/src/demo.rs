@@ -64,6 +64,7 @@ impl Demo {
             data_dir: dir.path().join("agent"),
             inspect: Some(free_or_any(args.inspect).await),
             print_deliveries,
+            dedupe: true,
             log_format: crate::config::LogFormat::Text,
             max_backoff: FAST_MAX_BACKOFF,
             secrets: hookrelay_shared::signature::SecretSet::new(),

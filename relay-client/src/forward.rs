@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Target,
+    dedupe,
     history::{
         self, Durations, Exchange, ExchangeId, History, Part, RequestRecord, ResponseRecord,
     },
@@ -77,6 +78,7 @@ pub(crate) struct Forwarder {
     terminal: Terminal,
     history: History,
     secrets: Arc<SecretSet>,
+    dedupe: bool,
 }
 
 /// Header names and raw values, in order.
@@ -88,6 +90,10 @@ struct Forwarded {
     /// Status and headers of the app's answer, when it answered.
     response: Option<(u16, RawHeaders)>,
     app_ms: Option<u64>,
+    /// The provider's event id, from a request whose signature verified.
+    event_id: Option<String>,
+    /// Answered from this earlier exchange instead of calling the app.
+    duplicate_of: Option<ExchangeId>,
 }
 
 impl Forwarder {
@@ -96,6 +102,7 @@ impl Forwarder {
         terminal: Terminal,
         history: History,
         secrets: Arc<SecretSet>,
+        dedupe: bool,
     ) -> Self {
         Forwarder {
             client: local_client(),
@@ -103,7 +110,109 @@ impl Forwarder {
             terminal,
             history,
             secrets,
+            dedupe,
         }
+    }
+
+    /// The verdict on `head` with `body`, as of the relay's arrival stamp:
+    /// how long the agent took to get it must not make a fresh webhook stale.
+    fn verdict(&self, head: &RequestHead, body: &[u8]) -> signature::Verdict {
+        let req = SignedRequest {
+            headers: &head.headers,
+            body,
+            url: Some(&head.public_url),
+        };
+        let now = i64::try_from(head.received_at_ms / 1000).unwrap_or(i64::MAX);
+        signature::verify_detected(&self.secrets, &req, now)
+    }
+
+    /// For a signed request from a provider that names its events, reads
+    /// the whole body (the signature covers it) and looks the event up.
+    /// `Err` holds the earlier exchange that delivered it; `Ok` the body to
+    /// forward, when it was read.
+    async fn check_duplicate(
+        &self,
+        head: &RequestHead,
+        recv: &SharedRecv,
+        tee: &Tee,
+        limit: Duration,
+        forwarded: &mut Forwarded,
+    ) -> Result<Option<Bytes>, Box<Exchange>> {
+        let Some(provider) = signature::detect(&head.headers) else {
+            return Ok(None);
+        };
+        let named = dedupe::id_in_body(provider)
+            || dedupe::event_id(provider, &head.headers, b"").is_some();
+        if !self.dedupe
+            || !dedupe::has_event_ids(provider)
+            || self.secrets.get(provider).is_empty()
+            || !named
+        {
+            return Ok(None);
+        }
+        let Some(body) = read_whole(recv, tee, limit).await else {
+            // Broke off: forward what arrived and let the app judge.
+            return Ok(None);
+        };
+        if self.verdict(head, &body).is_valid() {
+            if let Some(event_id) = dedupe::event_id(provider, &head.headers, &body) {
+                if let Ok(Some(first)) =
+                    self.history
+                        .delivered(head.tunnel.as_str(), provider, &event_id)
+                {
+                    forwarded.event_id = Some(event_id);
+                    return Err(Box::new(first));
+                }
+                forwarded.event_id = Some(event_id);
+            }
+        }
+        Ok(Some(Bytes::from(body)))
+    }
+
+    /// Answers a provider's retry with the answer the app gave the first time.
+    async fn answer_duplicate(
+        &self,
+        send: &mut quinn::SendStream,
+        first: &Exchange,
+        response_tee: &Tee,
+        forwarded: &mut Forwarded,
+    ) -> Outcome {
+        let Some(response) = &first.response else {
+            return fail(
+                send,
+                FailureKind::LocalAppError,
+                "no recorded answer".into(),
+            )
+            .await;
+        };
+        let body = self
+            .history
+            .body(first.id, Part::Response)
+            .unwrap_or_default();
+        let mut headers: RawHeaders = response
+            .headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        headers.push((
+            "x-hookrelay-duplicate-of".into(),
+            first.id.to_string().into_bytes(),
+        ));
+        forwarded.response = Some((response.status, headers.clone()));
+        forwarded.duplicate_of = Some(first.id);
+        let reply = AgentReply::Response(ResponseHead {
+            status: response.status,
+            headers,
+        });
+        if write_frame(send, &reply).await.is_err() {
+            return Outcome::Cancelled;
+        }
+        response_tee.append(Part::Response, &body);
+        if !body.is_empty() && send.write_chunk(Bytes::from(body)).await.is_err() {
+            return Outcome::Cancelled;
+        }
+        let _ = send.finish();
+        Outcome::Responded
     }
 
     /// Serves one delivery stream opened by the relay.
@@ -182,17 +291,14 @@ impl Forwarder {
         // With secrets configured, a request without any signature is worth
         // flagging ("unsigned"); without them, no verdict unless one is signed.
         let judge = provider.is_some() || !self.secrets.is_empty();
+        let mut event_id = forwarded.event_id;
         let verdict = judge.then(|| {
             let body = self.history.body(id, Part::Request).unwrap_or_default();
-            let req = SignedRequest {
-                headers: &head.headers,
-                body: &body,
-                url: Some(&head.public_url),
-            };
-            // Judged as of the relay's arrival stamp: how long the agent took
-            // to get it must not make a fresh webhook look stale.
-            let now = i64::try_from(head.received_at_ms / 1000).unwrap_or(i64::MAX);
-            signature::verify_detected(&self.secrets, &req, now)
+            let verdict = self.verdict(head, &body);
+            if event_id.is_none() && verdict.is_valid() {
+                event_id = provider.and_then(|p| dedupe::event_id(p, &head.headers, &body));
+            }
+            verdict
         });
         let exchange = Exchange {
             id,
@@ -224,6 +330,8 @@ impl Forwarder {
             provider,
             signature: verdict,
             replay_of: None,
+            event_id,
+            duplicate_of: forwarded.duplicate_of,
         };
         if let Err(err) = self.history.record(exchange.clone()).await {
             tracing::error!(
@@ -248,7 +356,18 @@ impl Forwarder {
         // read the whole body, the rest is still read and recorded: history
         // (and any replay of this failure) must have the body the sender sent.
         let recv: SharedRecv = Arc::new(tokio::sync::Mutex::new(recv));
-        let request = match self.build_request(head, recv.clone(), request_tee.clone()) {
+        let buffered = match self
+            .check_duplicate(head, &recv, &request_tee, timeout, forwarded)
+            .await
+        {
+            Ok(buffered) => buffered,
+            Err(first) => {
+                return self
+                    .answer_duplicate(send, &first, &response_tee, forwarded)
+                    .await
+            }
+        };
+        let request = match self.build_request(head, recv.clone(), request_tee.clone(), buffered) {
             Ok(r) => r,
             Err(message) => {
                 drain(&recv, &request_tee, timeout).await;
@@ -335,13 +454,18 @@ impl Forwarder {
         head: &RequestHead,
         recv: SharedRecv,
         tee: Tee,
+        buffered: Option<Bytes>,
     ) -> Result<Request<RelayBody>, String> {
+        let body = match buffered {
+            Some(bytes) => RelayBody::buffered(bytes),
+            None => RelayBody::new(recv, head.body_len, tee),
+        };
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| format!("invalid method {:?}", head.method))?;
         let mut request = Request::builder()
             .method(method)
             .uri(self.target.url(&head.path))
-            .body(RelayBody::new(recv, head.body_len, tee))
+            .body(body)
             .map_err(|e| format!("cannot build a request for {:?}: {e}", head.path))?;
         let headers = request.headers_mut();
         for (name, value) in &head.headers {
@@ -403,6 +527,28 @@ impl Tee {
 /// the app and [`drain`]. Chunks are recorded while the lock is held, so the
 /// history keeps them in order whoever reads them.
 type SharedRecv = Arc<tokio::sync::Mutex<quinn::RecvStream>>;
+
+/// Reads and records the whole request body, within `limit`; `None` when it
+/// broke off or took too long.
+async fn read_whole(recv: &SharedRecv, tee: &Tee, limit: Duration) -> Option<Vec<u8>> {
+    tokio::time::timeout(limit, async {
+        let mut recv = recv.lock().await;
+        let mut body = Vec::new();
+        loop {
+            match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
+                Ok(Some(chunk)) => {
+                    tee.append(Part::Request, &chunk.bytes);
+                    body.extend_from_slice(&chunk.bytes);
+                }
+                Ok(None) => return Some(body),
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
 
 /// Reads and records whatever of the request body the app did not take,
 /// for at most `limit`.
@@ -476,6 +622,16 @@ impl RelayBody {
                 }
             }
         });
+        RelayBody {
+            stream: Box::pin(stream),
+            len,
+        }
+    }
+
+    /// A body already read (and recorded) whole.
+    fn buffered(bytes: Bytes) -> Self {
+        let len = Some(bytes.len() as u64);
+        let stream = futures_util::stream::once(async move { Ok(Frame::data(bytes)) });
         RelayBody {
             stream: Box::pin(stream),
             len,

@@ -243,6 +243,15 @@ pub struct Exchange {
     pub signature: Option<Verdict>,
     /// The exchange this one replays.
     pub replay_of: Option<ExchangeId>,
+    /// The provider's own id for the event (GitHub delivery, Stripe `evt_…`,
+    /// `webhook-id`…), taken from requests whose signature verified.
+    #[serde(default)]
+    pub event_id: Option<String>,
+    /// When this is a provider's retry of an event the app already accepted:
+    /// the exchange that delivered it. The app was not called again; the
+    /// sender got that exchange's answer.
+    #[serde(default)]
+    pub duplicate_of: Option<ExchangeId>,
 }
 
 impl Exchange {
@@ -411,6 +420,8 @@ pub struct History {
     db: sled::Db,
     exchanges: sled::Tree,
     bodies: sled::Tree,
+    /// `tunnel NUL provider NUL event id` to the exchange that delivered it.
+    delivered: sled::Tree,
     events: broadcast::Sender<HistoryEvent>,
     retention: Retention,
     totals: Arc<Mutex<Totals>>,
@@ -442,6 +453,21 @@ impl History {
     /// [`HistoryError::Locked`] when another process holds the store (a
     /// running agent), or a storage error.
     pub fn open(dir: &Path, retention: Retention) -> Result<Self, HistoryError> {
+        // sled releases its file lock from a background thread a moment
+        // after the last handle drops, so a store closed just now (an agent
+        // restarted in the same process) can still look held: retry briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Self::open_once(dir, retention) {
+                Err(HistoryError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(dir: &Path, retention: Retention) -> Result<Self, HistoryError> {
         let db = sled::Config::new()
             .path(dir.join("history"))
             .cache_capacity(64 * 1024 * 1024)
@@ -481,6 +507,7 @@ impl History {
     fn from_db(db: sled::Db, retention: Retention) -> Result<Self, HistoryError> {
         let exchanges = db.open_tree("exchanges").map_err(storage)?;
         let bodies = db.open_tree("bodies").map_err(storage)?;
+        let delivered = db.open_tree("delivered").map_err(storage)?;
         let mut totals = Totals::default();
         for item in exchanges.iter() {
             let (key, value) = item.map_err(storage)?;
@@ -501,6 +528,7 @@ impl History {
             db,
             exchanges,
             bodies,
+            delivered,
             events,
             retention,
             totals: Arc::new(Mutex::new(totals)),
@@ -578,6 +606,13 @@ impl History {
         self.exchanges
             .insert(exchange.id.key(), json)
             .map_err(storage)?;
+        if let Some(key) = delivered_key(&exchange) {
+            // First accepted delivery wins; a later one never replaces it.
+            let _ = self
+                .delivered
+                .compare_and_swap(key, None as Option<&[u8]>, Some(&exchange.id.key()[..]))
+                .map_err(storage)?;
+        }
         {
             let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
             totals.bytes += size;
@@ -642,11 +677,49 @@ impl History {
     }
 
     fn remove_stored(&self, id: ExchangeId) -> Result<bool, HistoryError> {
-        let existed = self.exchanges.remove(id.key()).map_err(storage)?.is_some();
+        let removed = self.exchanges.remove(id.key()).map_err(storage)?;
+        let existed = removed.is_some();
+        let key = removed
+            .and_then(|v| serde_json::from_slice::<Exchange>(&v).ok())
+            .and_then(|e| delivered_key(&e));
+        if let Some(key) = key {
+            let _ = self
+                .delivered
+                .compare_and_swap(key, Some(&id.key()[..]), None as Option<&[u8]>)
+                .map_err(storage)?;
+        }
         for key in self.bodies.scan_prefix(id.key()).keys() {
             self.bodies.remove(key.map_err(storage)?).map_err(storage)?;
         }
         Ok(existed)
+    }
+
+    /// The exchange through which the app accepted (2xx) this provider
+    /// event on this tunnel, if it is still kept.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn delivered(
+        &self,
+        tunnel: &str,
+        provider: signature::Provider,
+        event_id: &str,
+    ) -> Result<Option<Exchange>, HistoryError> {
+        let key = event_key(tunnel, provider, event_id);
+        let Some(id) = self.delivered.get(&key).map_err(storage)? else {
+            return Ok(None);
+        };
+        let Some(id) = ExchangeId::from_key(&id) else {
+            return Ok(None);
+        };
+        match self.get(id) {
+            Ok(e) => Ok(Some(e)),
+            Err(HistoryError::NotFound(_)) => {
+                self.delivered.remove(&key).map_err(storage)?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One exchange.
@@ -749,6 +822,7 @@ impl History {
     pub fn clear(&self) -> Result<(), HistoryError> {
         self.exchanges.clear().map_err(storage)?;
         self.bodies.clear().map_err(storage)?;
+        self.delivered.clear().map_err(storage)?;
         *self.totals.lock().unwrap_or_else(|p| p.into_inner()) = Totals::default();
         let _ = self.events.send(HistoryEvent::Cleared);
         Ok(())
@@ -767,6 +841,20 @@ impl History {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn event_key(tunnel: &str, provider: signature::Provider, event_id: &str) -> Vec<u8> {
+    format!("{tunnel}\0{provider}\0{event_id}").into_bytes()
+}
+
+/// The index key of an exchange that delivered a provider event: an
+/// original (not a replay or a duplicate) the app answered with 2xx.
+fn delivered_key(e: &Exchange) -> Option<Vec<u8>> {
+    let accepted = e.status().is_some_and(|s| (200..300).contains(&s));
+    if !accepted || e.replay_of.is_some() || e.duplicate_of.is_some() {
+        return None;
+    }
+    Some(event_key(&e.tunnel, e.provider?, e.event_id.as_deref()?))
 }
 
 fn body_key(id: ExchangeId, part: Part, seq: u32) -> [u8; 21] {
@@ -842,6 +930,8 @@ mod tests {
             provider: None,
             signature: None,
             replay_of: None,
+            event_id: None,
+            duplicate_of: None,
         }
     }
 

@@ -47,6 +47,9 @@ pub(crate) struct InspectorState {
     pub target: String,
 }
 
+/// Largest request body the API takes.
+const MAX_API_BODY: usize = 64 * 1024 * 1024;
+
 pub(crate) fn router(state: InspectorState) -> Router {
     Router::new()
         .route(
@@ -61,6 +64,9 @@ pub(crate) fn router(state: InspectorState) -> Router {
         .route("/api/replay", post(replay_many))
         .route("/api/live", get(live))
         .fallback(asset)
+        // Edited replays carry whole bodies (base64 in JSON): room for the
+        // relay's 25 MiB limit and then some.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(loopback_only))
         .with_state(state)

@@ -21,6 +21,7 @@ pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dedupe;
 pub mod demo;
 pub mod export;
 mod forward;

@@ -278,6 +278,8 @@ impl Replayer {
             provider,
             signature: verdict,
             replay_of: Some(original.id),
+            event_id: None,
+            duplicate_of: None,
         };
         self.history.record(exchange.clone()).await?;
         if let Some(terminal) = &self.terminal {

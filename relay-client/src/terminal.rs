@@ -35,14 +35,17 @@ impl Terminal {
     pub fn exchange(&self, e: &Exchange) {
         match (e.outcome, &e.error) {
             (Outcome::Ok, _) => {
-                tracing::debug!(delivery_id = ?e.delivery_id, status = ?e.status(), "delivered");
+                tracing::debug!(delivery_id = e.delivery_id.as_deref().unwrap_or("-"), status = ?e.status(), "delivered");
             }
             (Outcome::Cancelled, _) => {
-                tracing::debug!(delivery_id = ?e.delivery_id, "delivery cancelled by the relay");
+                tracing::debug!(
+                    delivery_id = e.delivery_id.as_deref().unwrap_or("-"),
+                    "delivery cancelled by the relay"
+                );
             }
             (_, error) => {
                 tracing::warn!(
-                    delivery_id = ?e.delivery_id,
+                    delivery_id = e.delivery_id.as_deref().unwrap_or("-"),
                     method = %e.method,
                     path = %e.path,
                     "{}",

@@ -1098,3 +1098,26 @@ async fn every_api_error_is_json_with_a_code() -> anyhow::Result<()> {
     assert_eq!(body["results"], json!([]));
     Ok(())
 }
+
+#[tokio::test]
+async fn an_edited_replay_can_carry_a_large_body() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "bigedit", &app.target()).await?;
+    post(&relay.url("bigedit", "/x"), "{}").await?;
+    recorded(&agent, 1).await?;
+    let id = get_json(&api(&agent, "/api/exchanges")).await?["exchanges"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    use base64::Engine as _;
+    let body = noise(8 * 1024 * 1024);
+    let (status, replay) = post_json(
+        &api(&agent, &format!("/api/exchanges/{id}/replay")),
+        json!({ "body_base64": base64::engine::general_purpose::STANDARD.encode(&body) }),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{replay}");
+    assert!(app.received()[1].body == body);
+    Ok(())
+}

@@ -751,6 +751,8 @@ async fn direct_mode_commands_keep_history_beyond_the_default_limits() -> anyhow
                 provider: None,
                 signature: None,
                 replay_of: None,
+                event_id: None,
+                duplicate_of: None,
             };
             // Recorded concurrently so that the flushes are shared.
             let h = history.clone();

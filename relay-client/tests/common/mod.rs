@@ -82,6 +82,7 @@ impl TestRelay {
             data_dir: data_dir.to_path_buf(),
             inspect: None,
             print_deliveries: false,
+            dedupe: true,
             log_format: relay_client::config::LogFormat::Text,
             max_backoff: Duration::from_millis(500),
             secrets: Default::default(),
