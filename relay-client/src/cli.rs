@@ -81,6 +81,14 @@ pub struct HttpArgs {
     #[arg(long, short, env = "HOOKRELAY_QUIET")]
     pub quiet: bool,
 
+    /// Say loudly on stderr when the link to the relay has been down this long (and every minute after)
+    #[arg(long, env = "HOOKRELAY_DISCONNECT_WARNING", value_name = "DURATION", value_parser = relay_server::config::parse_duration, default_value = "15s")]
+    pub disconnect_warning: Duration,
+
+    /// Exit with status 1 once the link to the relay has been down this long, e.g. 2m, so a supervisor restarts the agent or alerts
+    #[arg(long, env = "HOOKRELAY_EXIT_ON_DISCONNECT", value_name = "DURATION", value_parser = relay_server::config::parse_duration)]
+    pub exit_on_disconnect: Option<Duration>,
+
     /// Forward provider retries of events the app already accepted (by default they are answered
     /// with the first answer and recorded as duplicates)
     #[arg(long, env = "HOOKRELAY_NO_DEDUPE")]

@@ -60,9 +60,17 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
     let urls = agent.public_urls();
     banner.start(&urls);
     let mut status = agent.status();
+    let watchdog = watch_disconnects(
+        agent.status(),
+        args.disconnect_warning,
+        args.exit_on_disconnect,
+        json,
+    );
+    let mut gave_up = None;
     tokio::select! {
         result = agent.closed() => return result.map_err(Into::into),
         () = wait_for_signal() => {}
+        err = watchdog => gave_up = Some(err),
         () = async {
             // Print the URLs again whenever the tunnel comes back after an outage.
             let mut was_connected = !urls.is_empty();
@@ -84,7 +92,73 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
         } => {}
     }
     agent.shutdown().await?;
-    Ok(())
+    match gave_up {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// Never lets an agent look alive while it is not: complains on stderr once
+/// the link has been down for `warn_after` (and every minute after), and
+/// returns the error to exit with once it has been down for `exit_after`.
+async fn watch_disconnects(
+    mut status: tokio::sync::watch::Receiver<relay_client::Status>,
+    warn_after: std::time::Duration,
+    exit_after: Option<std::time::Duration>,
+    json: bool,
+) -> anyhow::Error {
+    use std::time::Duration;
+    use tokio::time::{sleep_until, Instant};
+    const REPEAT: Duration = Duration::from_secs(60);
+    let down = |s: &relay_client::Status| matches!(s, relay_client::Status::Reconnecting { .. });
+    loop {
+        // Wait for the link to go down.
+        while !down(&status.borrow_and_update()) {
+            if status.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        let since = Instant::now();
+        let mut next_warning = since + warn_after;
+        loop {
+            let exit_at = exit_after.map(|d| since + d);
+            let wake = exit_at.map_or(next_warning, |e| e.min(next_warning));
+            tokio::select! {
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if !down(&status.borrow()) {
+                        break;
+                    }
+                }
+                () = sleep_until(wake) => {
+                    let secs = since.elapsed().as_secs();
+                    let reason = match &*status.borrow() {
+                        relay_client::Status::Reconnecting { last_error } => last_error.clone(),
+                        _ => String::new(),
+                    };
+                    if exit_at.is_some_and(|e| Instant::now() >= e) {
+                        return anyhow::anyhow!(
+                            "not connected to the relay for {secs}s ({reason}); exiting as --exit-on-disconnect asks"
+                        );
+                    }
+                    tracing::error!(down_for_s = secs, reason = %reason, "not connected to the relay");
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "type": "disconnected", "down_for_s": secs, "reason": reason })
+                        );
+                    } else {
+                        eprintln!(
+                            "\n!!! NOT CONNECTED to the relay for {secs}s ({reason}).\n!!! Webhooks are not reaching this machine; the relay answers senders 503 until the agent is back.\n"
+                        );
+                    }
+                    next_warning += REPEAT;
+                }
+            }
+        }
+    }
 }
 
 /// What `relay-client http` prints about the tunnel itself, as text for

@@ -470,3 +470,88 @@ async fn verify_command_agrees_with_every_signature_vector() -> anyhow::Result<(
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
     Ok(())
 }
+
+/// The agent never looks alive while it is not: it complains once the link
+/// has been down a while, and `--exit-on-disconnect` ends it with status 1.
+#[tokio::test]
+async fn a_long_disconnect_is_loud_and_can_end_the_agent() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let dir = tempfile::tempdir()?;
+    let mut agent = command(relay_client_bin())
+        .args(["http", &app.target(), "--relay"])
+        .arg(relay.relay.quic_addr().to_string())
+        .args(["--token", &relay.token, "--tunnel", "watched"])
+        .args(["--relay-cert-sha256", &hex::encode(relay.fingerprint())])
+        .args(["--no-inspect", "--disconnect-warning", "1s"])
+        .args(["--exit-on-disconnect", "3s"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .spawn()?;
+    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(
+        agent
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
+    )
+    .lines();
+    let mut err: Lines<BufReader<ChildStderr>> = BufReader::new(
+        agent
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
+    )
+    .lines();
+    line_with(&mut out, "forwarding").await?;
+
+    // Connected for longer than both limits: nothing happens.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        agent.try_wait()?.is_none(),
+        "a connected agent keeps running"
+    );
+
+    // The relay goes away for good.
+    let TestRelay { relay: server, .. } = relay;
+    server.shutdown().await;
+    let started = std::time::Instant::now();
+    line_with(&mut err, "NOT CONNECTED").await?;
+    let last = line_with(&mut err, "exit-on-disconnect").await?;
+    assert!(last.starts_with("error:"), "{last}");
+    let status = exit_of(&mut agent).await?;
+    assert_eq!(status.code(), Some(1));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(20),
+        "exited after {took:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_that_never_reaches_its_relay_exits_when_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A UDP port with nobody behind it.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let out = tokio::time::timeout(
+        WAIT,
+        command(relay_client_bin())
+            .args(["http", "3000", "--relay", &dead.to_string()])
+            .args([
+                "--token",
+                "hkr_x",
+                "--tunnel",
+                "nowhere",
+                "--insecure-skip-verify",
+            ])
+            .args(["--no-inspect", "--exit-on-disconnect", "2s"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output(),
+    )
+    .await??;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exit-on-disconnect"), "{stderr}");
+    Ok(())
+}
