@@ -79,6 +79,39 @@ pub(crate) struct Forwarder {
     history: History,
     secrets: Arc<SecretSet>,
     dedupe: bool,
+    /// Provider events being delivered right now, so that a copy arriving
+    /// meanwhile (Slack retries after 3 s, while the first may still run)
+    /// waits for the first one's outcome instead of reaching the app too.
+    in_flight: InFlightMap,
+}
+
+type InFlightMap =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// Holds one provider event's in-flight slot until the exchange is recorded.
+struct InFlight {
+    key: String,
+    map: InFlightMap,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|slot| Arc::strong_count(slot) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// Header names and raw values, in order.
@@ -94,6 +127,8 @@ struct Forwarded {
     event_id: Option<String>,
     /// Answered from this earlier exchange instead of calling the app.
     duplicate_of: Option<ExchangeId>,
+    /// This event's in-flight slot, released once the exchange is recorded.
+    in_flight: Option<InFlight>,
 }
 
 impl Forwarder {
@@ -111,6 +146,22 @@ impl Forwarder {
             history,
             secrets,
             dedupe,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Waits until no other delivery of this event is in flight, then holds
+    /// its slot.
+    async fn claim(&self, key: String) -> InFlight {
+        let slot = {
+            let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = slot.lock_owned().await;
+        InFlight {
+            key,
+            map: self.in_flight.clone(),
+            guard: Some(guard),
         }
     }
 
@@ -156,6 +207,8 @@ impl Forwarder {
         };
         if self.verdict(head, &body).is_valid() {
             if let Some(event_id) = dedupe::event_id(provider, &head.headers, &body) {
+                let key = format!("{}\0{provider}\0{event_id}", head.tunnel.as_str());
+                forwarded.in_flight = Some(self.claim(key).await);
                 if let Ok(Some(first)) =
                     self.history
                         .delivered(head.tunnel.as_str(), provider, &event_id)
@@ -292,6 +345,7 @@ impl Forwarder {
         // flagging ("unsigned"); without them, no verdict unless one is signed.
         let judge = provider.is_some() || !self.secrets.is_empty();
         let mut event_id = forwarded.event_id;
+        let in_flight = forwarded.in_flight;
         let verdict = judge.then(|| {
             let body = self.history.body(id, Part::Request).unwrap_or_default();
             let verdict = self.verdict(head, &body);
@@ -339,6 +393,8 @@ impl Forwarder {
                 "cannot record the exchange"
             );
         }
+        // Recorded: a copy of this event waiting in `claim` may look now.
+        drop(in_flight);
         exchange
     }
 

@@ -209,3 +209,38 @@ async fn the_first_delivery_is_remembered_across_restarts_until_evicted() -> any
     assert_eq!(app.received().len(), 2);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_copy_arriving_while_the_first_is_still_running_waits_for_it() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = agent(&relay, "slow", &app.target(), true).await?;
+    // The app takes 3 s; the sender gives up waiting and retries meanwhile,
+    // as Slack does after 3 s.
+    let url = relay.url("slow", "/slow");
+    let d = [("x-github-delivery", "still-running")];
+    let first = tokio::spawn(send(signed(
+        &url,
+        Provider::Github,
+        GITHUB_SECRET,
+        &d,
+        "{}",
+    )?));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (status, headers, _) =
+        send(signed(&url, Provider::Github, GITHUB_SECRET, &d, "{}")?).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("x-hookrelay-duplicate-of").is_some());
+    let (status, _, _) = first.await??;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.received().len(), 1, "the app ran the event once");
+    let exchanges = all(&agent).await?;
+    assert_eq!(
+        exchanges
+            .iter()
+            .filter(|e| e.duplicate_of.is_some())
+            .count(),
+        1
+    );
+    Ok(())
+}
