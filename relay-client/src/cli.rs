@@ -365,6 +365,9 @@ pub struct ExportArgs {
     /// Output format
     #[arg(long, value_enum)]
     pub format: Format,
+    /// Keep credentials (Authorization, X-Gitlab-Token, Cookie…) instead of `[redacted]`
+    #[arg(long)]
+    pub show_secrets: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }

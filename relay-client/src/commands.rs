@@ -479,9 +479,9 @@ fn print_body(b: &export::BodyView) {
     }
 }
 
-/// Renders an export.
-pub fn render_export(detail: &ExchangeDetail, format: Format) -> String {
-    export::render(detail, format)
+/// Renders an export; credentials are redacted unless `secrets`.
+pub fn render_export(detail: &ExchangeDetail, format: Format, secrets: bool) -> String {
+    export::render(detail, format, secrets)
 }
 
 #[cfg(test)]

@@ -72,8 +72,42 @@ pub enum Format {
     Json,
 }
 
-/// Renders `detail` in `format`.
-pub fn render(detail: &ExchangeDetail, format: Format) -> String {
+/// Headers whose values are credentials; exports show `[redacted]` instead
+/// unless asked for them.
+pub const SECRET_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-gitlab-token",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+];
+
+/// What exports show in place of a credential.
+pub const REDACTED: &str = "[redacted]";
+
+/// `detail` with the values of [`SECRET_HEADERS`] replaced.
+pub fn redacted(detail: &ExchangeDetail) -> ExchangeDetail {
+    let mut d = detail.clone();
+    let scrub = |headers: &mut Vec<crate::history::Header>| {
+        for h in headers.iter_mut() {
+            if SECRET_HEADERS.contains(&h.name.to_ascii_lowercase().as_str()) {
+                h.value = REDACTED.as_bytes().to_vec();
+            }
+        }
+    };
+    scrub(&mut d.exchange.request.headers);
+    if let Some(r) = d.exchange.response.as_mut() {
+        scrub(&mut r.headers);
+    }
+    d
+}
+
+/// Renders `detail` in `format`, credentials redacted unless `secrets`.
+pub fn render(detail: &ExchangeDetail, format: Format, secrets: bool) -> String {
+    if !secrets {
+        return render(&redacted(detail), format, true);
+    }
     match format {
         Format::Curl => curl(detail),
         Format::Har => {

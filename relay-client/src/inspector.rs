@@ -295,8 +295,12 @@ async fn replay_many(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ExportQuery {
     format: Format,
+    /// Keep credentials instead of `[redacted]`.
+    #[serde(default)]
+    secrets: bool,
 }
 
 async fn export_one(
@@ -314,7 +318,7 @@ async fn export_one(
         ),
         Format::Json => ("application/json", None),
     };
-    let mut resp = export::render(&detail, query.format).into_response();
+    let mut resp = export::render(&detail, query.format, query.secrets).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Some(d) = disposition.and_then(|d| HeaderValue::from_str(&d).ok()) {

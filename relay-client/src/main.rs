@@ -316,7 +316,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let backend = backend(&args.common, &[]).await?;
     let detail = backend.get(args.id.parse()?).await?;
-    println!("{}", commands::render_export(&detail, args.format));
+    println!(
+        "{}",
+        commands::render_export(&detail, args.format, args.show_secrets)
+    );
     backend.close().await
 }
 

@@ -1121,3 +1121,46 @@ async fn an_edited_replay_can_carry_a_large_body() -> anyhow::Result<()> {
     assert!(app.received()[1].body == body);
     Ok(())
 }
+
+#[tokio::test]
+async fn exports_redact_credentials_unless_asked() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "redact", &app.target()).await?;
+    send(
+        Request::post(relay.url("redact", "/hook"))
+            .header("authorization", "Bearer s3cr3t-token")
+            .header("x-gitlab-token", "gl-s3cr3t")
+            .header("x-other", "visible")
+            .body(full("{}"))?,
+    )
+    .await?;
+    recorded(&agent, 1).await?;
+    let id = get_json(&api(&agent, "/api/exchanges")).await?["exchanges"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for format in ["curl", "har", "json"] {
+        let export = |secrets: &str| {
+            Request::get(api(
+                &agent,
+                &format!("/api/exchanges/{id}/export?format={format}{secrets}"),
+            ))
+            .body(full(""))
+        };
+        let (status, _, body) = send(export("")?).await?;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("s3cr3t") && text.contains("[redacted]") && text.contains("visible"),
+            "{format}: {text}"
+        );
+        let (_, _, body) = send(export("&secrets=true")?).await?;
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("Bearer s3cr3t-token") && text.contains("gl-s3cr3t"),
+            "{format} with secrets: {text}"
+        );
+    }
+    Ok(())
+}

@@ -428,8 +428,28 @@ async fn history_commands_go_through_the_running_agents_inspector() -> anyhow::R
     );
     assert_eq!(entry["request"]["postData"]["text"], JSON_BODY);
     assert_eq!(entry["response"]["status"], 200);
-    let exported = cli.json(&["export", &hook_id, "--format", "json"]).await?;
-    assert_eq!(exported, shown, "export --format json is show --json");
+    let exported = cli
+        .json(&["export", &hook_id, "--format", "json", "--show-secrets"])
+        .await?;
+    assert_eq!(
+        exported, shown,
+        "export --format json --show-secrets is show --json"
+    );
+    // Without --show-secrets, credentials (here the app's Set-Cookie) are redacted.
+    let redacted = cli.json(&["export", &hook_id, "--format", "json"]).await?;
+    let cookies: Vec<&Value> = redacted["response"]["headers"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter(|h| h["name"] == "set-cookie")
+                .map(|h| &h["value"])
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        cookies,
+        [&Value::from("[redacted]"), &Value::from("[redacted]")]
+    );
 
     // replay: the same request again, recorded as a new, linked exchange.
     let replayed = cli.json(&["replay", &hook_id, "--json"]).await?;
