@@ -129,6 +129,8 @@ struct Forwarded {
     duplicate_of: Option<ExchangeId>,
     /// This event's in-flight slot, released once the exchange is recorded.
     in_flight: Option<InFlight>,
+    /// The signature verdict, when it was reached before forwarding.
+    verdict: Option<signature::Verdict>,
 }
 
 impl Forwarder {
@@ -205,7 +207,10 @@ impl Forwarder {
             // Broke off: forward what arrived and let the app judge.
             return Ok(None);
         };
-        if self.verdict(head, &body).is_valid() {
+        let verdict = self.verdict(head, &body);
+        let valid = verdict.is_valid();
+        forwarded.verdict = Some(verdict);
+        if valid {
             if let Some(event_id) = dedupe::event_id(provider, &head.headers, &body) {
                 let key = format!("{}\0{provider}\0{event_id}", head.tunnel.as_str());
                 forwarded.in_flight = Some(self.claim(key).await);
@@ -346,13 +351,17 @@ impl Forwarder {
         let judge = provider.is_some() || !self.secrets.is_empty();
         let mut event_id = forwarded.event_id;
         let in_flight = forwarded.in_flight;
-        let verdict = judge.then(|| {
-            let body = self.history.body(id, Part::Request).unwrap_or_default();
-            let verdict = self.verdict(head, &body);
-            if event_id.is_none() && verdict.is_valid() {
-                event_id = provider.and_then(|p| dedupe::event_id(p, &head.headers, &body));
-            }
-            verdict
+        // Judged already when the body was read whole for dedupe; otherwise
+        // judge the recorded body now.
+        let verdict = forwarded.verdict.or_else(|| {
+            judge.then(|| {
+                let body = self.history.body(id, Part::Request).unwrap_or_default();
+                let verdict = self.verdict(head, &body);
+                if event_id.is_none() && verdict.is_valid() {
+                    event_id = provider.and_then(|p| dedupe::event_id(p, &head.headers, &body));
+                }
+                verdict
+            })
         });
         let exchange = Exchange {
             id,
