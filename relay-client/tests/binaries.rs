@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::{ExitStatus, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitStatus, time::Duration};
 
 use common::*;
 use http::StatusCode;
@@ -15,10 +11,6 @@ use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout, Command},
 };
-
-fn relay_client_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_relay-client"))
-}
 
 /// `cargo test --workspace` builds every package's binaries before running tests.
 fn relay_server_bin() -> PathBuf {
@@ -30,39 +22,6 @@ fn relay_server_bin() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn command(bin: PathBuf) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HOOKRELAY_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
-}
-
-/// Reads lines until one contains `needle`; returns it.
-async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
-    lines: &mut Lines<R>,
-    needle: &str,
-) -> anyhow::Result<String> {
-    let found = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains(needle) {
-                return Ok(line);
-            }
-        }
-        anyhow::bail!("output ended without a line containing {needle:?}")
-    })
-    .await??;
-    Ok(found)
 }
 
 /// The value of `key=value` in a log line.

@@ -8,7 +8,7 @@ mod common;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Output,
     sync::{Arc, Mutex},
 };
 
@@ -18,48 +18,8 @@ use http::{Request, StatusCode};
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
+    process::{Child, ChildStdout},
 };
-
-fn relay_client_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_relay-client"))
-}
-
-/// The binary with a clean environment (no `HOOKRELAY_*` from the caller),
-/// piped output, and killed if the test drops it.
-fn command() -> Command {
-    let mut cmd = Command::new(relay_client_bin());
-    cmd.env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HOOKRELAY_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
-}
-
-/// Reads lines until one contains `needle`; returns it.
-async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
-    lines: &mut Lines<R>,
-    needle: &str,
-) -> anyhow::Result<String> {
-    let found = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains(needle) {
-                return Ok(line);
-            }
-        }
-        anyhow::bail!("output ended without a line containing {needle:?}")
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no line containing {needle:?} within {WAIT:?}"))??;
-    Ok(found)
-}
 
 /// A `relay-client http` process started by this test.
 struct AgentProcess {
@@ -82,7 +42,7 @@ impl AgentProcess {
         cwd: &Path,
         data_dir: &Path,
     ) -> anyhow::Result<AgentProcess> {
-        let mut child = command()
+        let mut child = command(relay_client_bin())
             .current_dir(cwd)
             .args(["http", &app.target(), "--relay"])
             .arg(relay.relay.quic_addr().to_string())
@@ -176,7 +136,7 @@ struct HistoryCli {
 
 impl HistoryCli {
     async fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let mut cmd = command();
+        let mut cmd = command(relay_client_bin());
         cmd.args(args).arg("--data-dir").arg(&self.data_dir);
         match self.inspect {
             Some(addr) => cmd.arg("--inspect").arg(addr.to_string()),
@@ -809,7 +769,7 @@ async fn a_data_dir_without_history_is_an_error_not_an_empty_list() -> anyhow::R
     let typo = dir.path().join("no-such-agent");
     let out = tokio::time::timeout(
         WAIT,
-        command()
+        command(relay_client_bin())
             .args(["history", "--no-inspect", "--data-dir"])
             .arg(&typo)
             .output(),

@@ -263,3 +263,44 @@ pub async fn dead_port() -> anyhow::Result<u16> {
 pub fn data_dir(base: &Path, name: &str) -> PathBuf {
     base.join(name)
 }
+
+/// The agent binary cargo built for these tests.
+pub fn relay_client_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_relay-client"))
+}
+
+/// `bin` with a clean environment (no `HOOKRELAY_*` or `RUST_LOG` from the
+/// caller), piped output, and killed if the test drops it.
+pub fn command(bin: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HOOKRELAY_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Reads lines until one contains `needle`; returns it.
+pub async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+    needle: &str,
+) -> anyhow::Result<String> {
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("output ended without a line containing {needle:?}")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no line containing {needle:?} within {WAIT:?}"))??;
+    Ok(found)
+}
