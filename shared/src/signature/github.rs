@@ -23,8 +23,8 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
         .strip_prefix(b"sha256=")
         .and_then(|hex_sig| hex::decode(hex_sig).ok())
         .ok_or_else(|| Failure::invalid(format!("{HEADER_256} is not sha256=<hex>")))?;
-    let matched = secrets.iter().fold(false, |acc, secret| {
-        acc | util::ct_eq(
+    let matched = util::any_secret(secrets, |secret| {
+        util::ct_eq(
             &util::hmac_sha256(secret.as_bytes(), &[req.body]),
             &signature,
         )

@@ -19,8 +19,8 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
         return Err(Failure::invalid(format!("empty {HEADER} header")));
     }
     let token_hash = Sha256::digest(token);
-    let matched = secrets.iter().fold(false, |acc, secret| {
-        acc | util::ct_eq(&Sha256::digest(secret.as_bytes()), &token_hash)
+    let matched = util::any_secret(secrets, |secret| {
+        util::ct_eq(&Sha256::digest(secret.as_bytes()), &token_hash)
     });
     if !matched {
         return Err(Failure::invalid("token does not match"));

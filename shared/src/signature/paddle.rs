@@ -19,8 +19,8 @@ pub(super) fn verify(
 ) -> Result<(), Failure> {
     let value = util::required_text(req.headers, HEADER)?;
     let (raw_ts, ts, signatures) = parse(value)?;
-    let matched = secrets.iter().fold(false, |acc, secret| {
-        acc | util::matches_any(&mac(secret, raw_ts, req.body), &signatures)
+    let matched = util::any_secret(secrets, |secret| {
+        util::matches_any(&mac(secret, raw_ts, req.body), &signatures)
     });
     if !matched {
         return Err(Failure::invalid("no h1 signature matches"));

@@ -13,8 +13,8 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
     let value = util::required_text(req.headers, HEADER)?;
     let signature = util::b64_decode(value)
         .ok_or_else(|| Failure::invalid(format!("{HEADER} is not base64")))?;
-    let matched = secrets.iter().fold(false, |acc, secret| {
-        acc | util::ct_eq(
+    let matched = util::any_secret(secrets, |secret| {
+        util::ct_eq(
             &util::hmac_sha256(secret.as_bytes(), &[req.body]),
             &signature,
         )

@@ -24,8 +24,8 @@ pub(super) fn verify(
         .strip_prefix(b"v0=")
         .and_then(|hex_sig| hex::decode(hex_sig).ok())
         .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not v0=<hex>")))?;
-    let matched = secrets.iter().fold(false, |acc, secret| {
-        acc | util::ct_eq(&mac(secret, raw_ts, req.body), &signature)
+    let matched = util::any_secret(secrets, |secret| {
+        util::ct_eq(&mac(secret, raw_ts, req.body), &signature)
     });
     if !matched {
         return Err(Failure::invalid("signature does not match"));

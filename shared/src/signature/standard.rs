@@ -53,8 +53,8 @@ pub(super) fn verify(
     for secret in secrets {
         keys.push(decode_secret(secret).map_err(|e| Failure::invalid(e.to_string()))?);
     }
-    let matched = keys.iter().fold(false, |acc, key| {
-        acc | util::matches_any(&mac(key, id, ts, req.body), &signatures)
+    let matched = util::any_secret(&keys, |key| {
+        util::matches_any(&mac(key, id, ts, req.body), &signatures)
     });
     if !matched {
         return Err(Failure::invalid("no v1 signature matches"));

@@ -18,9 +18,9 @@ pub(super) fn verify(
     let value = util::required_text(req.headers, HEADER)?;
     let (t, signatures) = parse(value)?;
     let ts = t.to_string();
-    let matched = secrets.iter().fold(false, |acc, secret| {
+    let matched = util::any_secret(secrets, |secret| {
         let mac = util::hmac_sha256(secret.as_bytes(), &[ts.as_bytes(), b".", req.body]);
-        acc | util::matches_any(&mac, &signatures)
+        util::matches_any(&mac, &signatures)
     });
     if !matched {
         return Err(Failure::invalid("no v1 signature matches"));

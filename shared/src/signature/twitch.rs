@@ -30,8 +30,8 @@ pub(super) fn verify(
         .strip_prefix(b"sha256=")
         .and_then(|hex_sig| hex::decode(hex_sig).ok())
         .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not sha256=<hex>")))?;
-    let matched = secrets.iter().fold(false, |acc, secret| {
-        acc | util::ct_eq(&mac(secret, id, raw_ts, req.body), &signature)
+    let matched = util::any_secret(secrets, |secret| {
+        util::ct_eq(&mac(secret, id, raw_ts, req.body), &signature)
     });
     if !matched {
         return Err(Failure::invalid("signature does not match"));

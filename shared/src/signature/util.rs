@@ -121,6 +121,14 @@ pub(super) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
+/// Whether `check` passes for any of `secrets`. Every secret is tried (no
+/// early exit), so the time taken does not reveal which one matched.
+pub(super) fn any_secret<T>(secrets: &[T], check: impl Fn(&T) -> bool) -> bool {
+    secrets
+        .iter()
+        .fold(false, |acc, secret| acc | check(secret))
+}
+
 /// Whether `expected` equals any candidate. Every candidate is compared, so the
 /// time taken does not depend on which one matched.
 pub(super) fn matches_any(expected: &[u8], candidates: &[Vec<u8>]) -> bool {
