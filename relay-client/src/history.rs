@@ -11,15 +11,15 @@ use std::{
     fmt,
     path::Path,
     str::FromStr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use base64::Engine as _;
-use hookrelay_shared::signature::{self, Verdict};
+use hookrelay_shared::{
+    durable::GroupCommit,
+    signature::{self, Verdict},
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use ulid::Ulid;
@@ -425,10 +425,8 @@ pub struct History {
     events: broadcast::Sender<HistoryEvent>,
     retention: Retention,
     totals: Arc<Mutex<Totals>>,
-    /// Ticks for every flush request and flush start.
-    flush_clock: Arc<AtomicU64>,
-    /// The clock reading just before the last completed flush started.
-    flushed: Arc<tokio::sync::Mutex<u64>>,
+    /// Shares fsyncs between concurrent recorders.
+    commits: Arc<GroupCommit>,
 }
 
 impl fmt::Debug for History {
@@ -532,8 +530,7 @@ impl History {
             events,
             retention,
             totals: Arc::new(Mutex::new(totals)),
-            flush_clock: Arc::default(),
-            flushed: Arc::default(),
+            commits: Arc::default(),
         };
         history.drop_orphan_bodies()?;
         history.enforce_retention()?;
@@ -628,30 +625,16 @@ impl History {
         Ok(())
     }
 
-    /// Flushes everything written so far to disk. Concurrent callers share
-    /// one flush (group commit): a caller whose writes an earlier flush
-    /// already covered returns without another fsync.
-    ///
-    /// sled's own `flush_async` runs on sled's small thread pool, which it also
-    /// needs for the log writes a flush waits on; under load that deadlocks
-    /// (seen in our tests), so the blocking flush runs on tokio's pool instead.
+    /// Flushes everything written so far to disk; concurrent callers share
+    /// one fsync ([`GroupCommit`]).
     ///
     /// # Errors
     /// A storage error.
     pub async fn flush(&self) -> Result<(), HistoryError> {
-        let wanted = self.flush_clock.fetch_add(1, Ordering::SeqCst);
-        let mut flushed = self.flushed.lock().await;
-        if *flushed > wanted {
-            return Ok(());
-        }
         let db = self.db.clone();
-        let mark = self.flush_clock.fetch_add(1, Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || db.flush())
+        self.commits
+            .flush(move || db.flush().map(drop).map_err(storage))
             .await
-            .map_err(|e| HistoryError::Storage(format!("flush task failed: {e}")))?
-            .map_err(storage)?;
-        *flushed = mark;
-        Ok(())
     }
 
     fn enforce_retention(&self) -> Result<(), HistoryError> {
@@ -890,6 +873,12 @@ pub enum HistoryError {
     Locked(String),
     #[error("history storage failed: {0}")]
     Storage(String),
+}
+
+impl From<std::io::Error> for HistoryError {
+    fn from(e: std::io::Error) -> Self {
+        HistoryError::Storage(e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! - [`cli`]: command line, environment and TOML file into a [`Config`].
 //! - [`ingress`]: the HTTP side; [`IngressError`] maps failures to statuses.
 //! - [`agents`](crate::agents): the QUIC side, handshake and sessions.
+//! - [`queue`]: the durable per-tunnel [`queue::Queue`] of store-and-forward deliveries.
 //! - [`routing`]: the [`Routes`] table of tunnel holders.
 //! - [`auth`]: hashed agent tokens.
 //! - [`tls`]: certificate files or a persisted self-signed certificate.
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod ingress;
+pub mod queue;
 pub mod relay;
 pub mod routing;
 pub mod tls;

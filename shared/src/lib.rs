@@ -5,10 +5,12 @@
 //!   per-delivery heads ([`RequestHead`], [`AgentReply`]).
 //! - [`codec`]: length-prefixed postcard frames with a hard size limit.
 //! - [`tunnel_name`]: [`TunnelName`], a DNS label, and [`TunnelPattern`] globs.
+//! - [`durable`]: [`durable::GroupCommit`], one fsync for many writers.
 //! - [`http`]: header rules both ends apply (hop-by-hop headers).
 //! - [`signature`]: webhook signature detection, verification and re-signing.
 
 pub mod codec;
+pub mod durable;
 pub mod http;
 pub mod protocol;
 pub mod signature;
@@ -16,14 +18,15 @@ pub mod tunnel_name;
 
 pub use codec::{CodecError, FrameCodec, MAX_FRAME_LEN};
 pub use protocol::{
-    AgentReply, AgentToRelay, DeliveryId, FailureKind, Hello, RejectReason, RelayToAgent,
-    RequestHead, ResponseHead, TunnelGrant,
+    AgentReply, AgentToRelay, DeliveryId, DeliveryMode, FailureKind, Hello, QueueAck, QueueOpen,
+    QueuedDelivery, RejectReason, RelayToAgent, RequestHead, ResponseHead, TunnelGrant,
+    TunnelSettings, WhenOffline,
 };
 pub use tunnel_name::{TunnelName, TunnelNameError, TunnelPattern};
 
 /// Version of the wire protocol. A relay and an agent must agree on it; a mismatch
 /// is answered with [`RejectReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// QUIC application protocol name. An endpoint offering anything else is refused
 /// during the TLS handshake, before a single frame is read.

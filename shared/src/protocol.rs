@@ -9,6 +9,15 @@
 //! the stream's end; the agent answers with an [`AgentReply`] frame then, for a
 //! response, the raw response body up to the stream's end. A stream reset means
 //! the body was cut short, never that it ended.
+//!
+//! Queued deliveries (store-and-forward) travel differently: right after the
+//! welcome the agent opens one more bidirectional stream, the queue stream, and
+//! writes a [`QueueOpen`] frame. The relay sends the tunnel's queued requests on
+//! it in queue order, each a [`QueuedDelivery`] frame followed by exactly
+//! `body_len` body bytes, with at most `window` of them unacknowledged. The
+//! agent answers with [`QueueAck`] frames once the deliveries are on its disk;
+//! only then does the relay delete them. One stream keeps the order for free,
+//! and the agent's acknowledgements batch naturally behind its fsyncs.
 
 use std::{fmt, net::SocketAddr, str::FromStr};
 
@@ -64,6 +73,80 @@ pub struct Hello {
     pub agent_id: String,
     /// Tunnels the agent wants to hold.
     pub tunnels: Vec<TunnelName>,
+    /// How the agent wants its tunnels to treat webhooks; the relay may narrow
+    /// it (the effective settings come back in each [`TunnelGrant`]).
+    pub settings: TunnelSettings,
+}
+
+/// Whether the sender waits for the local app's answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeliveryMode {
+    /// The sender gets the local app's own answer (needed for handshakes:
+    /// Slack and Twitch challenges, Twilio responses).
+    #[default]
+    Sync,
+    /// The relay stores every request, answers `202 Accepted` with its
+    /// delivery id at once, and delivers it when it can.
+    Queue,
+}
+
+/// What happens to a webhook while a tunnel's agent is offline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WhenOffline {
+    /// Stored and delivered when the agent is back (`202 Accepted`).
+    #[default]
+    Queue,
+    /// Refused with `503` and `Retry-After`; the sender's own retries take over.
+    Reject,
+}
+
+/// A tunnel's delivery settings, chosen by its agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TunnelSettings {
+    /// Sync or queue.
+    pub mode: DeliveryMode,
+    /// Queue or reject while offline.
+    pub when_offline: WhenOffline,
+}
+
+impl fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeliveryMode::Sync => "sync",
+            DeliveryMode::Queue => "queue",
+        })
+    }
+}
+
+impl FromStr for DeliveryMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sync" => Ok(DeliveryMode::Sync),
+            "queue" => Ok(DeliveryMode::Queue),
+            _ => Err(format!("{s:?} is not a mode (use sync or queue)")),
+        }
+    }
+}
+
+impl fmt::Display for WhenOffline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WhenOffline::Queue => "queue",
+            WhenOffline::Reject => "reject",
+        })
+    }
+}
+
+impl FromStr for WhenOffline {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "queue" => Ok(WhenOffline::Queue),
+            "reject" => Ok(WhenOffline::Reject),
+            _ => Err(format!("{s:?} is not a choice (use queue or reject)")),
+        }
+    }
 }
 
 impl fmt::Debug for Hello {
@@ -73,6 +156,7 @@ impl fmt::Debug for Hello {
             .field("token", &"***")
             .field("agent_id", &self.agent_id)
             .field("tunnels", &self.tunnels)
+            .field("settings", &self.settings)
             .finish()
     }
 }
@@ -118,6 +202,36 @@ pub struct TunnelGrant {
     /// Public URLs, path-style first (`http://HOST:PORT/t/NAME/`), then the
     /// subdomain form when the relay has a domain.
     pub public_urls: Vec<String>,
+    /// The settings in force: the agent's, narrowed by the relay's config.
+    pub settings: TunnelSettings,
+    /// Deliveries waiting in the relay's queue for this tunnel right now.
+    pub queued: u64,
+}
+
+/// First frame on the queue stream, from the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueOpen {
+    /// Most deliveries the relay may send before the agent acknowledges them.
+    pub window: u32,
+}
+
+/// One queued delivery on the queue stream; exactly `body_len` body bytes
+/// follow the frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedDelivery {
+    /// The request as the relay received it; `head.delivery_id` is the id the
+    /// sender got with its `202`.
+    pub head: RequestHead,
+    /// Bytes of body after this frame.
+    pub body_len: u64,
+}
+
+/// From the agent on the queue stream: every delivery sent on this stream up
+/// to and including `up_to` is on the agent's disk; the relay may delete them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueAck {
+    /// The last delivery covered, in stream order.
+    pub up_to: DeliveryId,
 }
 
 /// Why a relay refused an agent.
