@@ -19,6 +19,7 @@ use crate::{
     forward::Forwarder,
     history::History,
     inspector,
+    queued::{self, Outbox},
     replay::Replayer,
     session::{endpoint_for, with_transport, ConnectError, Dialer, LinkEnd, Session},
     terminal::Terminal,
@@ -60,6 +61,8 @@ pub struct Agent {
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), AgentError>>>,
     inspector: Option<JoinHandle<()>>,
+    /// Hands queued webhooks to the app.
+    worker: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -96,6 +99,7 @@ impl Agent {
             token: config.token.clone(),
             agent_id: identity.agent_id.clone(),
             tunnels: vec![tunnel.clone()],
+            settings: config.settings,
         };
 
         let (status_tx, status) = watch::channel(Status::Reconnecting {
@@ -105,6 +109,7 @@ impl Agent {
             Ok(session) => {
                 let urls = public_urls(&session);
                 info!(tunnel = %tunnel, public_urls = ?urls, relay = %config.relay, "connected to the relay");
+                announce_grants(&session, &config.settings);
                 status_tx.send_replace(Status::Connected { public_urls: urls });
                 Some(session)
             }
@@ -160,10 +165,21 @@ impl Agent {
             secrets,
             config.dedupe,
         );
+        let outbox = Outbox::open(&history).map_err(AgentError::History)?;
+        let worker = tokio::spawn(
+            queued::run_worker(
+                outbox.clone(),
+                forwarder.clone(),
+                config.retry,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("queued", tunnel = %tunnel)),
+        );
         let run = run(
             dialer,
             first,
             forwarder,
+            outbox,
             status_tx,
             shutdown.clone(),
             config.max_backoff,
@@ -177,6 +193,7 @@ impl Agent {
             shutdown,
             task: Some(task),
             inspector,
+            worker: Some(worker),
         })
     }
 
@@ -252,6 +269,10 @@ impl Agent {
         if let Some(inspector) = self.inspector.take() {
             let _ = inspector.await;
         }
+        if let Some(worker) = self.worker.take() {
+            // It stops between webhooks; one in the app's hands finishes first.
+            let _ = tokio::time::timeout(Duration::from_secs(35), worker).await;
+        }
         if let Err(err) = self.history.flush().await {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
@@ -272,11 +293,21 @@ async fn run(
     dialer: Dialer,
     first: Option<Session>,
     forwarder: Forwarder,
+    outbox: Outbox,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
     max_backoff: Duration,
 ) -> Result<(), AgentError> {
-    let result = run_inner(&dialer, first, forwarder, &status, &shutdown, max_backoff).await;
+    let result = run_inner(
+        &dialer,
+        first,
+        forwarder,
+        outbox,
+        &status,
+        &shutdown,
+        max_backoff,
+    )
+    .await;
     status.send_replace(Status::Stopped);
     dialer.endpoint.close(0u32.into(), b"agent stopped");
     result
@@ -286,6 +317,7 @@ async fn run_inner(
     dialer: &Dialer,
     mut session: Option<Session>,
     forwarder: Forwarder,
+    outbox: Outbox,
     status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
     max_backoff: Duration,
@@ -300,7 +332,9 @@ async fn run_inner(
                 .flat_map(|t| t.public_urls.clone())
                 .collect();
             status.send_replace(Status::Connected { public_urls });
-            let end = s.serve(forwarder.clone(), shutdown.clone()).await;
+            let end = s
+                .serve(forwarder.clone(), outbox.clone(), shutdown.clone())
+                .await;
             let why = match end {
                 LinkEnd::Shutdown => return Ok(()),
                 LinkEnd::Replaced => return Err(AgentError::Replaced),
@@ -329,6 +363,7 @@ async fn run_inner(
         match attempt_result {
             Ok(s) => {
                 info!(attempt, "reconnected to the relay");
+                announce_grants(&s, &dialer.settings);
                 session = Some(s);
             }
             Err(err) if err.is_fatal() => return Err(AgentError::Connect(err)),
@@ -342,6 +377,24 @@ async fn run_inner(
                     last_error: err.to_string(),
                 });
             }
+        }
+    }
+}
+
+/// Says what the relay granted when it differs from what was asked, and how
+/// many webhooks it kept while the agent was away.
+fn announce_grants(session: &Session, wanted: &hookrelay_shared::TunnelSettings) {
+    for grant in &session.tunnels {
+        if grant.settings != *wanted {
+            warn!(
+                tunnel = %grant.name,
+                "the relay does not allow queueing: mode {}, when offline {}",
+                grant.settings.mode,
+                grant.settings.when_offline
+            );
+        }
+        if grant.queued > 0 {
+            info!(tunnel = %grant.name, queued = grant.queued, "the relay kept webhooks while this agent was away; delivering them in order");
         }
     }
 }

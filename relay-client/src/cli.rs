@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use hookrelay_shared::{
     signature::{parse_secret_spec, Provider, SecretSet},
-    TunnelName,
+    DeliveryMode, TunnelName, TunnelSettings, WhenOffline,
 };
 
 use crate::{
@@ -14,6 +14,7 @@ use crate::{
     config::{parse_fingerprint, Config, LogFormat, Secret, Target, Trust, DEFAULT_INSPECT},
     export::Format,
     history::{Filter, Retention, DEFAULT_MAX_EXCHANGES},
+    queued::{RetryPolicy, DEFAULT_ATTEMPTS},
     replay::ReplayOptions,
 };
 
@@ -94,6 +95,40 @@ pub struct HttpArgs {
     #[arg(long, env = "HOOKRELAY_NO_DEDUPE")]
     pub no_dedupe: bool,
 
+    /// sync: senders get the app's own answer (needed for Slack/Twitch challenges, Twilio).
+    /// queue: the relay stores every webhook, answers 202 with its delivery id at once, and the
+    /// agent delivers it in order, retrying while the app fails
+    #[arg(
+        long,
+        env = "HOOKRELAY_MODE",
+        value_name = "MODE",
+        default_value = "sync"
+    )]
+    pub mode: DeliveryMode,
+
+    /// While this agent is offline, the relay queues webhooks (202, delivered when the agent is
+    /// back) or rejects them (503 + Retry-After, the sender retries)
+    #[arg(
+        long,
+        env = "HOOKRELAY_WHEN_OFFLINE",
+        value_name = "queue|reject",
+        default_value = "queue"
+    )]
+    pub when_offline: WhenOffline,
+
+    /// Attempts at a queued webhook the app answers with 5xx/429, times out on or breaks, before it
+    /// is marked failed (an app that refuses connections is waited for without using attempts)
+    #[arg(long, env = "HOOKRELAY_RETRY_ATTEMPTS", value_name = "N", default_value_t = DEFAULT_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retry_attempts: u32,
+
+    /// First retry delay of a queued webhook; doubles per attempt, with jitter
+    #[arg(long, env = "HOOKRELAY_RETRY_INITIAL", value_name = "DURATION", value_parser = relay_server::config::parse_duration, default_value = "1s")]
+    pub retry_initial: Duration,
+
+    /// Longest retry delay (also caps a Retry-After the app sends)
+    #[arg(long, env = "HOOKRELAY_RETRY_MAX", value_name = "DURATION", value_parser = relay_server::config::parse_duration, default_value = "5m")]
+    pub retry_max: Duration,
+
     /// Output for people (text) or for log collectors (json: one object per line)
     #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -170,6 +205,15 @@ impl HttpArgs {
             inspect: (!self.common.no_inspect).then_some(self.common.inspect),
             print_deliveries: !self.quiet,
             dedupe: !self.no_dedupe,
+            settings: TunnelSettings {
+                mode: self.mode,
+                when_offline: self.when_offline,
+            },
+            retry: RetryPolicy {
+                attempts: self.retry_attempts,
+                initial: self.retry_initial,
+                max: self.retry_max.max(self.retry_initial),
+            },
             log_format: self.log_format,
             max_backoff: DEFAULT_MAX_BACKOFF,
             secrets: secret_set(&self.verify),

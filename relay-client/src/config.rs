@@ -2,9 +2,9 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use hookrelay_shared::{signature::SecretSet, TunnelName};
+use hookrelay_shared::{signature::SecretSet, TunnelName, TunnelSettings};
 
-use crate::history::Retention;
+use crate::{history::Retention, queued::RetryPolicy};
 
 /// Default inspector address: loopback only, the port ngrok users expect.
 pub const DEFAULT_INSPECT: &str = "127.0.0.1:4040";
@@ -39,6 +39,10 @@ pub struct Config {
     pub retention: Retention,
     /// Suppress provider retries of events the app already accepted.
     pub dedupe: bool,
+    /// Sync or queue, and what the relay does while the agent is offline.
+    pub settings: TunnelSettings,
+    /// Retries of queued webhooks the app failed.
+    pub retry: RetryPolicy,
 }
 
 /// Human-readable lines, or one JSON object per line for log collectors.

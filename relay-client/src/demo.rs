@@ -69,6 +69,8 @@ impl Demo {
             max_backoff: FAST_MAX_BACKOFF,
             secrets: hookrelay_shared::signature::SecretSet::new(),
             retention: crate::history::Retention::default(),
+            settings: Default::default(),
+            retry: Default::default(),
         })
         .await
         .context("cannot start the agent")?;

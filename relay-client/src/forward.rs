@@ -38,6 +38,7 @@ use crate::{
     history::{
         self, Durations, Exchange, ExchangeId, History, Part, RequestRecord, ResponseRecord,
     },
+    queued::{QueuedOutcome, RetryPolicy},
     terminal::Terminal,
 };
 
@@ -131,6 +132,8 @@ struct Forwarded {
     in_flight: Option<InFlight>,
     /// The signature verdict, when it was reached before forwarding.
     verdict: Option<signature::Verdict>,
+    /// Attempt details of a queued webhook.
+    queued: Option<history::QueuedAttempt>,
 }
 
 impl Forwarder {
@@ -395,6 +398,7 @@ impl Forwarder {
             replay_of: None,
             event_id,
             duplicate_of: forwarded.duplicate_of,
+            queued: forwarded.queued,
         };
         if let Err(err) = self.history.record(exchange.clone()).await {
             tracing::error!(
@@ -432,7 +436,11 @@ impl Forwarder {
                     .await
             }
         };
-        let request = match self.build_request(head, recv.clone(), request_tee.clone(), buffered) {
+        let body = match buffered {
+            Some(bytes) => RelayBody::buffered(bytes),
+            None => RelayBody::new(recv.clone(), head.body_len, request_tee.clone()),
+        };
+        let request = match self.build_request(head, body) {
             Ok(r) => r,
             Err(message) => {
                 drain(&recv, &request_tee, timeout).await;
@@ -514,17 +522,260 @@ impl Forwarder {
         }
     }
 
+    /// One attempt at handing a queued webhook (already on the agent's disk)
+    /// to the app. Records the attempt in the history, except when the app
+    /// could not even be connected to: nothing reached it then, and a long
+    /// outage must not fill the history with identical failures.
+    pub(crate) async fn deliver_queued(
+        &self,
+        head: &RequestHead,
+        body: Bytes,
+        attempt: u32,
+        policy: &RetryPolicy,
+    ) -> QueuedOutcome {
+        let received_at_ms = history::now_ms();
+        let started = Instant::now();
+        let id = ExchangeId::new();
+        let request_tee = Tee::new(self.history.clone(), id);
+        let response_tee = Tee::new(self.history.clone(), id);
+        let mut forwarded = Forwarded::default();
+        let (outcome, retry_after) = self
+            .attempt_queued(head, body, &request_tee, &response_tee, &mut forwarded)
+            .await;
+        if matches!(
+            outcome,
+            Outcome::Failed(FailureKind::LocalAppUnreachable, _)
+        ) {
+            // Not recorded (see above): drop the request chunks written.
+            let _ = self.history.delete(id);
+            return QueuedOutcome::Unreachable;
+        }
+        let status = forwarded.response.as_ref().map(|(s, _)| *s);
+        let retryable = match (&outcome, status) {
+            (_, Some(s)) => s == 429 || s >= 500,
+            (Outcome::Responded, None) => false,
+            (_, None) => true,
+        };
+        let next = if retryable && attempt < policy.attempts {
+            let delay = policy
+                .delay(attempt)
+                .max(retry_after.unwrap_or_default().min(policy.max));
+            Some(history::now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+        } else {
+            None
+        };
+        let failed = retryable && next.is_none();
+        forwarded.queued = Some(history::QueuedAttempt {
+            attempt,
+            max_attempts: policy.attempts,
+            next_attempt_at_ms: next,
+            failed,
+            interrupted: false,
+        });
+        let exchange = self
+            .record(
+                head,
+                id,
+                received_at_ms,
+                started.elapsed(),
+                &outcome,
+                forwarded,
+                &request_tee,
+                &response_tee,
+            )
+            .await;
+        self.terminal.exchange(&exchange);
+        match next {
+            Some(at_ms) => QueuedOutcome::RetryAt(at_ms),
+            None if failed => QueuedOutcome::Failed,
+            None => QueuedOutcome::Done,
+        }
+    }
+
+    /// Records that the agent stopped while the app had this queued webhook.
+    pub(crate) async fn record_interrupted(
+        &self,
+        head: &RequestHead,
+        body: &[u8],
+        attempt: u32,
+        policy: &RetryPolicy,
+    ) {
+        let id = ExchangeId::new();
+        let tee = Tee::new(self.history.clone(), id);
+        tee.append(Part::Request, body);
+        let forwarded = Forwarded {
+            queued: Some(history::QueuedAttempt {
+                attempt,
+                max_attempts: policy.attempts,
+                next_attempt_at_ms: None,
+                failed: true,
+                interrupted: true,
+            }),
+            ..Forwarded::default()
+        };
+        let outcome = Outcome::Failed(
+            FailureKind::LocalAppError,
+            "the agent stopped while the app was handling this webhook; it is not sent again \
+             (at most once): replay it if the app did not get it"
+                .into(),
+        );
+        let exchange = self
+            .record(
+                head,
+                id,
+                history::now_ms(),
+                Duration::ZERO,
+                &outcome,
+                forwarded,
+                &tee,
+                &Tee::new(self.history.clone(), id),
+            )
+            .await;
+        self.terminal.exchange(&exchange);
+    }
+
+    async fn attempt_queued(
+        &self,
+        head: &RequestHead,
+        body: Bytes,
+        request_tee: &Tee,
+        response_tee: &Tee,
+        forwarded: &mut Forwarded,
+    ) -> (Outcome, Option<Duration>) {
+        request_tee.append(Part::Request, &body);
+        let timeout = Duration::from_millis(head.timeout_ms);
+        if let Some(first) = self.queued_duplicate(head, &body, forwarded).await {
+            return (self.reuse_answer(&first, response_tee, forwarded), None);
+        }
+        let request = match self.build_request(head, RelayBody::buffered(body)) {
+            Ok(r) => r,
+            Err(message) => return (Outcome::Failed(FailureKind::BadRequest, message), None),
+        };
+        let sent_at = Instant::now();
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) if err.is_connect() => {
+                let message = format!("cannot connect to {}", self.target);
+                return (
+                    Outcome::Failed(FailureKind::LocalAppUnreachable, message),
+                    None,
+                );
+            }
+            Ok(Err(err)) => {
+                let message = format!("{} broke the exchange: {}", self.target, error_chain(&err));
+                return (Outcome::Failed(FailureKind::LocalAppError, message), None);
+            }
+            Err(_) => {
+                let message = format!(
+                    "{} did not answer within {}s",
+                    self.target,
+                    timeout.as_secs_f32()
+                );
+                return (Outcome::Failed(FailureKind::LocalAppTimeout, message), None);
+            }
+        };
+        forwarded.app_ms = Some(u64::try_from(sent_at.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let (parts, mut body) = response.into_parts();
+        let headers: RawHeaders = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        forwarded.response = Some((parts.status.as_u16(), headers));
+        let read = tokio::time::timeout(timeout, async {
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Ok(data) = frame.into_data() {
+                            response_tee.append(Part::Response, &data);
+                        }
+                    }
+                    Err(_) => return false,
+                }
+            }
+            true
+        })
+        .await;
+        match read {
+            Ok(true) => (Outcome::Responded, retry_after),
+            _ => (
+                Outcome::Failed(
+                    FailureKind::LocalAppError,
+                    "the local app's response body broke off".into(),
+                ),
+                retry_after,
+            ),
+        }
+    }
+
+    /// The earlier exchange that delivered this queued webhook's provider
+    /// event, when its signature verified and the app accepted it already.
+    async fn queued_duplicate(
+        &self,
+        head: &RequestHead,
+        body: &[u8],
+        forwarded: &mut Forwarded,
+    ) -> Option<Exchange> {
+        let provider = signature::detect(&head.headers)?;
+        if !self.dedupe || !dedupe::has_event_ids(provider) || self.secrets.get(provider).is_empty()
+        {
+            return None;
+        }
+        let verdict = self.verdict(head, body);
+        let valid = verdict.is_valid();
+        forwarded.verdict = Some(verdict);
+        if !valid {
+            return None;
+        }
+        let event_id = dedupe::event_id(provider, &head.headers, body)?;
+        let key = format!("{}\0{provider}\0{event_id}", head.tunnel.as_str());
+        forwarded.in_flight = Some(self.claim(key).await);
+        forwarded.event_id = Some(event_id.clone());
+        self.history
+            .delivered(head.tunnel.as_str(), provider, &event_id)
+            .ok()
+            .flatten()
+    }
+
+    /// Takes the answer of `first` as this exchange's own, without the app.
+    fn reuse_answer(
+        &self,
+        first: &Exchange,
+        response_tee: &Tee,
+        forwarded: &mut Forwarded,
+    ) -> Outcome {
+        let Some(response) = &first.response else {
+            return Outcome::Failed(FailureKind::LocalAppError, "no recorded answer".into());
+        };
+        let body = self
+            .history
+            .body(first.id, Part::Response)
+            .unwrap_or_default();
+        response_tee.append(Part::Response, &body);
+        let mut headers: RawHeaders = response
+            .headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        headers.push((
+            "x-hookrelay-duplicate-of".into(),
+            first.id.to_string().into_bytes(),
+        ));
+        forwarded.response = Some((response.status, headers));
+        forwarded.duplicate_of = Some(first.id);
+        Outcome::Responded
+    }
+
     fn build_request(
         &self,
         head: &RequestHead,
-        recv: SharedRecv,
-        tee: Tee,
-        buffered: Option<Bytes>,
+        body: RelayBody,
     ) -> Result<Request<RelayBody>, String> {
-        let body = match buffered {
-            Some(bytes) => RelayBody::buffered(bytes),
-            None => RelayBody::new(recv, head.body_len, tee),
-        };
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| format!("invalid method {:?}", head.method))?;
         let mut request = Request::builder()
@@ -542,6 +793,19 @@ impl Forwarder {
         }
         Ok(request)
     }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 fn outcome_of(kind: FailureKind) -> history::Outcome {

@@ -252,6 +252,27 @@ pub struct Exchange {
     /// sender got that exchange's answer.
     #[serde(default)]
     pub duplicate_of: Option<ExchangeId>,
+    /// For a webhook the relay queued (the sender got `202`): which attempt
+    /// this was and what happens next.
+    #[serde(default)]
+    pub queued: Option<QueuedAttempt>,
+}
+
+/// One attempt at handing a queued webhook to the app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedAttempt {
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Attempts allowed in all.
+    pub max_attempts: u32,
+    /// When the next attempt is due (Unix ms), when there will be one.
+    pub next_attempt_at_ms: Option<u64>,
+    /// This was the last attempt and it failed: the webhook is marked failed
+    /// (replay it from the history).
+    pub failed: bool,
+    /// The agent stopped while the app had this webhook; it is not sent again
+    /// (at most once), so replay it if the app did not get it.
+    pub interrupted: bool,
 }
 
 impl Exchange {
@@ -483,6 +504,16 @@ impl History {
                 other => HistoryError::Storage(other.to_string()),
             })?;
         Self::from_db(db, retention)
+    }
+
+    /// Another tree in the same store (one lock, one flush for both).
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, HistoryError> {
+        self.db.open_tree(name).map_err(storage)
+    }
+
+    /// A fresh id, larger than any the store handed out before.
+    pub(crate) fn generate_id(&self) -> Result<u64, HistoryError> {
+        self.db.generate_id().map_err(storage)
     }
 
     /// Whether a store was ever created under `dir`.
@@ -921,6 +952,7 @@ mod tests {
             replay_of: None,
             event_id: None,
             duplicate_of: None,
+            queued: None,
         }
     }
 

@@ -280,6 +280,7 @@ impl Replayer {
             replay_of: Some(original.id),
             event_id: None,
             duplicate_of: None,
+            queued: None,
         };
         self.history.record(exchange.clone()).await?;
         if let Some(terminal) = &self.terminal {

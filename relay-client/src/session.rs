@@ -6,12 +6,18 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use hookrelay_shared::{
     codec::{read_frame, write_frame},
     protocol::close,
-    AgentToRelay, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName, PROTOCOL_VERSION,
+    AgentToRelay, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName, TunnelSettings,
+    PROTOCOL_VERSION,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{config::Secret, forward::Forwarder, tls::PinMismatch};
+use crate::{
+    config::Secret,
+    forward::Forwarder,
+    queued::{self, Outbox},
+    tls::PinMismatch,
+};
 
 /// Keep-alive interval: frequent enough that NATs keep the mapping and that the
 /// idle timeout below only fires on a dead link.
@@ -38,6 +44,7 @@ pub(crate) struct Dialer {
     pub token: Secret,
     pub agent_id: String,
     pub tunnels: Vec<TunnelName>,
+    pub settings: TunnelSettings,
 }
 
 /// An established, welcomed connection.
@@ -87,6 +94,7 @@ impl Dialer {
             token: self.token.expose().to_owned(),
             agent_id: self.agent_id.clone(),
             tunnels: self.tunnels.clone(),
+            settings: self.settings,
         };
         write_frame(&mut send, &hello)
             .await
@@ -142,7 +150,12 @@ fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
 impl Session {
     /// Serves delivery streams until the link ends or `shutdown` fires. Returns
     /// why the link ended.
-    pub async fn serve(self, forwarder: Forwarder, shutdown: CancellationToken) -> LinkEnd {
+    pub async fn serve(
+        self,
+        forwarder: Forwarder,
+        outbox: Outbox,
+        shutdown: CancellationToken,
+    ) -> LinkEnd {
         let tracker = TaskTracker::new();
         let Session {
             connection,
@@ -151,8 +164,22 @@ impl Session {
         } = self;
         let control_closed = read_frame::<RelayToAgent, _>(&mut control_recv);
         tokio::pin!(control_closed);
+        // Webhooks the relay queued arrive on their own stream; when it breaks
+        // the link is no good for them, so it is dropped and made again.
+        let queue_stream = queued::receive(connection.clone(), outbox);
+        tokio::pin!(queue_stream);
+        let mut queue_done = false;
         let end = loop {
             tokio::select! {
+                r = &mut queue_stream, if !queue_done => {
+                    queue_done = true;
+                    if let Err(err) = r {
+                        if connection.close_reason().is_none() {
+                            tracing::warn!("queue stream broke ({err}); reconnecting");
+                            connection.close(close::PROTOCOL_ERROR.into(), b"queue stream broke");
+                        }
+                    }
+                }
                 () = shutdown.cancelled() => {
                     let _ = write_frame(&mut control_send, &AgentToRelay::Goodbye).await;
                     let _ = control_send.finish();

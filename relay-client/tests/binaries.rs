@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{path::PathBuf, process::ExitStatus, time::Duration};
+use std::{process::ExitStatus, time::Duration};
 
 use common::*;
 use http::StatusCode;
@@ -11,33 +11,6 @@ use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout, Command},
 };
-
-/// `cargo test --workspace` builds every package's binaries before running tests.
-fn relay_server_bin() -> PathBuf {
-    let path =
-        relay_client_bin().with_file_name(format!("relay-server{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
-        path.display()
-    );
-    path
-}
-
-/// The value of `key=value` in a log line.
-fn field(line: &str, key: &str) -> anyhow::Result<String> {
-    let start = line
-        .find(&format!("{key}="))
-        .ok_or_else(|| anyhow::anyhow!("no {key} in {line}"))?
-        + key.len()
-        + 1;
-    Ok(line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .trim_matches('"')
-        .to_owned())
-}
 
 async fn sigterm(child: &Child) -> anyhow::Result<()> {
     let pid = child

@@ -733,6 +733,7 @@ async fn direct_mode_commands_keep_history_beyond_the_default_limits() -> anyhow
                 replay_of: None,
                 event_id: None,
                 duplicate_of: None,
+                queued: None,
             };
             // Recorded concurrently so that the flushes are shared.
             let h = history.clone();

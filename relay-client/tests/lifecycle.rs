@@ -157,6 +157,7 @@ async fn incompatible_or_malformed_hello_is_refused() -> anyhow::Result<()> {
         token: relay.token.clone(),
         agent_id: "future".into(),
         tunnels: vec!["future".parse()?],
+        settings: Default::default(),
     };
     write_frame(&mut send, &hello).await?;
     match tokio::time::timeout(WAIT, read_frame::<RelayToAgent, _>(&mut recv)).await?? {
@@ -343,17 +344,18 @@ async fn dead_path_is_noticed_within_seconds_and_the_tunnel_comes_back() -> anyh
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status_code, headers, body) = post(&relay.url("wifi", "/down"), "{}").await?;
+    // Queued meanwhile (the default), and delivered once the link is back.
+    let (status_code, _, body) = post(&relay.url("wifi", "/down"), "{}").await?;
     assert_eq!(
         status_code,
-        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::ACCEPTED,
         "{}",
-        error_code(&body)
+        String::from_utf8_lossy(&body)
     );
-    assert!(headers.contains_key("retry-after"));
 
     hole.dropping.store(false, Ordering::SeqCst);
     tokio::time::timeout(WAIT, agent.connected()).await??;
+    until_app_has(&app, "/down").await?;
     assert_eq!(
         post(&relay.url("wifi", "/back"), "{}").await?.0,
         StatusCode::OK
@@ -427,12 +429,14 @@ async fn agent_shutdown_lets_deliveries_in_flight_finish() -> anyhow::Result<()>
     let in_flight = tokio::spawn(async move { post(&url, "{}").await });
     until_app_has(&app, "/slow").await?;
     let stopping = tokio::spawn(agent.shutdown());
-    // While the agent drains, new webhooks are refused as offline, not lost in it.
+    // While the agent drains, new webhooks are queued for its return, not
+    // lost in it.
     let deadline = Instant::now() + WAIT;
     loop {
         let (code, _, body) = post(&relay.url("leaving", "/new"), "{}").await?;
-        if code == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(error_code(&body), "agent_offline");
+        if code == StatusCode::ACCEPTED {
+            let queued: serde_json::Value = serde_json::from_slice(&body)?;
+            assert_eq!(queued["status"], "queued");
             break;
         }
         assert!(

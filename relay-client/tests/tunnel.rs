@@ -374,10 +374,14 @@ async fn unknown_tunnel_and_unrouted_paths_are_404_with_a_code() -> anyhow::Resu
 }
 
 #[tokio::test]
-async fn offline_agent_is_503_with_retry_after() -> anyhow::Result<()> {
+async fn offline_agent_is_503_with_retry_after_when_it_rejects_while_offline() -> anyhow::Result<()>
+{
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn().await?;
-    let agent = relay.agent("sleepy", &app.target()).await?;
+    let mut config = relay.agent_config(Some("sleepy"), &app.target());
+    config.settings.when_offline = hookrelay_shared::WhenOffline::Reject;
+    let agent = relay_client::Agent::spawn(config).await?;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
     assert_eq!(
         post(&relay.url("sleepy", "/x"), "{}").await?.0,
         StatusCode::OK

@@ -13,13 +13,16 @@ use std::{
 use hookrelay_shared::{
     codec::{decode_payload, decode_prefix, read_frame, read_payload, write_frame},
     protocol::{close, HelloVersion},
-    AgentToRelay, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName, PROTOCOL_VERSION,
+    AgentToRelay, DeliveryMode, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName,
+    TunnelSettings, WhenOffline, PROTOCOL_VERSION,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     auth::TokenStore,
+    drain,
+    queue::Queue,
     routing::{AgentLink, ClaimError, Routes},
 };
 
@@ -41,16 +44,39 @@ pub(crate) struct Agents {
     pub routes: Arc<dyn Routes>,
     pub tokens: Arc<TokenStore>,
     pub urls: PublicUrls,
+    pub queue: Arc<dyn Queue>,
+    /// Whether the relay's config allows queueing at all.
+    pub queue_enabled: bool,
     next_session: AtomicU64,
 }
 
 impl Agents {
-    pub fn new(routes: Arc<dyn Routes>, tokens: Arc<TokenStore>, urls: PublicUrls) -> Self {
+    pub fn new(
+        routes: Arc<dyn Routes>,
+        tokens: Arc<TokenStore>,
+        urls: PublicUrls,
+        queue: Arc<dyn Queue>,
+        queue_enabled: bool,
+    ) -> Self {
         Agents {
             routes,
             tokens,
             urls,
+            queue,
+            queue_enabled,
             next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// The agent's wishes, narrowed by the relay's config.
+    fn effective(&self, wanted: TunnelSettings) -> TunnelSettings {
+        if self.queue_enabled {
+            wanted
+        } else {
+            TunnelSettings {
+                mode: DeliveryMode::Sync,
+                when_offline: WhenOffline::Reject,
+            }
         }
     }
 }
@@ -247,7 +273,8 @@ async fn session(
         agent_id: hello.agent_id.clone(),
         connection: connection.clone(),
     };
-    let replaced = match agents.routes.claim(&hello.tunnels, link) {
+    let settings = agents.effective(hello.settings);
+    let replaced = match agents.routes.claim(&hello.tunnels, link, settings) {
         Ok(replaced) => replaced,
         Err(ClaimError::Taken(name)) => {
             return reject(
@@ -273,14 +300,36 @@ async fn session(
         .map(|name| TunnelGrant {
             name: name.clone(),
             public_urls: agents.urls.for_tunnel(name, local_ip),
+            settings,
+            queued: agents.queue.stats(name).count,
         })
         .collect();
     let names: Vec<String> = hello.tunnels.iter().map(|t| t.to_string()).collect();
-    info!(token = %record.name, agent = %hello.agent_id, tunnels = %names.join(","), "agent connected");
+    info!(token = %record.name, agent = %hello.agent_id, tunnels = %names.join(","), mode = %settings.mode, when_offline = %settings.when_offline, "agent connected");
     let welcome = RelayToAgent::Welcome {
         relay_version: PROTOCOL_VERSION,
         tunnels,
     };
+    // The queue stream: queued deliveries go out from the welcome on, until
+    // the session ends (or the agent says goodbye).
+    let stop_drain = CancellationToken::new();
+    let _stop_drain_on_exit = stop_drain.clone().drop_guard();
+    tokio::spawn(
+        {
+            let (connection, queue, tunnels, stop) = (
+                connection.clone(),
+                agents.queue.clone(),
+                hello.tunnels.clone(),
+                stop_drain.clone(),
+            );
+            async move {
+                if let Err(err) = drain::serve(connection, queue, tunnels, stop).await {
+                    debug!(error = %err, "queue stream ended");
+                }
+            }
+        }
+        .in_current_span(),
+    );
     let result = match write_frame(&mut send, &welcome).await {
         Ok(()) => {
             // Hold the tunnels until the agent leaves, the link dies or we shut down.
@@ -301,6 +350,7 @@ async fn session(
                     // The agent is leaving: route nothing new to it, but let the
                     // deliveries in flight finish; the agent closes when done.
                     agents.routes.release(&hello.tunnels, session_id);
+                    stop_drain.cancel();
                     if tokio::time::timeout(GOODBYE_GRACE, connection.closed()).await.is_err() {
                         connection.close(close::SHUTDOWN.into(), b"goodbye");
                     }

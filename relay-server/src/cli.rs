@@ -9,11 +9,14 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use hookrelay_shared::TunnelPattern;
+use hookrelay_shared::{TunnelName, TunnelPattern};
 use serde::Deserialize;
 
-use crate::config::{
-    parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_TIMEOUT,
+use crate::{
+    config::{
+        parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_TIMEOUT,
+    },
+    queue::{self, QueueLimits},
 };
 
 /// Hookrelay relay: receives webhooks on a public address and streams them over
@@ -40,8 +43,8 @@ pub struct Cli {
     #[arg(long, env = "HOOKRELAY_QUIC", value_name = "ADDR")]
     pub quic: Option<SocketAddr>,
 
-    /// Admin listener with /healthz [default: 127.0.0.1:9090]
-    #[arg(long, env = "HOOKRELAY_ADMIN", value_name = "ADDR")]
+    /// Admin listener with /healthz and the queue API [default: 127.0.0.1:9090]
+    #[arg(long, global = true, env = "HOOKRELAY_ADMIN", value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
 
     /// Domain whose subdomains name tunnels: NAME.DOMAIN reaches tunnel NAME
@@ -71,6 +74,22 @@ pub struct Cli {
     /// Development mode: loopback defaults, and a token for every tunnel created and printed at start
     #[arg(long, env = "HOOKRELAY_DEV")]
     pub dev: bool,
+
+    /// Never queue: every tunnel is sync and answers 503 while its agent is offline
+    #[arg(long, env = "HOOKRELAY_NO_QUEUE")]
+    pub no_queue: bool,
+
+    /// Most webhooks queued per tunnel [default: 100000]
+    #[arg(long, env = "HOOKRELAY_QUEUE_MAX_COUNT", value_name = "N")]
+    pub queue_max_count: Option<u64>,
+
+    /// Most bytes queued per tunnel, e.g. 1GiB [default: 1GiB]
+    #[arg(long, env = "HOOKRELAY_QUEUE_MAX_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub queue_max_bytes: Option<u64>,
+
+    /// Oldest queued webhook before the tunnel refuses more, e.g. 7d [default: 7d]
+    #[arg(long, env = "HOOKRELAY_QUEUE_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub queue_max_age: Option<Duration>,
 }
 
 /// Subcommands; without one, the relay runs.
@@ -80,6 +99,11 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Inspect or purge the store-and-forward queue (through the running relay's admin listener, or straight from the data directory when it is stopped)
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
     },
 }
 
@@ -108,6 +132,35 @@ pub enum TokenCommand {
     },
 }
 
+/// `relay-server queue ...`
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Tunnels with queued webhooks: count, bytes, oldest age
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// The webhooks queued for one tunnel, oldest first
+    Show {
+        /// The tunnel
+        #[arg(long, value_name = "NAME")]
+        tunnel: TunnelName,
+        /// Most entries shown
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every webhook queued for one tunnel (they are lost for good)
+    Purge {
+        /// The tunnel
+        #[arg(long, value_name = "NAME")]
+        tunnel: TunnelName,
+    },
+}
+
 /// Settings read from the TOML file; keys mirror the flags (with `_`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +176,10 @@ struct FileConfig {
     body_limit: Option<SizeSetting>,
     timeout: Option<SizeSetting>,
     dev: Option<bool>,
+    queue: Option<bool>,
+    queue_max_count: Option<u64>,
+    queue_max_bytes: Option<SizeSetting>,
+    queue_max_age: Option<SizeSetting>,
 }
 
 /// A size or duration in the file: `"25MiB"` / `"30s"`, or a bare number.
@@ -225,6 +282,37 @@ impl Cli {
             })?,
             (None, None) => DEFAULT_TIMEOUT,
         };
+        let queue_limits = QueueLimits {
+            max_count: self
+                .queue_max_count
+                .or(file.queue_max_count)
+                .unwrap_or(queue::DEFAULT_MAX_COUNT),
+            max_bytes: match (self.queue_max_bytes, &file.queue_max_bytes) {
+                (Some(n), _) => n,
+                (None, Some(s)) => parse_size(&s.text()).map_err(|e| {
+                    ConfigError(format!(
+                        "invalid value for `queue_max_bytes` in {source}: {e}"
+                    ))
+                })?,
+                (None, None) => queue::DEFAULT_MAX_BYTES,
+            },
+            max_age: match (self.queue_max_age, &file.queue_max_age) {
+                (Some(d), _) => d,
+                (None, Some(s)) => parse_duration(&s.text()).map_err(|e| {
+                    ConfigError(format!(
+                        "invalid value for `queue_max_age` in {source}: {e}"
+                    ))
+                })?,
+                (None, None) => queue::DEFAULT_MAX_AGE,
+            },
+        };
+        if queue_limits.max_count == 0 || queue_limits.max_bytes == 0 {
+            return Err(ConfigError(
+                "`queue_max_count` and `queue_max_bytes` must be larger than zero (use --no-queue to turn queueing off)"
+                    .into(),
+            ));
+        }
+        let queue_enabled = !self.no_queue && file.queue.unwrap_or(true);
         let domain = self
             .domain
             .clone()
@@ -279,6 +367,8 @@ impl Cli {
             body_limit_bytes,
             timeout,
             dev,
+            queue_enabled,
+            queue_limits,
         })
     }
 }
@@ -343,6 +433,8 @@ mod tests {
             ("htp = \"127.0.0.1:1\"", "htp"),
             ("tls_cert = \"/x.pem\"", "tls_key"),
             ("domain = \"bad domain\"", "`domain`"),
+            ("queue_max_age = \"forever\"", "`queue_max_age`"),
+            ("queue_max_count = 0", "`queue_max_count`"),
         ] {
             std::fs::write(&file, content).expect("write");
             let err = cli(&["--config", file.to_str().expect("utf-8")])

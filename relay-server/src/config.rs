@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::queue::QueueLimits;
+
 /// Default cap on a request body: 25 MiB, enough for any provider's webhook
 /// (GitHub caps payloads at 25 MB) and small enough to refuse abuse early.
 pub const DEFAULT_BODY_LIMIT_BYTES: u64 = 25 * 1024 * 1024;
@@ -39,6 +41,11 @@ pub struct Config {
     pub timeout: Duration,
     /// Create and print a token granting every tunnel at start.
     pub dev: bool,
+    /// Whether tunnels may queue (store-and-forward); without it every tunnel
+    /// is sync and rejects while its agent is offline.
+    pub queue_enabled: bool,
+    /// Per-tunnel bounds of the queue.
+    pub queue_limits: QueueLimits,
 }
 
 /// Source of the relay's certificate.
@@ -72,6 +79,8 @@ impl Config {
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
             timeout: DEFAULT_TIMEOUT,
             dev: false,
+            queue_enabled: true,
+            queue_limits: QueueLimits::default(),
         }
     }
 }
@@ -105,7 +114,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds.
+/// Parses `30s`, `500ms`, `2m`, `1h`, `7d` or a plain number of seconds.
 ///
 /// # Errors
 /// A message naming the accepted forms.
@@ -121,7 +130,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
     };
     if d.is_zero() {
         return Err(format!("{s:?} must be longer than zero"));
@@ -145,6 +155,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
     }

@@ -19,19 +19,23 @@ use axum::{
     response::{IntoResponse, Response},
     Json, Router,
 };
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hookrelay_shared::{
     codec::{read_frame, write_frame},
     http::{connection_tokens, is_hop_by_hop},
     protocol::reset,
-    AgentReply, DeliveryId, FailureKind, RequestHead, TunnelName,
+    AgentReply, DeliveryId, DeliveryMode, FailureKind, RequestHead, TunnelName, WhenOffline,
 };
 use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{config::OFFLINE_RETRY_AFTER, routing::Routes};
+use crate::{
+    config::OFFLINE_RETRY_AFTER,
+    queue::{FullReason, Queue, QueueError},
+    routing::Routes,
+};
 
 /// Extra time the relay grants the agent beyond the local-app timeout, so that
 /// the agent's own, more precise timeout answer arrives first.
@@ -39,6 +43,10 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 
 /// Largest chunk read from a QUIC stream at once.
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Body bytes gathered before one write to the queue: few sled values per
+/// webhook, little memory per upload.
+const QUEUE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Header that carries the full public URL to the local app (Twilio, for one,
 /// signs the URL it posted to).
@@ -50,6 +58,7 @@ pub const DELIVERY_ID_HEADER: &str = "x-hookrelay-delivery-id";
 /// Ingress settings and shared state.
 pub(crate) struct Ingress {
     pub routes: Arc<dyn Routes>,
+    pub queue: Arc<dyn Queue>,
     pub domain: Option<String>,
     pub body_limit_bytes: u64,
     pub timeout: Duration,
@@ -100,13 +109,15 @@ impl Ingress {
                 limit: self.body_limit_bytes,
             });
         }
-        let link = self.routes.lookup(&tunnel).ok_or_else(|| {
-            if self.routes.is_known(&tunnel) {
-                IngressError::AgentOffline(tunnel.clone())
-            } else {
-                IngressError::UnknownTunnel(tunnel.clone())
-            }
-        })?;
+        let link = self.routes.lookup(&tunnel);
+        let settings = self.routes.settings(&tunnel);
+        let queue_it = match (&link, settings) {
+            (_, Some(s)) if s.mode == DeliveryMode::Queue => true,
+            (Some(_), _) => false,
+            (None, Some(s)) if s.when_offline == WhenOffline::Queue => true,
+            (None, Some(_)) => return Err(IngressError::AgentOffline(tunnel)),
+            (None, None) => return Err(IngressError::UnknownTunnel(tunnel)),
+        };
 
         let public_url = format!(
             "{}://{}{}",
@@ -138,15 +149,26 @@ impl Ingress {
             timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
             body_len,
         };
+        let link = match link {
+            Some(link) if !queue_it => link,
+            _ => return self.enqueue(head, body).await,
+        };
 
-        let (mut send, mut recv) = link
-            .connection
-            .open_bi()
-            .await
-            .map_err(|_| IngressError::AgentOffline(tunnel.clone()))?;
-        write_frame(&mut send, &head)
-            .await
-            .map_err(|_| IngressError::AgentLost(tunnel.clone()))?;
+        // A link that died a moment ago (the agent's goodbye still in flight)
+        // has not touched the body yet: queue instead when the tunnel queues
+        // while offline.
+        let queue_if_lost = settings.is_some_and(|s| s.when_offline == WhenOffline::Queue);
+        let (mut send, mut recv) = match link.connection.open_bi().await {
+            Ok(streams) => streams,
+            Err(_) if queue_if_lost => return self.enqueue(head, body).await,
+            Err(_) => return Err(IngressError::AgentOffline(tunnel)),
+        };
+        if write_frame(&mut send, &head).await.is_err() {
+            if queue_if_lost {
+                return self.enqueue(head, body).await;
+            }
+            return Err(IngressError::AgentLost(tunnel));
+        }
 
         let cancel = CancellationToken::new();
         let mut pump = tokio::spawn(pump_body(body, send, self.body_limit_bytes, cancel.clone()));
@@ -225,6 +247,58 @@ impl Ingress {
         }
     }
 
+    /// Stores the request in the tunnel's queue, durably, and answers `202`
+    /// with its delivery id. The body goes to disk as it arrives, in chunks of
+    /// up to [`QUEUE_CHUNK_BYTES`]; nothing holds it whole.
+    async fn enqueue(&self, head: RequestHead, mut body: Body) -> Result<Response, IngressError> {
+        let tunnel = head.tunnel.clone();
+        let delivery_id = head.delivery_id;
+        let mut upload = self.queue.begin(&tunnel, head.body_len)?;
+        let mut pending = BytesMut::new();
+        let streamed: Result<(), IngressError> = async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|_| IngressError::SenderAborted)?;
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers: not kept
+                };
+                if upload.written() + (pending.len() + data.len()) as u64 > self.body_limit_bytes {
+                    return Err(IngressError::BodyTooLarge {
+                        limit: self.body_limit_bytes,
+                    });
+                }
+                pending.extend_from_slice(&data);
+                if pending.len() >= QUEUE_CHUNK_BYTES {
+                    self.queue.append(&mut upload, &pending.split())?;
+                }
+            }
+            if !pending.is_empty() {
+                self.queue.append(&mut upload, &pending)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = streamed {
+            self.queue.abort(upload);
+            return Err(err);
+        }
+        let item = self.queue.commit(upload, head)?;
+        // On disk before the sender hears "accepted": a crash after this
+        // answer loses nothing.
+        self.queue.sync().await?;
+        let queued = self.queue.stats(&tunnel).count;
+        debug!(%delivery_id, %tunnel, seq = item.seq, bytes = item.body_len, queued, "queued");
+        let body = Queued {
+            status: "queued",
+            delivery_id: delivery_id.to_string(),
+            tunnel: tunnel.to_string(),
+            queued,
+        };
+        let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
+        resp.headers_mut()
+            .insert(DELIVERY_ID_HEADER, header_value(&delivery_id.to_string()));
+        Ok(resp)
+    }
+
     /// Finds the tunnel a request is for: the subdomain of the configured domain,
     /// or the path form `/t/NAME/rest`. Returns the tunnel and the path and query
     /// below its root.
@@ -255,6 +329,16 @@ impl Ingress {
             .map_err(|_| IngressError::UnknownTunnel(unknown_name(name)))?;
         Ok((tunnel, format!("{below}{query}")))
     }
+}
+
+/// The `202` body of a queued webhook.
+#[derive(Serialize)]
+struct Queued {
+    status: &'static str,
+    delivery_id: String,
+    tunnel: String,
+    /// Deliveries now waiting for this tunnel, this one included.
+    queued: u64,
 }
 
 /// What ended the request-body pump.
@@ -477,6 +561,45 @@ pub enum IngressError {
     LocalAppTimeout { tunnel: TunnelName, message: String },
     #[error("the local app behind tunnel {tunnel} failed: {message}")]
     LocalAppError { tunnel: TunnelName, message: String },
+    #[error("the queue of tunnel {tunnel} is full ({}); retry later", full_reason(*.reason))]
+    QueueFull {
+        tunnel: TunnelName,
+        reason: FullReason,
+        retry_after: Duration,
+    },
+    #[error("the relay cannot store this webhook right now")]
+    QueueStorage(String),
+}
+
+fn full_reason(reason: FullReason) -> &'static str {
+    match reason {
+        FullReason::Count => "too many webhooks waiting",
+        FullReason::Bytes => "too many bytes waiting",
+        FullReason::Age => "its oldest webhook waited too long; the agent has not collected them",
+    }
+}
+
+impl From<QueueError> for IngressError {
+    fn from(err: QueueError) -> Self {
+        match err {
+            QueueError::Full {
+                tunnel,
+                reason,
+                retry_after,
+            } => IngressError::QueueFull {
+                tunnel,
+                reason,
+                retry_after,
+            },
+            other => {
+                tracing::error!(
+                    error = &other as &dyn std::error::Error,
+                    "queue write failed"
+                );
+                IngressError::QueueStorage(other.to_string())
+            }
+        }
+    }
 }
 
 impl IngressError {
@@ -493,6 +616,8 @@ impl IngressError {
             IngressError::LocalAppUnreachable { .. } => "local_app_unreachable",
             IngressError::LocalAppTimeout { .. } => "local_app_timeout",
             IngressError::LocalAppError { .. } => "local_app_error",
+            IngressError::QueueFull { .. } => "queue_full",
+            IngressError::QueueStorage(_) => "queue_unavailable",
         }
     }
 
@@ -501,7 +626,9 @@ impl IngressError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngressError::NoRoute | IngressError::UnknownTunnel(_) => StatusCode::NOT_FOUND,
-            IngressError::AgentOffline(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngressError::AgentOffline(_)
+            | IngressError::QueueFull { .. }
+            | IngressError::QueueStorage(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::AgentLost(_)
             | IngressError::LocalAppUnreachable { .. }
             | IngressError::LocalAppError { .. } => StatusCode::BAD_GATEWAY,
@@ -538,10 +665,17 @@ impl IntoResponse for Failure {
             DELIVERY_ID_HEADER,
             header_value(&self.delivery_id.to_string()),
         );
-        if matches!(self.err, IngressError::AgentOffline(_)) {
+        let retry_after = match &self.err {
+            IngressError::AgentOffline(_) | IngressError::QueueStorage(_) => {
+                Some(OFFLINE_RETRY_AFTER)
+            }
+            IngressError::QueueFull { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
+        if let Some(after) = retry_after {
             headers.insert(
                 header::RETRY_AFTER,
-                header_value(&OFFLINE_RETRY_AFTER.as_secs().to_string()),
+                header_value(&after.as_secs().max(1).to_string()),
             );
         }
         if matches!(self.err, IngressError::AgentLost(_)) {

@@ -13,10 +13,12 @@
 //! - [`auth`]: hashed agent tokens.
 //! - [`tls`]: certificate files or a persisted self-signed certificate.
 
+pub mod admin;
 mod agents;
 pub mod auth;
 pub mod cli;
 pub mod config;
+mod drain;
 pub mod ingress;
 pub mod queue;
 pub mod relay;

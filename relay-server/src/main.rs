@@ -11,6 +11,8 @@ use relay_server::{
     Relay,
 };
 
+mod queue_cli;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,6 +31,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .resolved_data_dir()
             .unwrap_or_else(|e| exit_usage(&e.to_string()));
         return token_command(&TokenStore::open(&dir)?, command);
+    }
+    if let Some(Command::Queue { command }) = &cli.command {
+        let config = cli
+            .to_config()
+            .unwrap_or_else(|e| exit_usage(&e.to_string()));
+        return queue_cli::run(&config, command).await;
     }
     let config = cli
         .to_config()

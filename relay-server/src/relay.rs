@@ -2,17 +2,17 @@
 
 use std::{io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use axum::{extract::State, routing::get, Json, Router};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn, Instrument};
 
 use crate::{
+    admin::{self, AdminState},
     agents::{self, Agents, PublicUrls},
     auth::{TokenError, TokenStore},
     config::Config,
     ingress::{self, Ingress},
+    queue::{Queue, QueueError, SledQueue},
     routing::{LocalRoutes, Routes},
     tls::{TlsError, TlsMaterial},
 };
@@ -28,6 +28,7 @@ pub struct Relay {
     admin_addr: SocketAddr,
     fingerprint: String,
     tokens: Arc<TokenStore>,
+    queue: Arc<dyn Queue>,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     close_sessions: CancellationToken,
@@ -52,6 +53,8 @@ impl Relay {
         let routes: Arc<dyn Routes> = Arc::new(LocalRoutes::open(Some(
             config.data_dir.join("tunnels.json"),
         )));
+        let queue: Arc<dyn Queue> =
+            Arc::new(SledQueue::open(&config.data_dir, config.queue_limits)?);
 
         let bind_err = |what: &'static str, addr: SocketAddr| {
             move |source: io::Error| SpawnError::Bind { what, addr, source }
@@ -78,6 +81,7 @@ impl Relay {
 
         let ingress = Arc::new(Ingress {
             routes: routes.clone(),
+            queue: queue.clone(),
             domain: config
                 .domain
                 .clone()
@@ -108,9 +112,11 @@ impl Relay {
             .instrument(tracing::info_span!("ingress")),
         );
 
-        let admin_app = Router::new()
-            .route("/healthz", get(healthz))
-            .with_state(routes.clone());
+        let admin_app = admin::router(AdminState {
+            routes: routes.clone(),
+            queue: queue.clone(),
+            data_dir: config.data_dir.display().to_string(),
+        });
         let stop = shutdown.clone();
         tracker.spawn(async move {
             if let Err(err) = axum::serve(admin, admin_app)
@@ -132,6 +138,8 @@ impl Relay {
                 domain: config.domain.clone(),
                 http: http_addr,
             },
+            queue.clone(),
+            config.queue_enabled,
         ));
         tracker.spawn(agents::accept_loop(
             endpoint.clone(),
@@ -148,6 +156,7 @@ impl Relay {
             admin_addr,
             fingerprint: tls.fingerprint().to_owned(),
             tokens,
+            queue,
             endpoint,
             shutdown,
             close_sessions,
@@ -181,6 +190,11 @@ impl Relay {
         &self.tokens
     }
 
+    /// The relay's store-and-forward queue.
+    pub fn queue(&self) -> &Arc<dyn Queue> {
+        &self.queue
+    }
+
     /// Stops accepting webhooks and agents, lets the deliveries in flight finish
     /// (up to [`SHUTDOWN_GRACE`]), then closes agent connections with a reason
     /// the agents print before they reconnect.
@@ -201,16 +215,18 @@ impl Relay {
         self.endpoint
             .close(agents_close_code(), b"relay shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Err(err) = self.queue.sync().await {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "cannot flush the queue"
+            );
+        }
         info!("relay stopped");
     }
 }
 
 fn agents_close_code() -> quinn::VarInt {
     hookrelay_shared::protocol::close::SHUTDOWN.into()
-}
-
-async fn healthz(State(routes): State<Arc<dyn Routes>>) -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok", "tunnels_online": routes.online() }))
 }
 
 /// Why a relay could not start.
@@ -228,4 +244,6 @@ pub enum SpawnError {
     },
     #[error("data directory {} is unusable", .0.display())]
     DataDir(PathBuf),
+    #[error("cannot open the queue")]
+    Queue(#[from] QueueError),
 }

@@ -2,18 +2,19 @@
 //!
 //! Behind the [`Routes`] trait so that a multi-node relay can keep the table in
 //! NATS later; [`LocalRoutes`] is the single-node, in-memory table. Tunnels that
-//! were ever claimed are remembered (in `DATA_DIR/tunnels.json`), so a sender to
-//! a tunnel whose agent is offline hears "offline, retry" (503), not "no such
+//! were ever claimed are remembered with their delivery settings (in
+//! `DATA_DIR/tunnels.json`), so that while a tunnel's agent is offline a sender
+//! is queued for it (202) or told "offline, retry" (503), never "no such
 //! tunnel" (404), even across relay restarts.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::PathBuf,
     sync::{Mutex, RwLock},
 };
 
-use hookrelay_shared::TunnelName;
+use hookrelay_shared::{TunnelName, TunnelSettings};
 
 /// The connection that serves a tunnel.
 #[derive(Clone, Debug)]
@@ -37,11 +38,17 @@ pub trait Routes: Send + Sync + 'static {
     /// Gives all of `tunnels` to `link`, or none of them. A tunnel held by a live
     /// connection of *another* agent is refused; one held by the same agent (a
     /// reconnect racing its own stale connection) is taken over, and the
-    /// replaced links are returned so the caller can close them.
+    /// replaced links are returned so the caller can close them. The tunnels'
+    /// delivery `settings` are remembered for while the agent is away.
     ///
     /// # Errors
     /// [`ClaimError::Taken`] naming the first tunnel held by someone else.
-    fn claim(&self, tunnels: &[TunnelName], link: AgentLink) -> Result<Vec<AgentLink>, ClaimError>;
+    fn claim(
+        &self,
+        tunnels: &[TunnelName],
+        link: AgentLink,
+        settings: TunnelSettings,
+    ) -> Result<Vec<AgentLink>, ClaimError>;
 
     /// Frees the tunnels still held by session `session_id`.
     fn release(&self, tunnels: &[TunnelName], session_id: u64);
@@ -49,8 +56,14 @@ pub trait Routes: Send + Sync + 'static {
     /// Where to deliver for `tunnel`, if an agent holds it.
     fn lookup(&self, tunnel: &TunnelName) -> Option<AgentLink>;
 
-    /// Whether `tunnel` was ever claimed (it exists, even if offline now).
-    fn is_known(&self, tunnel: &TunnelName) -> bool;
+    /// The settings of a tunnel that was ever claimed (it exists, even if
+    /// offline now); `None` for a tunnel nobody ever held.
+    fn settings(&self, tunnel: &TunnelName) -> Option<TunnelSettings>;
+
+    /// Whether `tunnel` was ever claimed.
+    fn is_known(&self, tunnel: &TunnelName) -> bool {
+        self.settings(tunnel).is_some()
+    }
 
     /// Number of tunnels held right now.
     fn online(&self) -> usize;
@@ -67,20 +80,26 @@ pub enum ClaimError {
 #[derive(Debug)]
 pub struct LocalRoutes {
     held: RwLock<HashMap<TunnelName, AgentLink>>,
-    known: Mutex<BTreeSet<TunnelName>>,
+    known: Mutex<BTreeMap<TunnelName, TunnelSettings>>,
     known_file: Option<PathBuf>,
 }
 
 impl LocalRoutes {
     /// A table that remembers known tunnels in `known_file` (read now, when it
-    /// exists; unreadable content is ignored with a warning, as it only refines
-    /// a status code).
+    /// exists; unreadable content is ignored with a warning: it only refines
+    /// what happens until each agent reconnects). The list format of earlier
+    /// versions is read as tunnels with default settings.
     pub fn open(known_file: Option<PathBuf>) -> Self {
         let known = known_file
             .as_ref()
             .and_then(|p| match fs::read_to_string(p) {
-                Ok(text) => match serde_json::from_str::<BTreeSet<TunnelName>>(&text) {
-                    Ok(set) => Some(set),
+                Ok(text) => match serde_json::from_str::<KnownFile>(&text) {
+                    Ok(KnownFile::Settings(map)) => Some(map),
+                    Ok(KnownFile::Names(set)) => Some(
+                        set.into_iter()
+                            .map(|name| (name, TunnelSettings::default()))
+                            .collect(),
+                    ),
                     Err(err) => {
                         tracing::warn!(path = %p.display(), error = &err as &dyn std::error::Error, "ignoring unreadable tunnel list");
                         None
@@ -96,11 +115,13 @@ impl LocalRoutes {
         }
     }
 
-    fn remember(&self, tunnels: &[TunnelName]) {
+    fn remember(&self, tunnels: &[TunnelName], settings: TunnelSettings) {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let before = known.len();
-        known.extend(tunnels.iter().cloned());
-        if known.len() == before {
+        let mut changed = false;
+        for name in tunnels {
+            changed |= known.insert(name.clone(), settings) != Some(settings);
+        }
+        if !changed {
             return;
         }
         if let Some(path) = &self.known_file {
@@ -118,8 +139,21 @@ impl LocalRoutes {
     }
 }
 
+/// `tunnels.json`: a map of names to settings, or a plain list (older relays).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum KnownFile {
+    Settings(BTreeMap<TunnelName, TunnelSettings>),
+    Names(BTreeSet<TunnelName>),
+}
+
 impl Routes for LocalRoutes {
-    fn claim(&self, tunnels: &[TunnelName], link: AgentLink) -> Result<Vec<AgentLink>, ClaimError> {
+    fn claim(
+        &self,
+        tunnels: &[TunnelName],
+        link: AgentLink,
+        settings: TunnelSettings,
+    ) -> Result<Vec<AgentLink>, ClaimError> {
         let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
         for name in tunnels {
             if let Some(current) = held.get(name) {
@@ -139,7 +173,7 @@ impl Routes for LocalRoutes {
             }
         }
         drop(held);
-        self.remember(tunnels);
+        self.remember(tunnels, settings);
         Ok(replaced)
     }
 
@@ -157,9 +191,9 @@ impl Routes for LocalRoutes {
         held.get(tunnel).filter(|l| l.is_alive()).cloned()
     }
 
-    fn is_known(&self, tunnel: &TunnelName) -> bool {
+    fn settings(&self, tunnel: &TunnelName) -> Option<TunnelSettings> {
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        known.contains(tunnel)
+        known.get(tunnel).copied()
     }
 
     fn online(&self) -> usize {

@@ -87,6 +87,8 @@ impl TestRelay {
             max_backoff: Duration::from_millis(500),
             secrets: Default::default(),
             retention: Default::default(),
+            settings: Default::default(),
+            retry: Default::default(),
         }
     }
 
@@ -267,6 +269,34 @@ pub fn data_dir(base: &Path, name: &str) -> PathBuf {
 /// The agent binary cargo built for these tests.
 pub fn relay_client_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_relay-client"))
+}
+
+/// The relay binary; `cargo test --workspace` builds every package's
+/// binaries before running tests.
+pub fn relay_server_bin() -> PathBuf {
+    let path =
+        relay_client_bin().with_file_name(format!("relay-server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// The value of `key=value` in a log line.
+pub fn field(line: &str, key: &str) -> anyhow::Result<String> {
+    let start = line
+        .find(&format!("{key}="))
+        .ok_or_else(|| anyhow::anyhow!("no {key} in {line}"))?
+        + key.len()
+        + 1;
+    Ok(line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_matches('"')
+        .to_owned())
 }
 
 /// `bin` with a clean environment (no `HOOKRELAY_*` or `RUST_LOG` from the

@@ -1,0 +1,498 @@
+//! Webhooks the relay queued (the sender already got `202`): the agent's own
+//! durable outbox, the queue stream that fills it, and the worker that hands
+//! each one to the local app, in order, with retries.
+//!
+//! Guarantees, in the order a webhook meets them:
+//! - The relay deletes a webhook only after the agent acknowledged it, and the
+//!   agent acknowledges only what is flushed to its disk. Anything in between
+//!   is sent again after a reconnect; the agent knows every delivery id it
+//!   ever stored (tree `outbox_seen`) and acknowledges a repeat without
+//!   storing it twice.
+//! - The worker takes the oldest webhook, marks it "with the app" on disk,
+//!   then sends it: an agent killed meanwhile does not send that one again on
+//!   restart (at most once per delivery id); it is recorded as interrupted
+//!   and can be replayed.
+//! - A local app that cannot be connected to is waited for (nothing reached
+//!   it; attempts are not used up); a 5xx, 429, timeout or broken answer is
+//!   retried with exponential backoff and jitter, honouring `Retry-After`;
+//!   after the last attempt the webhook is marked failed in the history. Any
+//!   other answer is final. Later webhooks wait their turn: the app sees them
+//!   in the order the relay received them.
+//!
+//! Layout (in the history's sled store, sharing its flushes): `outbox` maps a
+//! local sequence number (u64 BE, increasing in queue-stream order) to an
+//! [`Entry`] in JSON; `outbox_bodies` maps the same key to the body;
+//! `outbox_seen` maps a delivery id (16-byte ULID) to the time it was stored.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use hookrelay_shared::{
+    codec::{read_frame, write_frame},
+    DeliveryId, QueueAck, QueueOpen, QueuedDelivery, RequestHead,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    forward::Forwarder,
+    history::{now_ms, History, HistoryError},
+};
+
+/// Deliveries the relay may send ahead of the agent's acknowledgements.
+pub const QUEUE_WINDOW: u32 = 64;
+
+/// Largest queued body the agent takes (the relay's own limit is far lower).
+const MAX_QUEUED_BODY: u64 = 1 << 30;
+
+/// Largest read from the queue stream at once.
+const MAX_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Delivery ids are remembered this long after they were stored: far longer
+/// than the relay keeps anything queued (7 days by default).
+const SEEN_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Default attempts at a queued webhook before it is marked failed.
+pub const DEFAULT_ATTEMPTS: u32 = 10;
+/// Default first retry delay.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// Default longest retry delay.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// When to try a queued webhook again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (the first one included).
+    pub attempts: u32,
+    /// Delay after the first failed attempt; doubled after each one.
+    pub initial: Duration,
+    /// Cap on any delay (a longer `Retry-After` is capped too).
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: DEFAULT_ATTEMPTS,
+            initial: DEFAULT_RETRY_INITIAL,
+            max: DEFAULT_RETRY_MAX,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt number `attempt` (1-based): exponential,
+    /// capped, with "equal jitter" (half fixed, half random) so that many
+    /// agents do not hammer an app in step.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let step = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+            .min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+/// What one attempt came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QueuedOutcome {
+    /// Answered for good (2xx, 3xx, or a 4xx other than 429), or a duplicate.
+    Done,
+    /// Try again at this time (Unix ms).
+    RetryAt(u64),
+    /// The last attempt failed; marked failed in the history.
+    Failed,
+    /// The app could not be connected to; nothing reached it.
+    Unreachable,
+}
+
+/// One stored webhook.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    head: RequestHead,
+    /// Attempts made so far.
+    attempts: u32,
+    /// Not before this time (Unix ms).
+    next_at_ms: u64,
+    /// Set (and flushed) just before the app gets it; cleared after.
+    with_app: bool,
+}
+
+/// The agent's durable store of queued webhooks. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    history: History,
+    items: sled::Tree,
+    bodies: sled::Tree,
+    seen: sled::Tree,
+    changed: Arc<Notify>,
+}
+
+impl Outbox {
+    /// Opens the outbox inside `history`'s store and forgets delivery ids
+    /// older than a month.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn open(history: &History) -> Result<Outbox, HistoryError> {
+        let outbox = Outbox {
+            history: history.clone(),
+            items: history.tree("outbox")?,
+            bodies: history.tree("outbox_bodies")?,
+            seen: history.tree("outbox_seen")?,
+            changed: Arc::default(),
+        };
+        let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
+        for item in outbox.seen.iter() {
+            let (key, value) = item.map_err(storage)?;
+            if stamp(&value).is_some_and(|t| t < cutoff) {
+                outbox.seen.remove(key).map_err(storage)?;
+            }
+        }
+        Ok(outbox)
+    }
+
+    /// Webhooks waiting for the app.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Stores a webhook from the relay's queue, unless its delivery id was
+    /// stored before; `Ok(false)` for such a repeat. Not flushed: call
+    /// [`Outbox::flush`] before acknowledging.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn store(&self, head: RequestHead, body: &[u8]) -> Result<bool, HistoryError> {
+        let id = head.delivery_id.0.to_bytes();
+        if self.seen.contains_key(id).map_err(storage)? {
+            return Ok(false);
+        }
+        let seq = self.history.generate_id()?.to_be_bytes();
+        let entry = Entry {
+            head,
+            attempts: 0,
+            next_at_ms: 0,
+            with_app: false,
+        };
+        self.bodies.insert(seq, body).map_err(storage)?;
+        self.put(seq, &entry)?;
+        self.seen
+            .insert(id, &now_ms().to_be_bytes())
+            .map_err(storage)?;
+        self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Makes everything stored so far durable.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn flush(&self) -> Result<(), HistoryError> {
+        self.history.flush().await
+    }
+
+    fn put(&self, seq: [u8; 8], entry: &Entry) -> Result<(), HistoryError> {
+        let json = serde_json::to_vec(entry).map_err(|e| HistoryError::Storage(e.to_string()))?;
+        self.items.insert(seq, json).map_err(storage)?;
+        Ok(())
+    }
+
+    /// The oldest waiting webhook.
+    fn first(&self) -> Result<Option<([u8; 8], Entry)>, HistoryError> {
+        for item in self.items.iter() {
+            let (key, value) = item.map_err(storage)?;
+            let Ok(seq) = <[u8; 8]>::try_from(&key[..]) else {
+                self.items.remove(key).map_err(storage)?;
+                continue;
+            };
+            match serde_json::from_slice::<Entry>(&value) {
+                Ok(entry) => return Ok(Some((seq, entry))),
+                Err(err) => {
+                    // Cannot be delivered; keep the bytes visible in the log
+                    // rather than block everything behind it.
+                    warn!(error = %err, "dropping an unreadable outbox entry");
+                    self.items.remove(key).map_err(storage)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn body(&self, seq: [u8; 8]) -> Result<Bytes, HistoryError> {
+        Ok(self
+            .bodies
+            .get(seq)
+            .map_err(storage)?
+            .map(|v| Bytes::copy_from_slice(&v))
+            .unwrap_or_default())
+    }
+
+    fn remove(&self, seq: [u8; 8]) -> Result<(), HistoryError> {
+        self.items.remove(seq).map_err(storage)?;
+        self.bodies.remove(seq).map_err(storage)?;
+        Ok(())
+    }
+}
+
+fn stamp(value: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(value).ok().map(u64::from_be_bytes)
+}
+
+fn storage(e: sled::Error) -> HistoryError {
+    HistoryError::Storage(e.to_string())
+}
+
+/// Hands queued webhooks to the app, oldest first, until `shutdown`.
+pub(crate) async fn run_worker(
+    outbox: Outbox,
+    forwarder: Forwarder,
+    policy: RetryPolicy,
+    shutdown: CancellationToken,
+) {
+    if let Err(err) = settle_interrupted(&outbox, &forwarder, &policy).await {
+        tracing::error!(
+            error = &err as &dyn std::error::Error,
+            "cannot read the outbox"
+        );
+    }
+    let mut unreachable_streak: u32 = 0;
+    loop {
+        let notified = outbox.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = match outbox.first() {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "cannot read the outbox"
+                );
+                None
+            }
+        };
+        let Some((seq, mut entry)) = next else {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut notified => continue,
+            }
+        };
+        let wait = entry.next_at_ms.saturating_sub(now_ms());
+        if wait > 0 {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+            continue;
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match attempt(&outbox, &forwarder, &policy, seq, &mut entry).await {
+            Ok(QueuedOutcome::Unreachable) => {
+                unreachable_streak = unreachable_streak.saturating_add(1);
+                if unreachable_streak == 1 {
+                    warn!(
+                        waiting = outbox.len(),
+                        "the local app is unreachable; queued webhooks wait for it"
+                    );
+                }
+                let delay = policy.delay(unreachable_streak);
+                entry.next_at_ms = now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                if let Err(err) = outbox.put(seq, &entry) {
+                    tracing::error!(
+                        error = &err as &dyn std::error::Error,
+                        "cannot update the outbox"
+                    );
+                }
+            }
+            Ok(_) => {
+                if unreachable_streak > 0 {
+                    info!(
+                        waiting = outbox.len(),
+                        "the local app is back; delivering queued webhooks"
+                    );
+                }
+                unreachable_streak = 0;
+            }
+            Err(err) => {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "outbox storage failed; retrying in 5s"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One attempt at the oldest webhook.
+async fn attempt(
+    outbox: &Outbox,
+    forwarder: &Forwarder,
+    policy: &RetryPolicy,
+    seq: [u8; 8],
+    entry: &mut Entry,
+) -> Result<QueuedOutcome, HistoryError> {
+    let body = outbox.body(seq)?;
+    entry.attempts += 1;
+    entry.with_app = true;
+    outbox.put(seq, entry)?;
+    // On disk before the app sees it: at most once, even across a kill -9.
+    outbox.flush().await?;
+    let outcome = forwarder
+        .deliver_queued(&entry.head, body, entry.attempts, policy)
+        .await;
+    entry.with_app = false;
+    match outcome {
+        QueuedOutcome::Done | QueuedOutcome::Failed => outbox.remove(seq)?,
+        QueuedOutcome::RetryAt(at_ms) => {
+            entry.next_at_ms = at_ms;
+            outbox.put(seq, entry)?;
+        }
+        QueuedOutcome::Unreachable => {
+            // Nothing reached the app: this attempt does not count.
+            entry.attempts -= 1;
+            outbox.put(seq, entry)?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Webhooks that were with the app when the agent last stopped: recorded as
+/// interrupted, not sent again.
+async fn settle_interrupted(
+    outbox: &Outbox,
+    forwarder: &Forwarder,
+    policy: &RetryPolicy,
+) -> Result<(), HistoryError> {
+    let mut interrupted = Vec::new();
+    for item in outbox.items.iter() {
+        let (key, value) = item.map_err(storage)?;
+        let (Ok(seq), Ok(entry)) = (
+            <[u8; 8]>::try_from(&key[..]),
+            serde_json::from_slice::<Entry>(&value),
+        ) else {
+            continue;
+        };
+        if entry.with_app {
+            interrupted.push((seq, entry));
+        }
+    }
+    for (seq, entry) in interrupted {
+        warn!(delivery_id = %entry.head.delivery_id, "the agent stopped while the app had this webhook; not sending it again (replay it if needed)");
+        let body = outbox.body(seq)?;
+        forwarder
+            .record_interrupted(&entry.head, &body, entry.attempts, policy)
+            .await;
+        outbox.remove(seq)?;
+    }
+    outbox.flush().await
+}
+
+/// Opens the queue stream on a welcomed connection and stores what the relay
+/// sends on it, acknowledging behind each flush. Returns when the stream or
+/// the connection ends.
+///
+/// # Errors
+/// Why the stream broke, in words.
+pub(crate) async fn receive(connection: quinn::Connection, outbox: Outbox) -> Result<(), String> {
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(
+        &mut send,
+        &QueueOpen {
+            window: QUEUE_WINDOW,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (stored_tx, mut stored_rx) = watch::channel::<Option<DeliveryId>>(None);
+    let acker = {
+        let outbox = outbox.clone();
+        async move {
+            while stored_rx.changed().await.is_ok() {
+                let Some(up_to) = *stored_rx.borrow_and_update() else {
+                    continue;
+                };
+                // Everything stored before `up_to` was announced is covered.
+                outbox.flush().await.map_err(|e| e.to_string())?;
+                write_frame(&mut send, &QueueAck { up_to })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        }
+    };
+    let reader = async move {
+        loop {
+            let delivery: QueuedDelivery = match read_frame(&mut recv).await {
+                Ok(Some(d)) => d,
+                Ok(None) => return Ok(()),
+                Err(err) => return Err(err.to_string()),
+            };
+            if delivery.body_len > MAX_QUEUED_BODY {
+                return Err(format!(
+                    "queued body of {} bytes is too large",
+                    delivery.body_len
+                ));
+            }
+            let body = read_exact(&mut recv, delivery.body_len).await?;
+            let id = delivery.head.delivery_id;
+            outbox
+                .store(delivery.head, &body)
+                .map_err(|e| e.to_string())?;
+            stored_tx.send_replace(Some(id));
+        }
+    };
+    tokio::select! {
+        r = reader => r,
+        r = acker => r,
+    }
+}
+
+async fn read_exact(recv: &mut quinn::RecvStream, len: u64) -> Result<Vec<u8>, String> {
+    let mut body = Vec::with_capacity(usize::try_from(len.min(1 << 20)).unwrap_or(0));
+    while (body.len() as u64) < len {
+        let want = usize::try_from(len - body.len() as u64)
+            .unwrap_or(usize::MAX)
+            .min(MAX_CHUNK_BYTES);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err("queue stream ended inside a body".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_are_capped_and_jittered() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        };
+        for attempt in 1..30 {
+            let step = Duration::from_secs(1)
+                .saturating_mul(1 << (attempt - 1).min(20))
+                .min(Duration::from_secs(60));
+            let d = policy.delay(attempt);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
+        }
+    }
+}
