@@ -85,10 +85,22 @@ impl Terminal {
         } else {
             format!("{status:<8}")
         };
-        let replay = if e.replay_of.is_some() {
-            "  (replay)"
-        } else {
-            ""
+        let replay = match (&e.queued, e.replay_of.is_some(), e.duplicate_of.is_some()) {
+            (_, true, _) => "  (replay)".to_owned(),
+            (_, _, true) => "  (duplicate)".to_owned(),
+            (Some(q), ..) if q.interrupted => {
+                "  (queued, interrupted: replay if needed)".to_owned()
+            }
+            (Some(q), ..) if q.failed => {
+                format!("  (queued, failed after {} attempts)", q.attempt)
+            }
+            (Some(q), ..) if q.next_attempt_at_ms.is_some() => format!(
+                "  (queued, attempt {}/{}, retrying)",
+                q.attempt, q.max_attempts
+            ),
+            (Some(q), ..) if q.attempt > 1 => format!("  (queued, attempt {})", q.attempt),
+            (Some(_), ..) => "  (queued)".to_owned(),
+            (None, ..) => String::new(),
         };
         format!(
             "{}  {:<7} {:<40} {status} {:>6} ms{replay}",
@@ -118,6 +130,8 @@ fn json_line(e: &Exchange) -> String {
         "provider": e.provider,
         "signature": e.signature,
         "replay_of": e.replay_of,
+        "duplicate_of": e.duplicate_of,
+        "queued": e.queued,
     })
     .to_string()
 }

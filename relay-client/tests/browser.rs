@@ -550,3 +550,54 @@ async fn narrow_window_stacks_list_and_detail() -> anyhow::Result<()> {
     browser.close().await?;
     Ok(())
 }
+
+/// Webhooks delivered from the relay's queue are marked in the list and the
+/// detail, and a retried one shows its attempt.
+#[tokio::test]
+async fn queued_deliveries_and_retries_are_marked() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let mut config = relay.agent_config(Some("queued-ui"), &app.target());
+    config.inspect = Some("127.0.0.1:0".parse()?);
+    config.settings.mode = hookrelay_shared::DeliveryMode::Queue;
+    config.retry = relay_client::queued::RetryPolicy {
+        attempts: 2,
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(100),
+    };
+    let agent = Agent::spawn(config).await?;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let browser = Browser::start(1280, 800).await?;
+    browser.open(&inspector(&agent)?).await?;
+    let ok = post_json(&relay.url("queued-ui", "/github"), &json!({"n": 1})).await?;
+    assert_eq!(ok, StatusCode::ACCEPTED);
+    let failing = post_json(&relay.url("queued-ui", "/status/503"), &json!({"n": 2})).await?;
+    assert_eq!(failing, StatusCode::ACCEPTED);
+    // /github once, /status/503 twice (retry 1/2, then failed 2/2).
+    browser.until_rows(3).await?;
+    let marks = browser
+        .js("return [...document.querySelectorAll('#list .queue-mark')].map(e => e.textContent);")
+        .await?;
+    let marks: Vec<String> = serde_json::from_value(marks)?;
+    let mut sorted = marks.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["failed 2/2", "queued", "retry 1/2"], "{marks:?}");
+    browser.click("#list .queue-mark.failed").await?;
+    browser
+        .until(
+            "[...document.querySelectorAll('#detail *')].some(e => e.textContent.includes('no more attempts'))",
+            "the failed attempt explained in the detail",
+        )
+        .await?;
+    let raw = browser
+        .js("return [...document.querySelectorAll('#detail *')].some(e => e.textContent.startsWith('{\"attempt\"'));")
+        .await?;
+    assert_eq!(
+        raw,
+        Value::Bool(false),
+        "the attempt shown as a badge, not raw JSON"
+    );
+    browser.screenshot("queued-failed").await?;
+    browser.close().await?;
+    Ok(())
+}

@@ -41,6 +41,22 @@ export function sigBadge(sig, provider) {
   );
 }
 
+/** A badge for an attempt at a webhook the relay queued (sender got 202). */
+export function queuedBadge(q) {
+  if (!q) return null;
+  if (q.interrupted) return h("span", { class: "queue-mark failed", title: queuedSentence(q) }, "interrupted");
+  if (q.failed) return h("span", { class: "queue-mark failed", title: queuedSentence(q) }, `failed ${q.attempt}/${q.max_attempts}`);
+  if (q.next_attempt_at_ms) return h("span", { class: "queue-mark retry", title: queuedSentence(q) }, `retry ${q.attempt}/${q.max_attempts}`);
+  return h("span", { class: "queue-mark", title: queuedSentence(q) }, q.attempt > 1 ? `queued · try ${q.attempt}` : "queued");
+}
+
+function queuedSentence(q) {
+  if (q.interrupted) return "The agent stopped while the app had this webhook; it was not sent again (at most once). Replay it if the app did not get it.";
+  if (q.failed) return `Attempt ${q.attempt} of ${q.max_attempts} failed; no more attempts. Replay it when the app is fixed.`;
+  if (q.next_attempt_at_ms) return `Attempt ${q.attempt} of ${q.max_attempts} failed; next attempt at ${new Date(q.next_attempt_at_ms).toLocaleTimeString()}.`;
+  return `Delivered from the relay's queue (attempt ${q.attempt} of ${q.max_attempts}); the sender got 202.`;
+}
+
 /** One list row. */
 export function renderRow(ex) {
   const cls = statusClass(ex);
@@ -49,6 +65,8 @@ export function renderRow(ex) {
   else if (ex.provider) meta.push(h("span", { class: "provider" }, providerName(ex.provider)));
   if (ex.replay_of) meta.push(exchangeLink(ex.replay_of, "↻ replay", "replay-mark", `Replay of ${ex.replay_of}: open the original`));
   if (ex.duplicate_of) meta.push(exchangeLink(ex.duplicate_of, "dup", "dup-mark", `Duplicate of ${ex.duplicate_of}: the same delivery was seen before`));
+  const q = queuedBadge(ex.queued);
+  if (q) meta.push(q);
   if (ex.outcome !== "ok" && ex.error) meta.push(h("span", { class: "row-error" }, ex.error));
   const statusTitle = ex.response
     ? `${ex.response.status} ${reasonPhrase(ex.response.status)}`.trim()
@@ -123,7 +141,7 @@ function queryTable(url) {
 const KNOWN_FIELDS = new Set([
   "id", "delivery_id", "tunnel", "received_at_relay_ms", "received_at_ms", "remote_addr", "method", "url",
   "path", "target", "request", "response", "outcome", "error", "duration", "provider", "signature",
-  "replay_of", "duplicate_of", "request_body", "response_body",
+  "replay_of", "duplicate_of", "queued", "request_body", "response_body",
 ]);
 
 function copyable(text, label) {
@@ -160,6 +178,7 @@ function summary(d, ctx) {
   add("Exchange id", copyable(d.id, "exchange id"));
   if (d.replay_of) add("Replay of", exchangeLink(d.replay_of, d.replay_of, "xlink", "Open the original"));
   if (d.duplicate_of) add("Duplicate of", exchangeLink(d.duplicate_of, d.duplicate_of, "xlink", "Open the first delivery"));
+  if (d.queued) add("Queued", queuedBadge(d.queued), h("span", { class: "muted" }, ` ${queuedSentence(d.queued)}`));
   const replays = ctx.replaysOf?.(d.id) || [];
   if (replays.length) {
     add(
