@@ -238,7 +238,7 @@ impl Forwarder {
         response_tee: &Tee,
         forwarded: &mut Forwarded,
     ) -> Outcome {
-        let Some(response) = &first.response else {
+        let Some(body) = self.reuse_answer(first, forwarded) else {
             return fail(
                 send,
                 FailureKind::LocalAppError,
@@ -246,25 +246,10 @@ impl Forwarder {
             )
             .await;
         };
-        let body = self
-            .history
-            .body(first.id, Part::Response)
-            .unwrap_or_default();
-        let mut headers: RawHeaders = response
-            .headers
-            .iter()
-            .map(|h| (h.name.clone(), h.value.clone()))
-            .collect();
-        headers.push((
-            "x-hookrelay-duplicate-of".into(),
-            first.id.to_string().into_bytes(),
-        ));
-        forwarded.response = Some((response.status, headers.clone()));
-        forwarded.duplicate_of = Some(first.id);
-        let reply = AgentReply::Response(ResponseHead {
-            status: response.status,
-            headers,
-        });
+        let Some((status, headers)) = forwarded.response.clone() else {
+            return Outcome::Cancelled;
+        };
+        let reply = AgentReply::Response(ResponseHead { status, headers });
         if write_frame(send, &reply).await.is_err() {
             return Outcome::Cancelled;
         }
@@ -553,7 +538,8 @@ impl Forwarder {
         let status = forwarded.response.as_ref().map(|(s, _)| *s);
         let retryable = match (&outcome, status) {
             (_, Some(s)) => s == 429 || s >= 500,
-            (Outcome::Responded, None) => false,
+            // Cannot be rebuilt as HTTP: no attempt will ever do better.
+            (Outcome::Responded | Outcome::Failed(FailureKind::BadRequest, _), None) => false,
             (_, None) => true,
         };
         let next = if retryable && attempt < policy.attempts {
@@ -645,7 +631,16 @@ impl Forwarder {
         request_tee.append(Part::Request, &body);
         let timeout = Duration::from_millis(head.timeout_ms);
         if let Some(first) = self.queued_duplicate(head, &body, forwarded).await {
-            return (self.reuse_answer(&first, response_tee, forwarded), None);
+            return match self.reuse_answer(&first, forwarded) {
+                Some(answer) => {
+                    response_tee.append(Part::Response, &answer);
+                    (Outcome::Responded, None)
+                }
+                None => (
+                    Outcome::Failed(FailureKind::LocalAppError, "no recorded answer".into()),
+                    None,
+                ),
+            };
         }
         let request = match self.build_request(head, RelayBody::buffered(body)) {
             Ok(r) => r,
@@ -742,21 +737,16 @@ impl Forwarder {
             .flatten()
     }
 
-    /// Takes the answer of `first` as this exchange's own, without the app.
-    fn reuse_answer(
-        &self,
-        first: &Exchange,
-        response_tee: &Tee,
-        forwarded: &mut Forwarded,
-    ) -> Outcome {
-        let Some(response) = &first.response else {
-            return Outcome::Failed(FailureKind::LocalAppError, "no recorded answer".into());
-        };
+    /// Takes the answer of `first` as this exchange's own, without the app:
+    /// its status and headers (plus `X-Hookrelay-Duplicate-Of`) go into
+    /// `forwarded`, and its body is returned. `None` when `first` has no
+    /// recorded answer.
+    fn reuse_answer(&self, first: &Exchange, forwarded: &mut Forwarded) -> Option<Vec<u8>> {
+        let response = first.response.as_ref()?;
         let body = self
             .history
             .body(first.id, Part::Response)
             .unwrap_or_default();
-        response_tee.append(Part::Response, &body);
         let mut headers: RawHeaders = response
             .headers
             .iter()
@@ -768,7 +758,7 @@ impl Forwarder {
         ));
         forwarded.response = Some((response.status, headers));
         forwarded.duplicate_of = Some(first.id);
-        Outcome::Responded
+        Some(body)
     }
 
     fn build_request(

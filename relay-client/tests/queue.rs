@@ -48,6 +48,24 @@ async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> 
     Ok(())
 }
 
+/// Waits until the in-process relay's queue for `tunnel` is empty.
+async fn until_queue_empty(relay: &TestRelay, tunnel: &str) -> anyhow::Result<()> {
+    let name = tunnel.parse()?;
+    until(WAIT, "the relay's queue to empty", || {
+        relay.relay.queue().stats(&name).count == 0
+    })
+    .await
+}
+
+/// Exchanges in the agent's history.
+fn recorded(agent: &Agent) -> usize {
+    agent
+        .history()
+        .list(&Filter::default(), None, 1000)
+        .map(|p| p.exchanges.len())
+        .unwrap_or(0)
+}
+
 /// The delivery ids the app received, in arrival order.
 fn delivery_ids(app: &TestApp) -> Vec<String> {
     app.received()
@@ -121,15 +139,7 @@ async fn sync_tunnel_queues_while_offline_and_delivers_on_reconnect() -> anyhow:
     let expected: Vec<String> = (0..20).map(|i| format!("/n/{i}")).collect();
     assert_eq!(paths, expected);
     // Acknowledged ones leave the relay's queue.
-    until(WAIT, "the relay's queue to empty", || {
-        relay
-            .relay
-            .queue()
-            .stats(&"laptop".parse().expect("name"))
-            .count
-            == 0
-    })
-    .await?;
+    until_queue_empty(&relay, "laptop").await?;
     // Recorded as queued deliveries, first attempt, not failed.
     let page = agent.history().list(&Filter::default(), None, 100)?;
     let queued: Vec<_> = page
@@ -244,15 +254,7 @@ async fn full_queue_answers_503_and_accepts_again_once_drained() -> anyhow::Resu
 
     let agent = relay.agent("small", &app.target()).await?;
     until(WAIT, "the five at the app", || app.received().len() == 5).await?;
-    until(WAIT, "the relay's queue to empty", || {
-        relay
-            .relay
-            .queue()
-            .stats(&"small".parse().expect("name"))
-            .count
-            == 0
-    })
-    .await?;
+    until_queue_empty(&relay, "small").await?;
     agent.shutdown().await?;
     post_queued(relay.relay.http_addr(), "small", 5..10).await?;
 
@@ -358,15 +360,7 @@ async fn down_app_gets_everything_when_back_and_failures_are_retried_then_marked
     );
     let app =
         ScriptedApp::spawn_on(tokio::net::TcpListener::bind(("127.0.0.1", port)).await?).await;
-    until(WAIT, "every webhook settled", || {
-        agent
-            .history()
-            .list(&Filter::default(), None, 100)
-            .map(|p| p.exchanges.len())
-            .unwrap_or(0)
-            >= 8
-    })
-    .await?;
+    until(WAIT, "every webhook settled", || recorded(&agent) >= 8).await?;
     // In order: /a, /flaky/3 three times (503, 503, 200), /always-500 three
     // times, /gone once (410 is final), /b.
     assert_eq!(
@@ -450,15 +444,7 @@ async fn queued_provider_duplicates_are_suppressed_and_recorded() -> anyhow::Res
         let (status, _, _) = send(req.body(full(body))?).await?;
         assert_eq!(status, StatusCode::ACCEPTED);
     }
-    until(WAIT, "three recorded", || {
-        agent
-            .history()
-            .list(&Filter::default(), None, 10)
-            .map(|p| p.exchanges.len())
-            .unwrap_or(0)
-            == 3
-    })
-    .await?;
+    until(WAIT, "three recorded", || recorded(&agent) == 3).await?;
     assert_eq!(app.received().len(), 1, "the app gets the event once");
     let page = agent.history().list(&Filter::default(), None, 10)?;
     let first = page
