@@ -123,6 +123,7 @@ impl Agent {
             }
         };
 
+        let outbox = Outbox::open(&history).map_err(AgentError::History)?;
         let shutdown = CancellationToken::new();
         let terminal = Terminal::new(config.print_deliveries, config.log_format);
         let (inspector_addr, inspector) = match config.inspect {
@@ -150,6 +151,8 @@ impl Agent {
                         .with_terminal(terminal.clone()),
                         data_dir: config.data_dir.clone(),
                         target: config.target.to_string(),
+                        outbox: outbox.clone(),
+                        settings: config.settings,
                     },
                     shutdown.clone(),
                 ));
@@ -165,7 +168,6 @@ impl Agent {
             secrets,
             config.dedupe,
         );
-        let outbox = Outbox::open(&history).map_err(AgentError::History)?;
         let worker = tokio::spawn(
             queued::run_worker(
                 outbox.clone(),

@@ -17,7 +17,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use hookrelay_shared::TunnelName;
+use hookrelay_shared::{TunnelName, TunnelSettings};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
@@ -27,6 +27,7 @@ use crate::{
     agent::Status,
     export::{self, ExchangeDetail, Format},
     history::{ExchangeId, Filter, History, HistoryError},
+    queued::Outbox,
     replay::{ReplayError, ReplayOptions, Replayer},
 };
 
@@ -45,6 +46,10 @@ pub(crate) struct InspectorState {
     pub replayer: Replayer,
     pub data_dir: PathBuf,
     pub target: String,
+    /// Queued webhooks waiting for the app.
+    pub outbox: Outbox,
+    /// The delivery settings the agent asked for.
+    pub settings: TunnelSettings,
 }
 
 /// Largest request body the API takes.
@@ -96,6 +101,12 @@ fn status_json(state: &InspectorState) -> serde_json::Value {
             json!(state.data_dir.display().to_string()),
         );
         obj.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+        obj.insert("mode".into(), json!(state.settings.mode.to_string()));
+        obj.insert(
+            "when_offline".into(),
+            json!(state.settings.when_offline.to_string()),
+        );
+        obj.insert("queued_waiting".into(), json!(state.outbox.len()));
     }
     body
 }

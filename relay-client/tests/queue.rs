@@ -335,6 +335,7 @@ async fn down_app_gets_everything_when_back_and_failures_are_retried_then_marked
     let port = dead_port().await?;
     let mut config = relay.agent_config(Some("retry"), &format!("127.0.0.1:{port}"));
     config.settings = queue_mode();
+    config.inspect = Some("127.0.0.1:0".parse()?);
     config.retry = RetryPolicy {
         attempts: 3,
         initial: Duration::from_millis(50),
@@ -347,8 +348,17 @@ async fn down_app_gets_everything_when_back_and_failures_are_retried_then_marked
         let (status, _, _) = post(&relay.url("retry", path), "{}").await?;
         assert_eq!(status, StatusCode::ACCEPTED, "{path}");
     }
-    // The app is down for a while: nothing is lost, no attempt is used up.
+    // The app is down for a while: nothing is lost, no attempt is used up,
+    // and the inspector says how many wait.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let inspector = agent
+        .inspector_addr()
+        .ok_or_else(|| anyhow::anyhow!("inspector"))?;
+    let (_, _, body) =
+        send(http::Request::get(format!("http://{inspector}/api/status")).body(full(""))?).await?;
+    let status: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(status["queued_waiting"], 5, "{status}");
+    assert_eq!(status["mode"], "queue");
     assert_eq!(
         agent
             .history()
