@@ -5,6 +5,7 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -19,6 +20,7 @@ use crate::{
     forward::Forwarder,
     history::History,
     inspector,
+    metrics::AgentMetrics,
     queued::{self, Outbox},
     replay::Replayer,
     session::{endpoint_for, with_transport, ConnectError, Dialer, LinkEnd, Session},
@@ -125,7 +127,9 @@ impl Agent {
 
         let outbox = Outbox::open(&history).map_err(AgentError::History)?;
         let shutdown = CancellationToken::new();
-        let terminal = Terminal::new(config.print_deliveries, config.log_format);
+        let metrics = Arc::new(AgentMetrics::new());
+        let terminal =
+            Terminal::new(config.print_deliveries, config.log_format).with_metrics(metrics.clone());
         let (inspector_addr, inspector) = match config.inspect {
             Some(addr) if !addr.ip().is_loopback() => {
                 return Err(AgentError::InspectorNotLoopback(addr))
@@ -153,6 +157,7 @@ impl Agent {
                         target: config.target.to_string(),
                         outbox: outbox.clone(),
                         settings: config.settings,
+                        metrics,
                     },
                     shutdown.clone(),
                 ));

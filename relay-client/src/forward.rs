@@ -283,6 +283,7 @@ impl Forwarder {
                 return;
             }
         };
+        tracing::Span::current().record("delivery_id", tracing::field::display(head.delivery_id));
         let received_at_ms = history::now_ms();
         let started = Instant::now();
         let id = ExchangeId::new();

@@ -4,7 +4,7 @@
 //! developer's machine, so it refuses any request whose `Host` or `Origin` is
 //! not a loopback name: a DNS-rebinding page or a cross-site form cannot use it.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use axum::{
     extract::{
@@ -27,6 +27,7 @@ use crate::{
     agent::Status,
     export::{self, ExchangeDetail, Format},
     history::{ExchangeId, Filter, History, HistoryError},
+    metrics::AgentMetrics,
     queued::Outbox,
     replay::{ReplayError, ReplayOptions, Replayer},
 };
@@ -50,6 +51,8 @@ pub(crate) struct InspectorState {
     pub outbox: Outbox,
     /// The delivery settings the agent asked for.
     pub settings: TunnelSettings,
+    /// Served at `/metrics`.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// Largest request body the API takes.
@@ -57,6 +60,8 @@ const MAX_API_BODY: usize = 64 * 1024 * 1024;
 
 pub(crate) fn router(state: InspectorState) -> Router {
     Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
@@ -109,6 +114,31 @@ fn status_json(state: &InspectorState) -> serde_json::Value {
         obj.insert("queued_waiting".into(), json!(state.outbox.len()));
     }
     body
+}
+
+/// Ready while the tunnel is held at the relay: a supervisor or load check
+/// sees a disconnected agent as not ready (503).
+async fn readyz(State(state): State<InspectorState>) -> Response {
+    let connected = matches!(*state.status.borrow(), Status::Connected { .. });
+    let body = Json(status_json(&state));
+    if connected {
+        body.into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn metrics(State(state): State<InspectorState>) -> Response {
+    let connected = matches!(*state.status.borrow(), Status::Connected { .. });
+    let text = state.metrics.render(connected, state.outbox.len());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn status(State(state): State<InspectorState>) -> Json<serde_json::Value> {

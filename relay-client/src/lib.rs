@@ -10,6 +10,7 @@
 //! - [`tls`]: certificate checks (public roots, pinned fingerprint).
 //! - [`demo`]: relay, agent and sample app in one process.
 //! - [`history`]: exchanges recorded in sled, with retention and a live feed.
+//! - [`metrics`]: Prometheus metrics served by the inspector.
 //! - [`queued`]: webhooks the relay queued: the agent's outbox, in-order delivery, retries.
 //! - [`replay`]: re-sends recorded requests, edited and re-signed on demand.
 //! - [`export`]: curl, HAR and JSON renderings.
@@ -28,6 +29,7 @@ pub mod export;
 mod forward;
 pub mod history;
 mod inspector;
+pub mod metrics;
 pub mod queued;
 pub mod replay;
 pub mod session;

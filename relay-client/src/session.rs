@@ -188,7 +188,7 @@ impl Session {
                 stream = connection.accept_bi() => match stream {
                     Ok((send, recv)) => {
                         let forwarder = forwarder.clone();
-                        tracker.spawn(async move { forwarder.handle(send, recv).await }.instrument(tracing::debug_span!("delivery")));
+                        tracker.spawn(async move { forwarder.handle(send, recv).await }.instrument(tracing::info_span!("delivery", delivery_id = tracing::field::Empty)));
                     }
                     Err(err) => break LinkEnd::from_close(err),
                 },

@@ -1,7 +1,10 @@
 //! The agent's live terminal view: one line per exchange, like ngrok's
 //! console, or one JSON object per line for machines (`--log-format json`).
 
-use std::io::{IsTerminal, Write};
+use std::{
+    io::{IsTerminal, Write},
+    sync::Arc,
+};
 
 use serde_json::json;
 
@@ -9,14 +12,17 @@ use crate::{
     config::LogFormat,
     export::iso8601,
     history::{Exchange, Outcome},
+    metrics::AgentMetrics,
 };
 
-/// Prints exchanges to stdout (or nowhere).
+/// Reports each finished exchange: a line on stdout (or nowhere), and the
+/// agent's metrics.
 #[derive(Clone, Debug)]
 pub(crate) struct Terminal {
     enabled: bool,
     format: LogFormat,
     color: bool,
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 impl Terminal {
@@ -28,11 +34,21 @@ impl Terminal {
                 && format == LogFormat::Text
                 && std::io::stdout().is_terminal()
                 && std::env::var_os("NO_COLOR").is_none(),
+            metrics: None,
         }
+    }
+
+    /// Counts every reported exchange in `metrics` too.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Prints one finished exchange: `12:04:05  POST /github/events  200  12 ms`.
     pub fn exchange(&self, e: &Exchange) {
+        if let Some(metrics) = &self.metrics {
+            metrics.exchange(e);
+        }
         match (e.outcome, &e.error) {
             (Outcome::Ok, _) => {
                 tracing::debug!(delivery_id = e.delivery_id.as_deref().unwrap_or("-"), status = ?e.status(), "delivered");

@@ -487,3 +487,48 @@ async fn an_agent_that_never_reaches_its_relay_exits_when_asked() -> anyhow::Res
     assert!(stderr.contains("exit-on-disconnect"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test]
+async fn relay_logs_json_lines_with_spans_when_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut relay = command(relay_server_bin())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--shutdown-grace", "2s"])
+        .env("RUST_LOG", "relay_server=debug")
+        .spawn()?;
+    let mut err = BufReader::new(
+        relay
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
+    )
+    .lines();
+    let line = line_with(&mut err, "relay listening").await?;
+    let json: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(json["level"], "INFO", "{line}");
+    assert_eq!(json["fields"]["message"], "relay listening");
+    let http = json["fields"]["http_addr"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("http_addr in {line}"))?
+        .to_owned();
+    // A request for an unknown tunnel logs inside its delivery span.
+    let (status, _, _) = post(&format!("http://{http}/t/ghost/x"), "{}").await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let line = line_with(&mut err, "delivery failed").await?;
+    let json: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(json["span"]["name"], "delivery", "{line}");
+    assert_eq!(json["span"]["tunnel"], "ghost", "{line}");
+    assert!(json["span"]["delivery_id"].is_string(), "{line}");
+    sigterm(&relay).await?;
+    assert!(exit_of(&mut relay).await?.success());
+    Ok(())
+}

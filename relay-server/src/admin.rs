@@ -14,7 +14,10 @@ use hookrelay_shared::TunnelName;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
+    metrics::RelayMetrics,
     queue::{Queue, QueuedItem, TunnelStats},
     routing::Routes,
 };
@@ -24,6 +27,9 @@ use crate::{
 pub(crate) struct AdminState {
     pub routes: Arc<dyn Routes>,
     pub queue: Arc<dyn Queue>,
+    pub metrics: Arc<RelayMetrics>,
+    /// Fired when the relay starts shutting down: `/readyz` turns 503.
+    pub stopping: CancellationToken,
     /// Reported by `/healthz`, so that the queue commands know they reach the
     /// relay of the data directory they were given.
     pub data_dir: String,
@@ -33,6 +39,8 @@ pub(crate) struct AdminState {
 pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/queue", get(queue_list))
         .route("/api/queue/{tunnel}", get(queue_show).delete(queue_purge))
         .with_state(state)
@@ -46,6 +54,37 @@ async fn healthz(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "queued": queued,
         "data_dir": state.data_dir,
     }))
+}
+
+/// Ready for traffic: not shutting down, and the queue can be written.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.stopping.is_cancelled() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the relay is shutting down".into(),
+        );
+    }
+    if let Err(e) = state.queue.sync().await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_unavailable",
+            e.to_string(),
+        );
+    }
+    Json(json!({ "status": "ready" })).into_response()
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let text = state.metrics.render();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// One tunnel's queue as the admin API and `relay-server queue list` show it.
@@ -173,7 +212,7 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

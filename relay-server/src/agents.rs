@@ -22,6 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::{
     auth::TokenStore,
     drain,
+    metrics::RelayMetrics,
     queue::Queue,
     routing::{AgentLink, ClaimError, Routes},
 };
@@ -47,6 +48,7 @@ pub(crate) struct Agents {
     pub queue: Arc<dyn Queue>,
     /// Whether the relay's config allows queueing at all.
     pub queue_enabled: bool,
+    pub metrics: Arc<RelayMetrics>,
     next_session: AtomicU64,
 }
 
@@ -57,6 +59,7 @@ impl Agents {
         urls: PublicUrls,
         queue: Arc<dyn Queue>,
         queue_enabled: bool,
+        metrics: Arc<RelayMetrics>,
     ) -> Self {
         Agents {
             routes,
@@ -64,6 +67,7 @@ impl Agents {
             urls,
             queue,
             queue_enabled,
+            metrics,
             next_session: AtomicU64::new(1),
         }
     }
@@ -154,8 +158,12 @@ pub(crate) async fn accept_loop(
         let shutdown = close_sessions.clone();
         tracker.spawn(
             async move {
-                if let Err(err) = session(incoming, agents, shutdown).await {
-                    debug!(error = %err, "agent session ended");
+                match session(incoming, agents.clone(), shutdown).await {
+                    Err(SessionError::Rejected(reason)) => {
+                        agents.metrics.auth_failure(reason_code(reason));
+                    }
+                    Err(err) => debug!(error = %err, "agent session ended"),
+                    Ok(()) => {}
                 }
             }
             .instrument(info_span!("session", %remote)),
@@ -316,20 +324,22 @@ async fn session(
     let _stop_drain_on_exit = stop_drain.clone().drop_guard();
     tokio::spawn(
         {
-            let (connection, queue, tunnels, stop) = (
+            let (connection, queue, tunnels, stop, metrics) = (
                 connection.clone(),
                 agents.queue.clone(),
                 hello.tunnels.clone(),
                 stop_drain.clone(),
+                agents.metrics.clone(),
             );
             async move {
-                if let Err(err) = drain::serve(connection, queue, tunnels, stop).await {
+                if let Err(err) = drain::serve(connection, queue, tunnels, stop, metrics).await {
                     debug!(error = %err, "queue stream ended");
                 }
             }
         }
         .in_current_span(),
     );
+    agents.metrics.agent_connected(1);
     let result = match write_frame(&mut send, &welcome).await {
         Ok(()) => {
             // Hold the tunnels until the agent leaves, the link dies or we shut down.
@@ -361,6 +371,7 @@ async fn session(
         Err(_) => Err(SessionError::Closed),
     };
     agents.routes.release(&hello.tunnels, session_id);
+    agents.metrics.agent_connected(-1);
     info!(agent = %hello.agent_id, tunnels = %names.join(","), "agent disconnected");
     result
 }
@@ -379,6 +390,18 @@ async fn reject(
     let _ = tokio::time::timeout(REJECT_LINGER, connection.closed()).await;
     connection.close(close::REJECTED.into(), b"rejected");
     Err(SessionError::Rejected(reason))
+}
+
+/// The `reason` label of an authentication failure.
+fn reason_code(reason: RejectReason) -> &'static str {
+    match reason {
+        RejectReason::BadToken => "bad_token",
+        RejectReason::VersionMismatch { .. } => "version_mismatch",
+        RejectReason::TunnelNotAllowed => "tunnel_not_allowed",
+        RejectReason::TunnelTaken => "tunnel_taken",
+        RejectReason::InvalidHello => "invalid_hello",
+        RejectReason::TooManyAttempts => "too_many_attempts",
+    }
 }
 
 fn version_message(agent_version: u16) -> String {

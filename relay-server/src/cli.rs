@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use crate::{
     config::{
-        parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_TIMEOUT,
+        parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES,
+        DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
     },
     queue::{self, QueueLimits},
 };
@@ -75,6 +76,14 @@ pub struct Cli {
     #[arg(long, env = "HOOKRELAY_DEV")]
     pub dev: bool,
 
+    /// How long shutdown (SIGTERM, Ctrl-C) lets deliveries in flight finish, e.g. 30s [default: 10s]
+    #[arg(long, env = "HOOKRELAY_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+
+    /// Logs for people (text) or for log collectors (json: one object per line) [default: text]
+    #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
     /// Never queue: every tunnel is sync and answers 503 while its agent is offline
     #[arg(long, env = "HOOKRELAY_NO_QUEUE")]
     pub no_queue: bool,
@@ -90,6 +99,17 @@ pub struct Cli {
     /// Oldest queued webhook before the tunnel refuses more, e.g. 7d [default: 7d]
     #[arg(long, env = "HOOKRELAY_QUEUE_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
     pub queue_max_age: Option<Duration>,
+}
+
+/// How the relay writes its logs (stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the span fields (session, delivery).
+    Json,
 }
 
 /// Subcommands; without one, the relay runs.
@@ -177,6 +197,8 @@ struct FileConfig {
     timeout: Option<SizeSetting>,
     dev: Option<bool>,
     queue: Option<bool>,
+    shutdown_grace: Option<SizeSetting>,
+    log_format: Option<LogFormat>,
     queue_max_count: Option<u64>,
     queue_max_bytes: Option<SizeSetting>,
     queue_max_age: Option<SizeSetting>,
@@ -313,6 +335,16 @@ impl Cli {
             ));
         }
         let queue_enabled = !self.no_queue && file.queue.unwrap_or(true);
+        let shutdown_grace = match (self.shutdown_grace, &file.shutdown_grace) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(&s.text()).map_err(|e| {
+                ConfigError(format!(
+                    "invalid value for `shutdown_grace` in {source}: {e}"
+                ))
+            })?,
+            (None, None) => DEFAULT_SHUTDOWN_GRACE,
+        };
+        let log_format = self.log_format.or(file.log_format).unwrap_or_default();
         let domain = self
             .domain
             .clone()
@@ -369,6 +401,8 @@ impl Cli {
             dev,
             queue_enabled,
             queue_limits,
+            shutdown_grace,
+            log_format,
         })
     }
 }
@@ -435,6 +469,8 @@ mod tests {
             ("domain = \"bad domain\"", "`domain`"),
             ("queue_max_age = \"forever\"", "`queue_max_age`"),
             ("queue_max_count = 0", "`queue_max_count`"),
+            ("shutdown_grace = \"later\"", "`shutdown_grace`"),
+            ("log_format = \"xml\"", "log_format"),
         ] {
             std::fs::write(&file, content).expect("write");
             let err = cli(&["--config", file.to_str().expect("utf-8")])

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::queue::QueueLimits;
+use crate::{cli::LogFormat, queue::QueueLimits};
 
 /// Default cap on a request body: 25 MiB, enough for any provider's webhook
 /// (GitHub caps payloads at 25 MB) and small enough to refuse abuse early.
@@ -16,6 +16,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// `Retry-After` sent with 503 while a tunnel's agent is offline: short enough
 /// that a sender honouring it comes back soon after a laptop wakes.
 pub const OFFLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Default time shutdown lets deliveries in flight finish.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything the relay needs to run, validated.
 #[derive(Clone, Debug)]
@@ -46,6 +49,10 @@ pub struct Config {
     pub queue_enabled: bool,
     /// Per-tunnel bounds of the queue.
     pub queue_limits: QueueLimits,
+    /// How long shutdown lets deliveries in flight finish.
+    pub shutdown_grace: Duration,
+    /// How logs are written (read by the binary when it sets up logging).
+    pub log_format: LogFormat,
 }
 
 /// Source of the relay's certificate.
@@ -81,6 +88,8 @@ impl Config {
             dev: false,
             queue_enabled: true,
             queue_limits: QueueLimits::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            log_format: LogFormat::Text,
         }
     }
 }

@@ -22,7 +22,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::queue::{Queue, QueueError};
+use crate::{
+    metrics::RelayMetrics,
+    queue::{Queue, QueueError},
+};
 
 /// Most unacknowledged deliveries an agent may ask for.
 pub const MAX_WINDOW: u32 = 1024;
@@ -53,6 +56,7 @@ pub(crate) async fn serve(
     queue: Arc<dyn Queue>,
     tunnels: Vec<TunnelName>,
     stop: CancellationToken,
+    metrics: Arc<RelayMetrics>,
 ) -> Result<(), DrainError> {
     let (send, mut recv) = tokio::select! {
         () = stop.cancelled() => return Ok(()),
@@ -70,6 +74,7 @@ pub(crate) async fn serve(
         queue.clone(),
         in_flight.clone(),
         permits.clone(),
+        metrics,
     ));
     let result = tokio::select! {
         r = send_all(send, &queue, &tunnels, &in_flight, &permits) => r,
@@ -172,6 +177,7 @@ async fn read_acks(
     queue: Arc<dyn Queue>,
     in_flight: InFlight,
     permits: Arc<Semaphore>,
+    metrics: Arc<RelayMetrics>,
 ) -> Result<(), DrainError> {
     loop {
         let ack: QueueAck = match read_frame(&mut recv).await {
@@ -188,7 +194,9 @@ async fn read_acks(
                 return Err(DrainError::UnknownAck(ack.up_to));
             };
             // Already gone when an operator purged it meanwhile.
-            queue.remove(&tunnel, seq)?;
+            if queue.remove(&tunnel, seq)? {
+                metrics.queue_delivered(tunnel.as_str());
+            }
             permits.add_permits(1);
             if id == ack.up_to {
                 break;

@@ -9,7 +9,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -29,10 +29,11 @@ use hookrelay_shared::{
 use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::{
     config::OFFLINE_RETRY_AFTER,
+    metrics::{self, RelayMetrics},
     queue::{FullReason, Queue, QueueError},
     routing::Routes,
 };
@@ -59,6 +60,7 @@ pub const DELIVERY_ID_HEADER: &str = "x-hookrelay-delivery-id";
 pub(crate) struct Ingress {
     pub routes: Arc<dyn Routes>,
     pub queue: Arc<dyn Queue>,
+    pub metrics: Arc<RelayMetrics>,
     pub domain: Option<String>,
     pub body_limit_bytes: u64,
     pub timeout: Duration,
@@ -77,28 +79,65 @@ async fn handle(
     req: Request,
 ) -> Response {
     let delivery_id = DeliveryId::new();
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    match ingress.deliver(delivery_id, remote, req).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            debug!(%delivery_id, %method, %uri, %remote, error = %err, "delivery failed");
-            Failure { err, delivery_id }.into_response()
-        }
-    }
+    // One span per delivery: every log line about it carries its id and tunnel.
+    let span = tracing::info_span!("delivery", %delivery_id, tunnel = tracing::field::Empty);
+    handle_in_span(ingress, remote, req, delivery_id)
+        .instrument(span)
+        .await
 }
 
+async fn handle_in_span(
+    ingress: Arc<Ingress>,
+    remote: SocketAddr,
+    req: Request,
+    delivery_id: DeliveryId,
+) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut label = String::from(metrics::UNKNOWN);
+    let (resp, outcome, queued) = match ingress.deliver(delivery_id, remote, req, &mut label).await
+    {
+        Ok(resp) => {
+            let queued = resp.extensions().get::<QueuedMarker>().is_some();
+            let outcome = if queued { "queued" } else { "delivered" };
+            (resp, outcome, queued)
+        }
+        Err(err) => {
+            debug!(%method, %uri, %remote, error = %err, "delivery failed");
+            let outcome = err.code();
+            (Failure { err, delivery_id }.into_response(), outcome, false)
+        }
+    };
+    ingress.metrics.request(
+        &label,
+        resp.status().as_u16(),
+        outcome,
+        queued,
+        started.elapsed(),
+    );
+    resp
+}
+
+/// Marks a `202` of the queue, as opposed to an app's own `202`.
+#[derive(Clone, Copy)]
+struct QueuedMarker;
+
 impl Ingress {
+    /// Routes and delivers (or queues) one request. `label` gets the tunnel's
+    /// metrics label once the tunnel is known to exist.
     async fn deliver(
         &self,
         delivery_id: DeliveryId,
         remote: SocketAddr,
         req: Request,
+        label: &mut String,
     ) -> Result<Response, IngressError> {
         let received_at_ms = unix_ms();
         let (parts, body) = req.into_parts();
         let host = host_of(&parts.headers, &parts.uri);
         let (tunnel, path) = self.route(host.as_deref(), &parts.uri)?;
+        tracing::Span::current().record("tunnel", tunnel.as_str());
 
         let declared = content_length(&parts.headers)?;
         // Exact for Content-Length bodies and for bodiless requests (0); `None`
@@ -118,6 +157,7 @@ impl Ingress {
             (None, Some(_)) => return Err(IngressError::AgentOffline(tunnel)),
             (None, None) => return Err(IngressError::UnknownTunnel(tunnel)),
         };
+        *label = self.metrics.tunnel_label(tunnel.as_str());
 
         let public_url = format!(
             "{}://{}{}",
@@ -151,7 +191,7 @@ impl Ingress {
         };
         let link = match link {
             Some(link) if !queue_it => link,
-            _ => return self.enqueue(head, body).await,
+            _ => return self.enqueue(head, body, label).await,
         };
 
         // A link that died a moment ago (the agent's goodbye still in flight)
@@ -160,18 +200,24 @@ impl Ingress {
         let queue_if_lost = settings.is_some_and(|s| s.when_offline == WhenOffline::Queue);
         let (mut send, mut recv) = match link.connection.open_bi().await {
             Ok(streams) => streams,
-            Err(_) if queue_if_lost => return self.enqueue(head, body).await,
+            Err(_) if queue_if_lost => return self.enqueue(head, body, label).await,
             Err(_) => return Err(IngressError::AgentOffline(tunnel)),
         };
         if write_frame(&mut send, &head).await.is_err() {
             if queue_if_lost {
-                return self.enqueue(head, body).await;
+                return self.enqueue(head, body, label).await;
             }
             return Err(IngressError::AgentLost(tunnel));
         }
 
         let cancel = CancellationToken::new();
-        let mut pump = tokio::spawn(pump_body(body, send, self.body_limit_bytes, cancel.clone()));
+        let mut pump = tokio::spawn(pump_body(
+            body,
+            send,
+            self.body_limit_bytes,
+            cancel.clone(),
+            Counted::new(self.metrics.clone(), label.clone(), Direction::In),
+        ));
         let _cancel_on_exit = cancel.clone().drop_guard();
         let deadline = tokio::time::sleep(self.timeout + REPLY_GRACE);
         tokio::pin!(deadline);
@@ -210,7 +256,8 @@ impl Ingress {
                 _cancel_on_exit.disarm();
                 let status = StatusCode::from_u16(head.status)
                     .map_err(|_| IngressError::AgentLost(tunnel.clone()))?;
-                let mut resp = Response::new(Body::from_stream(recv_stream(recv)));
+                let counted = Counted::new(self.metrics.clone(), label.clone(), Direction::Out);
+                let mut resp = Response::new(Body::from_stream(recv_stream(recv, counted)));
                 *resp.status_mut() = status;
                 let connection: Vec<String> = head
                     .headers
@@ -250,7 +297,12 @@ impl Ingress {
     /// Stores the request in the tunnel's queue, durably, and answers `202`
     /// with its delivery id. The body goes to disk as it arrives, in chunks of
     /// up to [`QUEUE_CHUNK_BYTES`]; nothing holds it whole.
-    async fn enqueue(&self, head: RequestHead, mut body: Body) -> Result<Response, IngressError> {
+    async fn enqueue(
+        &self,
+        head: RequestHead,
+        mut body: Body,
+        label: &str,
+    ) -> Result<Response, IngressError> {
         let tunnel = head.tunnel.clone();
         let delivery_id = head.delivery_id;
         let mut upload = self.queue.begin(&tunnel, head.body_len)?;
@@ -281,6 +333,7 @@ impl Ingress {
             self.queue.abort(upload);
             return Err(err);
         }
+        self.metrics.request_bytes(label, upload.written());
         let item = self.queue.commit(upload, head)?;
         // On disk before the sender hears "accepted": a crash after this
         // answer loses nothing.
@@ -296,6 +349,7 @@ impl Ingress {
         let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
         resp.headers_mut()
             .insert(DELIVERY_ID_HEADER, header_value(&delivery_id.to_string()));
+        resp.extensions_mut().insert(QueuedMarker);
         Ok(resp)
     }
 
@@ -360,6 +414,7 @@ async fn pump_body(
     mut send: quinn::SendStream,
     limit: u64,
     cancel: CancellationToken,
+    mut counted: Counted,
 ) -> PumpEnd {
     let mut sent: u64 = 0;
     loop {
@@ -385,6 +440,7 @@ async fn pump_body(
             },
         };
         sent += data.len() as u64;
+        counted.add(data.len());
         if sent > limit {
             let _ = send.reset(reset::BODY_ABORTED.into());
             return PumpEnd::TooLarge;
@@ -405,15 +461,59 @@ async fn pump_body(
 /// the sender sees a cut connection rather than a short, "complete" body.
 fn recv_stream(
     recv: quinn::RecvStream,
+    counted: Counted,
 ) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
-    futures_util::stream::unfold(Some(recv), |state| async move {
-        let mut recv = state?;
+    futures_util::stream::unfold(Some((recv, counted)), |state| async move {
+        let (mut recv, mut counted) = state?;
         match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
-            Ok(Some(chunk)) => Some((Ok(chunk.bytes), Some(recv))),
+            Ok(Some(chunk)) => {
+                counted.add(chunk.bytes.len());
+                Some((Ok(chunk.bytes), Some((recv, counted))))
+            }
             Ok(None) => None,
             Err(e) => Some((Err(io::Error::other(e)), None)),
         }
     })
+}
+
+/// Which way body bytes go, for the byte counters.
+#[derive(Clone, Copy)]
+enum Direction {
+    In,
+    Out,
+}
+
+/// Counts body bytes as they pass and adds them to the metrics once, when
+/// dropped (one counter update per body, not per chunk).
+struct Counted {
+    metrics: Arc<RelayMetrics>,
+    label: String,
+    direction: Direction,
+    bytes: u64,
+}
+
+impl Counted {
+    fn new(metrics: Arc<RelayMetrics>, label: String, direction: Direction) -> Self {
+        Counted {
+            metrics,
+            label,
+            direction,
+            bytes: 0,
+        }
+    }
+
+    fn add(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        match self.direction {
+            Direction::In => self.metrics.request_bytes(&self.label, self.bytes),
+            Direction::Out => self.metrics.response_bytes(&self.label, self.bytes),
+        }
+    }
 }
 
 /// The headers the local app receives: the sender's, in order and byte for byte,

@@ -8,6 +8,7 @@
 //! - [`cli`]: command line, environment and TOML file into a [`Config`].
 //! - [`ingress`]: the HTTP side; [`IngressError`] maps failures to statuses.
 //! - [`agents`](crate::agents): the QUIC side, handshake and sessions.
+//! - [`metrics`]: Prometheus metrics on the admin listener.
 //! - [`queue`]: the durable per-tunnel [`queue::Queue`] of store-and-forward deliveries.
 //! - [`routing`]: the [`Routes`] table of tunnel holders.
 //! - [`auth`]: hashed agent tokens.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 mod drain;
 pub mod ingress;
+pub mod metrics;
 pub mod queue;
 pub mod relay;
 pub mod routing;

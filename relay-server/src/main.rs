@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use relay_server::{
     auth::TokenStore,
-    cli::{Cli, Command, TokenCommand},
+    cli::{Cli, Command, LogFormat, TokenCommand},
     Relay,
 };
 
@@ -41,7 +41,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli
         .to_config()
         .unwrap_or_else(|e| exit_usage(&e.to_string()));
-    init_tracing();
+    init_tracing(config.log_format);
     let dev = config.dev;
     let relay = Relay::spawn(config)
         .await
@@ -110,15 +110,18 @@ fn exit_usage(message: &str) -> ! {
         .exit()
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn wait_for_signal() {

@@ -12,13 +12,11 @@ use crate::{
     auth::{TokenError, TokenStore},
     config::Config,
     ingress::{self, Ingress},
+    metrics::RelayMetrics,
     queue::{Queue, QueueError, SledQueue},
     routing::{LocalRoutes, Routes},
     tls::{TlsError, TlsMaterial},
 };
-
-/// How long shutdown waits for in-flight deliveries before giving up on them.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Handle to a running relay. Dropping it does not stop the relay; call
 /// [`Relay::shutdown`].
@@ -29,6 +27,7 @@ pub struct Relay {
     fingerprint: String,
     tokens: Arc<TokenStore>,
     queue: Arc<dyn Queue>,
+    shutdown_grace: Duration,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     close_sessions: CancellationToken,
@@ -55,6 +54,7 @@ impl Relay {
         )));
         let queue: Arc<dyn Queue> =
             Arc::new(SledQueue::open(&config.data_dir, config.queue_limits)?);
+        let metrics = Arc::new(RelayMetrics::new(queue.clone()));
 
         let bind_err = |what: &'static str, addr: SocketAddr| {
             move |source: io::Error| SpawnError::Bind { what, addr, source }
@@ -82,6 +82,7 @@ impl Relay {
         let ingress = Arc::new(Ingress {
             routes: routes.clone(),
             queue: queue.clone(),
+            metrics: metrics.clone(),
             domain: config
                 .domain
                 .clone()
@@ -115,7 +116,14 @@ impl Relay {
         let admin_app = admin::router(AdminState {
             routes: routes.clone(),
             queue: queue.clone(),
-            data_dir: config.data_dir.display().to_string(),
+            metrics: metrics.clone(),
+            stopping: shutdown.clone(),
+            data_dir: config
+                .data_dir
+                .canonicalize()
+                .unwrap_or_else(|_| config.data_dir.clone())
+                .display()
+                .to_string(),
         });
         let stop = shutdown.clone();
         tracker.spawn(async move {
@@ -140,6 +148,7 @@ impl Relay {
             },
             queue.clone(),
             config.queue_enabled,
+            metrics,
         ));
         tracker.spawn(agents::accept_loop(
             endpoint.clone(),
@@ -157,6 +166,7 @@ impl Relay {
             fingerprint: tls.fingerprint().to_owned(),
             tokens,
             queue,
+            shutdown_grace: config.shutdown_grace,
             endpoint,
             shutdown,
             close_sessions,
@@ -196,11 +206,11 @@ impl Relay {
     }
 
     /// Stops accepting webhooks and agents, lets the deliveries in flight finish
-    /// (up to [`SHUTDOWN_GRACE`]), then closes agent connections with a reason
+    /// (up to the configured grace period), then closes agent connections with a reason
     /// the agents print before they reconnect.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, self.ingress).await;
+        let drained = tokio::time::timeout(self.shutdown_grace, self.ingress).await;
         if drained.is_err() {
             warn!("deliveries still in flight after the shutdown grace period; cutting them");
         }

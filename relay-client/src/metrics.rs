@@ -1,0 +1,233 @@
+//! The agent's Prometheus metrics, served by the inspector at `/metrics`
+//! (OpenMetrics text format). Every recorded exchange is counted once, when
+//! it is reported (see [`crate::terminal::Terminal::exchange`]).
+//!
+//! Label values come from closed sets (kinds, status classes, outcomes,
+//! providers, verdicts): nothing a sender controls becomes a label.
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use hookrelay_shared::signature::Verdict;
+
+use crate::history::{Exchange, Outcome};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    kind: &'static str,
+    class: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    provider: &'static str,
+    verdict: &'static str,
+}
+
+/// Everything the agent counts.
+pub struct AgentMetrics {
+    registry: Registry,
+    deliveries: Family<DeliveryLabels, Counter>,
+    app_duration: Histogram,
+    request_bytes: Counter,
+    response_bytes: Counter,
+    attempts: Counter,
+    retries: Counter,
+    failures: Counter,
+    verdicts: Family<VerdictLabels, Counter>,
+    duplicates: Counter,
+    connected: Gauge,
+    queued_waiting: Gauge,
+}
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        r.register(
+            "hookrelay_agent_deliveries",
+            "Exchanges with the local app by kind (sync, queued, replay), status class and outcome",
+            deliveries.clone(),
+        );
+        let app_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
+        r.register(
+            "hookrelay_agent_app_duration_seconds",
+            "From sending a request to the local app until its response head",
+            app_duration.clone(),
+        );
+        let request_bytes = Counter::default();
+        r.register(
+            "hookrelay_agent_request_bytes",
+            "Request body bytes handed to the local app",
+            request_bytes.clone(),
+        );
+        let response_bytes = Counter::default();
+        r.register(
+            "hookrelay_agent_response_bytes",
+            "Response body bytes from the local app",
+            response_bytes.clone(),
+        );
+        let attempts = Counter::default();
+        r.register(
+            "hookrelay_agent_delivery_attempts",
+            "Attempts at queued webhooks",
+            attempts.clone(),
+        );
+        let retries = Counter::default();
+        r.register(
+            "hookrelay_agent_delivery_retries",
+            "Attempts at queued webhooks after the first",
+            retries.clone(),
+        );
+        let failures = Counter::default();
+        r.register(
+            "hookrelay_agent_delivery_failures",
+            "Queued webhooks marked failed (last attempt failed, or interrupted)",
+            failures.clone(),
+        );
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        r.register(
+            "hookrelay_agent_signature_verdicts",
+            "Signature verdicts by provider",
+            verdicts.clone(),
+        );
+        let duplicates = Counter::default();
+        r.register(
+            "hookrelay_agent_duplicates",
+            "Provider retries answered without calling the app",
+            duplicates.clone(),
+        );
+        let connected = Gauge::default();
+        r.register(
+            "hookrelay_agent_connected",
+            "1 while the agent holds its tunnel at the relay",
+            connected.clone(),
+        );
+        let queued_waiting = Gauge::default();
+        r.register(
+            "hookrelay_agent_queued_waiting",
+            "Queued webhooks in the agent's outbox, waiting for the app",
+            queued_waiting.clone(),
+        );
+        AgentMetrics {
+            registry: r,
+            deliveries,
+            app_duration,
+            request_bytes,
+            response_bytes,
+            attempts,
+            retries,
+            failures,
+            verdicts,
+            duplicates,
+            connected,
+            queued_waiting,
+        }
+    }
+
+    /// Counts one recorded exchange.
+    pub fn exchange(&self, e: &Exchange) {
+        let kind = if e.replay_of.is_some() {
+            "replay"
+        } else if e.queued.is_some() {
+            "queued"
+        } else {
+            "sync"
+        };
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                kind,
+                class: e.status().map(class).unwrap_or("none"),
+                outcome: outcome(e.outcome),
+            })
+            .inc();
+        if let Some(ms) = e.duration.local_app_ms {
+            self.app_duration.observe(ms as f64 / 1000.0);
+        }
+        self.request_bytes.inc_by(e.request.body_len);
+        if let Some(r) = &e.response {
+            self.response_bytes.inc_by(r.body_len);
+        }
+        if let Some(q) = &e.queued {
+            if !q.interrupted {
+                self.attempts.inc();
+            }
+            if q.attempt > 1 {
+                self.retries.inc();
+            }
+            if q.failed {
+                self.failures.inc();
+            }
+        }
+        if let Some(v) = &e.signature {
+            let (provider, verdict) = match v {
+                Verdict::Valid { provider } => (provider.as_str(), "valid"),
+                Verdict::Invalid { provider, .. } => (provider.as_str(), "invalid"),
+                Verdict::Stale { provider, .. } => (provider.as_str(), "stale"),
+                Verdict::NoSecret { provider } => (provider.as_str(), "no_secret"),
+                Verdict::Unsigned => ("none", "unsigned"),
+            };
+            self.verdicts
+                .get_or_create(&VerdictLabels { provider, verdict })
+                .inc();
+        }
+        if e.duplicate_of.is_some() {
+            self.duplicates.inc();
+        }
+    }
+
+    /// The exposition text, with the gauges as of now.
+    pub fn render(&self, connected: bool, queued_waiting: usize) -> String {
+        self.connected.set(i64::from(connected));
+        self.queued_waiting
+            .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        if let Err(err) = encode(&mut out, &self.registry) {
+            tracing::error!(error = %err, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+fn class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn outcome(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Ok => "ok",
+        Outcome::LocalAppUnreachable => "local_app_unreachable",
+        Outcome::LocalAppTimeout => "local_app_timeout",
+        Outcome::LocalAppError => "local_app_error",
+        Outcome::BadRequest => "bad_request",
+        Outcome::Cancelled => "cancelled",
+    }
+}
