@@ -166,7 +166,12 @@ pub(crate) async fn accept_loop(
                     Ok(()) => {}
                 }
             }
-            .instrument(info_span!("session", %remote)),
+            .instrument(info_span!(
+                "session",
+                %remote,
+                agent = tracing::field::Empty,
+                tunnels = tracing::field::Empty
+            )),
         );
     }
 }
@@ -276,6 +281,19 @@ async fn session(
     }
 
     let session_id = agents.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::Span::current();
+    span.record("agent", hello.agent_id.as_str());
+    span.record(
+        "tunnels",
+        tracing::field::display(
+            hello
+                .tunnels
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    );
     let link = AgentLink {
         session_id,
         agent_id: hello.agent_id.clone(),
