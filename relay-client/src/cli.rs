@@ -1,8 +1,15 @@
-//! Command line and `HOOKRELAY_*` environment variables into a [`Config`].
+//! Command line, `HOOKRELAY_*` environment variables and the `--config` TOML
+//! file into a [`Config`]. Precedence, as for the relay: flag, then environment
+//! variable, then file, then default.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{parser::ValueSource, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 use hookrelay_shared::{
     signature::{parse_secret_spec, Provider, SecretSet},
     DeliveryMode, TunnelName, TunnelSettings, WhenOffline,
@@ -17,6 +24,7 @@ use crate::{
     queued::{RetryPolicy, DEFAULT_ATTEMPTS},
     replay::ReplayOptions,
 };
+use serde::Deserialize;
 
 /// Hookrelay agent: receives webhooks from your relay over QUIC and forwards
 /// them to an app on this machine.
@@ -46,12 +54,28 @@ pub enum Command {
     Verify(VerifyArgs),
 }
 
-/// `relay-client http TARGET`
-#[derive(Debug, Args)]
+/// `relay-client http TARGET`: the flags as clap parsed them, plus which ones
+/// were actually given (on the command line or in the environment), so that a
+/// `--config` file can fill in the rest without clap's defaults hiding it.
+#[derive(Debug)]
 pub struct HttpArgs {
+    /// The flags, with clap's defaults filled in.
+    pub flags: HttpFlags,
+    /// Ids of the settings given as a flag or an env var.
+    given: BTreeSet<String>,
+}
+
+/// The flags of `relay-client http`.
+#[derive(Debug, Args)]
+pub struct HttpFlags {
     /// The local app: a port (3000), HOST:PORT, or an http:// URL with an optional base path
+    /// (or `target` in the --config file)
     #[arg(value_name = "TARGET", value_parser = |s: &str| s.parse::<Target>())]
-    pub target: Target,
+    pub target: Option<Target>,
+
+    /// TOML file with any of these settings, keys as the flags with `_` (flags and env vars override it)
+    #[arg(long, env = "HOOKRELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Relay QUIC address, HOST:PORT
     #[arg(
@@ -64,7 +88,7 @@ pub struct HttpArgs {
 
     /// Token from `relay-server token create`
     #[arg(long, env = "HOOKRELAY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
 
     /// Tunnel name (a DNS label the token grants) [default: one generated once and kept in the data directory]
     #[arg(long, env = "HOOKRELAY_TUNNEL", value_name = "NAME")]
@@ -151,6 +175,372 @@ pub struct HttpArgs {
     pub common: CommonArgs,
 }
 
+impl FromArgMatches for HttpArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(HttpArgs {
+            flags: HttpFlags::from_arg_matches(matches)?,
+            given: given_ids(matches),
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.flags.update_from_arg_matches(matches)?;
+        self.given.extend(given_ids(matches));
+        Ok(())
+    }
+}
+
+impl Args for HttpArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        HttpFlags::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        HttpFlags::augment_args_for_update(cmd)
+    }
+
+    fn group_id() -> Option<clap::Id> {
+        HttpFlags::group_id()
+    }
+}
+
+/// The arguments whose value came from the command line or the environment,
+/// not from a clap default.
+fn given_ids(matches: &ArgMatches) -> BTreeSet<String> {
+    matches
+        .ids()
+        .filter(|id| {
+            matches!(
+                matches.value_source(id.as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.as_str().to_owned())
+        .collect()
+}
+
+/// What `relay-client http` runs: the agent, and the watchdog around its link.
+#[derive(Debug)]
+pub struct HttpConfig {
+    /// The agent's own configuration.
+    pub agent: Config,
+    /// Complain on stderr once the link has been down this long.
+    pub disconnect_warning: Duration,
+    /// Exit with status 1 once the link has been down this long.
+    pub exit_on_disconnect: Option<Duration>,
+}
+
+/// A setting that is missing or wrong; the message names it (and the file),
+/// never a secret's value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// `relay-client http --config FILE`: any of `http`'s settings, keys as the
+/// flags with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    target: Option<Scalar>,
+    relay: Option<String>,
+    token: Option<String>,
+    tunnel: Option<String>,
+    relay_cert_sha256: Option<String>,
+    insecure_skip_verify: Option<bool>,
+    quiet: Option<bool>,
+    disconnect_warning: Option<Scalar>,
+    exit_on_disconnect: Option<Scalar>,
+    no_dedupe: Option<bool>,
+    mode: Option<String>,
+    when_offline: Option<String>,
+    retry_attempts: Option<u32>,
+    retry_initial: Option<Scalar>,
+    retry_max: Option<Scalar>,
+    log_format: Option<String>,
+    verify: Option<OneOrMany>,
+    max_exchanges: Option<u64>,
+    max_history_bytes: Option<Scalar>,
+    data_dir: Option<PathBuf>,
+    inspect: Option<String>,
+    no_inspect: Option<bool>,
+}
+
+/// A port, size or duration: `3000`, `"1GiB"`, `"30s"`, or a bare number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Number(u64),
+    Text(String),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Number(n) => n.to_string(),
+            Scalar::Text(s) => s.clone(),
+        }
+    }
+}
+
+/// `verify = "stripe=…"` or `verify = ["stripe=…", "github=…"]`. Untagged, so
+/// that a value of the wrong type is refused without echoing a secret.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Reads the file. Errors give the line and column and the parser's message,
+/// but never the offending line itself: it may hold the token.
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {column}")
+            })
+            .unwrap_or_default();
+        ConfigError(format!(
+            "invalid config file {}{at}: {}",
+            path.display(),
+            e.message().trim_end()
+        ))
+    })
+}
+
+/// A key of the config file, for parsing its value with an error that names
+/// the key and the file.
+struct FileKey<'a> {
+    key: &'static str,
+    source: &'a str,
+}
+
+impl FileKey<'_> {
+    /// Parses the value when the file has one: `invalid value "x" for \`mode\`
+    /// in agent.toml: …`.
+    fn parse<T>(
+        &self,
+        value: Option<String>,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        value
+            .map(|v| {
+                parse(&v).map_err(|e| {
+                    ConfigError(format!(
+                        "invalid value {v:?} for `{}` in {}: {e}",
+                        self.key, self.source
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
+impl HttpArgs {
+    /// Whether a setting was given as a flag or an env var.
+    fn given(&self, id: &str) -> bool {
+        self.given.contains(id)
+    }
+
+    /// Flag or env var, then the file, then the default (clap's, already in
+    /// `flag` when nothing was given).
+    fn layer<T>(&self, id: &str, flag: T, file: Option<T>) -> T {
+        if self.given(id) {
+            flag
+        } else {
+            file.unwrap_or(flag)
+        }
+    }
+
+    /// Merges flags, environment variables and the `--config` file into the
+    /// validated configuration. Precedence: flag, env var, file, default.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the setting at fault, and the file when the
+    /// value came from it.
+    pub fn to_config(&self) -> Result<HttpConfig, ConfigError> {
+        let f = &self.flags;
+        let file = match &f.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let source = f
+            .config
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        // A value from the file, parsed; an error names the key and the file.
+        let key = |key: &'static str| FileKey {
+            key,
+            source: &source,
+        };
+
+        let target = key("target").parse(file.target.as_ref().map(Scalar::text), str::parse)?;
+        let target = self
+            .layer("target", f.target.clone(), target.map(Some))
+            .ok_or_else(|| {
+                ConfigError(
+                    "no TARGET: name the local app on the command line (`relay-client http 3000`) or as `target` in the --config file"
+                        .into(),
+                )
+            })?;
+        let token = self
+            .layer("token", f.token.clone(), file.token.clone().map(Some))
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ConfigError(
+                    "no token: pass --token, set HOOKRELAY_TOKEN, or set `token` in the --config file"
+                        .into(),
+                )
+            })?;
+        let tunnel = key("tunnel").parse(file.tunnel.clone(), |s| {
+            s.parse::<TunnelName>().map_err(|e| e.to_string())
+        })?;
+        let tunnel = self.layer("tunnel", f.tunnel.clone(), tunnel.map(Some));
+
+        // Trust is one setting written with two keys. A fingerprint or
+        // --insecure-skip-verify given as a flag or env var beats anything in
+        // the file; `insecure_skip_verify` layers like any other flag.
+        let file_pin =
+            key("relay_cert_sha256").parse(file.relay_cert_sha256.clone(), parse_fingerprint)?;
+        if file_pin.is_some() && file.insecure_skip_verify == Some(true) {
+            return Err(ConfigError(format!(
+                "`relay_cert_sha256` and `insecure_skip_verify` in {source} cannot both be set"
+            )));
+        }
+        let insecure = self.layer(
+            "insecure_skip_verify",
+            f.insecure_skip_verify,
+            file.insecure_skip_verify,
+        );
+        let trust = match (f.relay_cert_sha256, insecure, file_pin) {
+            (Some(fp), _, _) => Trust::Pinned(fp),
+            (None, true, _) => Trust::InsecureSkipVerify,
+            (None, false, Some(fp)) => Trust::Pinned(fp),
+            (None, false, None) => Trust::SystemRoots,
+        };
+
+        let mode = key("mode").parse(file.mode.clone(), str::parse::<DeliveryMode>)?;
+        let when_offline =
+            key("when_offline").parse(file.when_offline.clone(), str::parse::<WhenOffline>)?;
+        let log_format = key("log_format").parse(file.log_format.clone(), |s| {
+            <LogFormat as clap::ValueEnum>::from_str(s, true)
+                .map_err(|_| "expected text or json".to_owned())
+        })?;
+        if file.retry_attempts == Some(0) {
+            return Err(ConfigError(format!(
+                "invalid value 0 for `retry_attempts` in {source}: at least 1 attempt"
+            )));
+        }
+        let duration = |name: &'static str, v: &Option<Scalar>| {
+            key(name).parse(
+                v.as_ref().map(Scalar::text),
+                relay_server::config::parse_duration,
+            )
+        };
+        let retry_initial = self.layer(
+            "retry_initial",
+            f.retry_initial,
+            duration("retry_initial", &file.retry_initial)?,
+        );
+        let retry_max = self.layer(
+            "retry_max",
+            f.retry_max,
+            duration("retry_max", &file.retry_max)?,
+        );
+        let max_history_bytes = key("max_history_bytes").parse(
+            file.max_history_bytes.as_ref().map(Scalar::text),
+            relay_server::config::parse_size,
+        )?;
+        let verify = match file.verify {
+            // The spec is not echoed: it holds the secret.
+            Some(specs) => Some(
+                specs
+                    .into_vec()
+                    .iter()
+                    .map(|s| {
+                        parse_secret_spec(s).map_err(|e| {
+                            ConfigError(format!("invalid value for `verify` in {source}: {e}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        let inspect = key("inspect").parse(file.inspect.clone(), parse_loopback)?;
+        let no_inspect = self.layer("no_inspect", f.common.no_inspect, file.no_inspect);
+        let inspect = self.layer("inspect", f.common.inspect, inspect);
+        let disconnect_warning = duration("disconnect_warning", &file.disconnect_warning)?;
+        let exit_on_disconnect = duration("exit_on_disconnect", &file.exit_on_disconnect)?;
+
+        let agent = Config {
+            relay: self.layer("relay", f.relay.clone(), file.relay.clone()),
+            token: Secret::new(token),
+            tunnel,
+            target,
+            trust,
+            data_dir: self
+                .layer(
+                    "data_dir",
+                    f.common.data_dir.clone(),
+                    file.data_dir.map(Some),
+                )
+                .unwrap_or_else(default_data_dir),
+            inspect: (!no_inspect).then_some(inspect),
+            print_deliveries: !self.layer("quiet", f.quiet, file.quiet),
+            dedupe: !self.layer("no_dedupe", f.no_dedupe, file.no_dedupe),
+            settings: TunnelSettings {
+                mode: self.layer("mode", f.mode, mode),
+                when_offline: self.layer("when_offline", f.when_offline, when_offline),
+            },
+            retry: RetryPolicy {
+                attempts: self.layer("retry_attempts", f.retry_attempts, file.retry_attempts),
+                initial: retry_initial,
+                max: retry_max.max(retry_initial),
+            },
+            log_format: self.layer("log_format", f.log_format, log_format),
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            secrets: secret_set(&self.layer("verify", f.verify.clone(), verify)),
+            retention: Retention {
+                max_exchanges: self
+                    .layer("max_exchanges", f.max_exchanges, file.max_exchanges)
+                    .max(1),
+                max_bytes: self
+                    .layer("max_history_bytes", f.max_history_bytes, max_history_bytes)
+                    .max(1),
+            },
+        };
+        Ok(HttpConfig {
+            agent,
+            disconnect_warning: self.layer(
+                "disconnect_warning",
+                f.disconnect_warning,
+                disconnect_warning,
+            ),
+            exit_on_disconnect: self.layer(
+                "exit_on_disconnect",
+                f.exit_on_disconnect,
+                exit_on_disconnect.map(Some),
+            ),
+        })
+    }
+}
+
 /// Options every agent command shares.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
@@ -181,48 +571,6 @@ pub struct DemoArgs {
     /// Do not send the sample webhook at start
     #[arg(long)]
     pub no_sample: bool,
-}
-
-impl HttpArgs {
-    /// The validated agent configuration.
-    pub fn to_config(&self) -> Config {
-        let trust = match (self.relay_cert_sha256, self.insecure_skip_verify) {
-            (Some(fp), _) => Trust::Pinned(fp),
-            (None, true) => Trust::InsecureSkipVerify,
-            (None, false) => Trust::SystemRoots,
-        };
-        Config {
-            relay: self.relay.clone(),
-            token: Secret::new(self.token.clone()),
-            tunnel: self.tunnel.clone(),
-            target: self.target.clone(),
-            trust,
-            data_dir: self
-                .common
-                .data_dir
-                .clone()
-                .unwrap_or_else(default_data_dir),
-            inspect: (!self.common.no_inspect).then_some(self.common.inspect),
-            print_deliveries: !self.quiet,
-            dedupe: !self.no_dedupe,
-            settings: TunnelSettings {
-                mode: self.mode,
-                when_offline: self.when_offline,
-            },
-            retry: RetryPolicy {
-                attempts: self.retry_attempts,
-                initial: self.retry_initial,
-                max: self.retry_max.max(self.retry_initial),
-            },
-            log_format: self.log_format,
-            max_backoff: DEFAULT_MAX_BACKOFF,
-            secrets: secret_set(&self.verify),
-            retention: Retention {
-                max_exchanges: self.max_exchanges.max(1),
-                max_bytes: self.max_history_bytes.max(1),
-            },
-        }
-    }
 }
 
 /// A loopback socket address: the inspector shows webhook contents and
@@ -487,7 +835,7 @@ mod tests {
         let Command::Http(args) = cli.command else {
             panic!("http command")
         };
-        let config = args.to_config();
+        let config = args.to_config().expect("valid config").agent;
         assert_eq!(
             config.tunnel.as_ref().map(|t| t.as_str()),
             Some("alice-dev")
@@ -520,10 +868,8 @@ mod tests {
         assert!(
             Cli::try_parse_from(["relay-client", "http", "https://x:1", "--token", "t"]).is_err()
         );
-        assert!(
-            Cli::try_parse_from(["relay-client", "http", "3000"]).is_err(),
-            "token is required"
-        );
+        let err = http(&["3000"]).to_config().expect_err("token is required");
+        assert!(err.to_string().contains("no token"), "{err}");
         let err = with(&["--inspect", "0.0.0.0:4040"])
             .err()
             .map(|e| e.to_string());
@@ -536,5 +882,276 @@ mod tests {
         assert!(
             Cli::try_parse_from(["relay-client", "history", "--inspect", "10.0.0.1:4040"]).is_err()
         );
+    }
+
+    /// Held while clap reads `HOOKRELAY_*` variables that a test has set.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// `relay-client http ARGS…`, parsed.
+    fn http(args: &[&str]) -> HttpArgs {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        parse_http(args)
+    }
+
+    fn parse_http(args: &[&str]) -> HttpArgs {
+        let mut argv = vec!["relay-client", "http"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("valid arguments").command {
+            Command::Http(args) => args,
+            other => panic!("http command, got {other:?}"),
+        }
+    }
+
+    /// A config file in a temporary directory, with its path.
+    fn agent_toml(content: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, content).expect("write");
+        let path = path.to_str().expect("utf-8").to_owned();
+        (dir, path)
+    }
+
+    #[test]
+    fn the_config_file_fills_in_what_flags_leave_out() {
+        let (_dir, path) = agent_toml(
+            r#"
+target = 3000
+relay = "relay.example.com:4443"
+token = "hkr_from_file"
+tunnel = "alice-dev"
+relay_cert_sha256 = "abababababababababababababababababababababababababababababababab"
+quiet = true
+disconnect_warning = "30s"
+exit_on_disconnect = "2m"
+no_dedupe = true
+mode = "queue"
+when_offline = "reject"
+retry_attempts = 3
+retry_initial = 2
+retry_max = "1m"
+log_format = "json"
+verify = ["stripe=whsec_a", "github=gh"]
+max_exchanges = 500
+max_history_bytes = "10MiB"
+data_dir = "/tmp/hookrelay-agent"
+inspect = "127.0.0.1:4041"
+"#,
+        );
+        let settings = http(&["--config", &path]).to_config().expect("valid");
+        let config = &settings.agent;
+        assert_eq!(config.target.to_string(), "http://127.0.0.1:3000");
+        assert_eq!(config.relay, "relay.example.com:4443");
+        assert_eq!(config.token.expose(), "hkr_from_file");
+        assert_eq!(
+            config.tunnel.as_ref().map(|t| t.as_str()),
+            Some("alice-dev")
+        );
+        assert_eq!(config.trust, Trust::Pinned([0xab; 32]));
+        assert!(!config.print_deliveries && !config.dedupe);
+        assert_eq!(settings.disconnect_warning, Duration::from_secs(30));
+        assert_eq!(settings.exit_on_disconnect, Some(Duration::from_secs(120)));
+        assert_eq!(config.settings.mode, DeliveryMode::Queue);
+        assert_eq!(config.settings.when_offline, WhenOffline::Reject);
+        assert_eq!(
+            (
+                config.retry.attempts,
+                config.retry.initial,
+                config.retry.max
+            ),
+            (3, Duration::from_secs(2), Duration::from_secs(60))
+        );
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(!config.secrets.get(Provider::Stripe).is_empty());
+        assert!(!config.secrets.get(Provider::Github).is_empty());
+        assert_eq!(config.retention.max_exchanges, 500);
+        assert_eq!(config.retention.max_bytes, 10 << 20);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/hookrelay-agent"));
+        assert_eq!(
+            config.inspect,
+            Some("127.0.0.1:4041".parse().expect("addr"))
+        );
+
+        // Without a file, clap's defaults.
+        let settings = http(&["3000", "--token", "t"]).to_config().expect("valid");
+        let config = &settings.agent;
+        assert_eq!(config.relay, "127.0.0.1:4443");
+        assert_eq!(config.settings.mode, DeliveryMode::Sync);
+        assert_eq!(config.settings.when_offline, WhenOffline::Queue);
+        assert_eq!(config.retry.attempts, DEFAULT_ATTEMPTS);
+        assert_eq!(config.trust, Trust::SystemRoots);
+        assert_eq!(settings.disconnect_warning, Duration::from_secs(15));
+        assert_eq!(settings.exit_on_disconnect, None);
+        assert_eq!(config.inspect, Some(DEFAULT_INSPECT.parse().expect("addr")));
+        assert!(config.print_deliveries && config.dedupe);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_even_when_they_repeat_a_default() {
+        let (_dir, path) = agent_toml(
+            "target = \"http://127.0.0.1:3000/base\"\ntoken = \"hkr_file\"\nmode = \"queue\"\nretry_attempts = 3\nrelay = \"file.example.com:4443\"\ninsecure_skip_verify = true\ninspect = \"127.0.0.1:4041\"\nverify = \"stripe=whsec_file\"\n",
+        );
+        let settings = http(&[
+            "4000",
+            "--config",
+            &path,
+            "--token",
+            "hkr_flag",
+            // The default value, given explicitly: it still wins over the file.
+            "--mode",
+            "sync",
+            "--retry-attempts",
+            "10",
+            "--relay-cert-sha256",
+            &"cd".repeat(32),
+            "--verify",
+            "github=gh",
+        ])
+        .to_config()
+        .expect("valid");
+        let config = &settings.agent;
+        assert_eq!(config.target.to_string(), "http://127.0.0.1:4000");
+        assert_eq!(config.token.expose(), "hkr_flag");
+        assert_eq!(config.settings.mode, DeliveryMode::Sync);
+        assert_eq!(config.retry.attempts, 10);
+        assert_eq!(
+            config.relay, "file.example.com:4443",
+            "not given: the file's"
+        );
+        assert_eq!(config.trust, Trust::Pinned([0xcd; 32]));
+        assert_eq!(
+            config.inspect,
+            Some("127.0.0.1:4041".parse().expect("addr"))
+        );
+        assert!(config.secrets.get(Provider::Stripe).is_empty());
+        assert!(!config.secrets.get(Provider::Github).is_empty());
+
+        // The file's TARGET when the command line has none.
+        let config = http(&["--config", &path]).to_config().expect("valid").agent;
+        assert_eq!(config.target.to_string(), "http://127.0.0.1:3000/base");
+        assert_eq!(config.trust, Trust::InsecureSkipVerify);
+        assert_eq!(config.settings.mode, DeliveryMode::Queue);
+    }
+
+    #[test]
+    fn env_vars_sit_between_flags_and_the_file() {
+        let (_dir, path) =
+            agent_toml("target = 3000\ntoken = \"t\"\nretry_initial = \"3s\"\nmax_exchanges = 5\nquiet = true\n");
+        let (from_env, from_flag) = {
+            // Clap reads the environment while parsing; nothing else parses meanwhile.
+            let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+            std::env::set_var("HOOKRELAY_RETRY_INITIAL", "7s");
+            std::env::set_var("HOOKRELAY_MAX_EXCHANGES", "77");
+            std::env::set_var("HOOKRELAY_QUIET", "false");
+            let from_env = parse_http(&["--config", &path]);
+            let from_flag = parse_http(&["--config", &path, "--max-exchanges", "9"]);
+            std::env::remove_var("HOOKRELAY_RETRY_INITIAL");
+            std::env::remove_var("HOOKRELAY_MAX_EXCHANGES");
+            std::env::remove_var("HOOKRELAY_QUIET");
+            (from_env.to_config(), from_flag.to_config())
+        };
+        let from_file = http(&["--config", &path]).to_config();
+
+        let config = from_env.expect("valid").agent;
+        assert_eq!(config.retry.initial, Duration::from_secs(7));
+        assert_eq!(config.retention.max_exchanges, 77);
+        assert!(
+            config.print_deliveries,
+            "HOOKRELAY_QUIET=false beats the file"
+        );
+        let config = from_flag.expect("valid").agent;
+        assert_eq!(config.retention.max_exchanges, 9);
+        let config = from_file.expect("valid").agent;
+        assert_eq!(config.retry.initial, Duration::from_secs(3));
+        assert_eq!(config.retention.max_exchanges, 5);
+        assert!(!config.print_deliveries);
+    }
+
+    #[test]
+    fn bad_file_settings_are_named_with_the_file() {
+        for (content, needle) in [
+            ("mode = \"x\"", "invalid value \"x\" for `mode` in "),
+            ("when_offline = \"later\"", "`when_offline`"),
+            ("target = \"https://x:1\"", "`target`"),
+            ("target = 0", "`target`"),
+            ("tunnel = \"bad_name\"", "`tunnel`"),
+            ("relay_cert_sha256 = \"xyz\"", "`relay_cert_sha256`"),
+            (
+                "relay_cert_sha256 = \"abababababababababababababababababababababababababababababababab\"\ninsecure_skip_verify = true",
+                "cannot both be set",
+            ),
+            ("retry_attempts = 0", "`retry_attempts`"),
+            ("retry_max = \"soon\"", "`retry_max`"),
+            ("exit_on_disconnect = \"never\"", "`exit_on_disconnect`"),
+            ("max_history_bytes = \"lots\"", "`max_history_bytes`"),
+            ("log_format = \"xml\"", "`log_format`"),
+            ("inspect = \"0.0.0.0:4040\"", "not a loopback address"),
+            ("tokn = \"t\"", "tokn"),
+            ("quiet = \"yes\"", "line 2, column 9"),
+        ] {
+            let (_dir, path) = agent_toml(&format!("token = \"t\"\n{content}\n"));
+            let err = http(&["3000", "--config", &path])
+                .to_config()
+                .expect_err(content)
+                .to_string();
+            assert!(err.contains(needle), "{content}: {err}");
+            assert!(err.contains("agent.toml"), "names the file: {err}");
+        }
+
+        let (_dir, path) = agent_toml("token = \"t\"\n");
+        let err = http(&["--config", &path])
+            .to_config()
+            .expect_err("no target");
+        assert!(err.to_string().contains("no TARGET"), "{err}");
+        let err = http(&[
+            "3000",
+            "--config",
+            "/nonexistent/agent.toml",
+            "--token",
+            "t",
+        ])
+        .to_config()
+        .expect_err("missing file");
+        assert!(err.to_string().contains("/nonexistent/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn every_http_flag_is_a_file_key() {
+        // deny_unknown_fields lists the keys it knows.
+        let (_dir, path) = agent_toml("no_such_key = 1\n");
+        let err = http(&["3000", "--token", "t", "--config", &path])
+            .to_config()
+            .expect_err("unknown key")
+            .to_string();
+        let cli = <Cli as clap::CommandFactory>::command();
+        let flags = cli.find_subcommand("http").expect("http command");
+        for arg in flags.get_arguments() {
+            let id = arg.get_id().as_str();
+            if !matches!(id, "config" | "help") {
+                assert!(err.contains(&format!("`{id}`")), "no `{id}` key: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_never_echoed() {
+        for content in [
+            // A syntax error on the token's line.
+            "target = 3000\ntoken = hkr_supersecret\n",
+            // The wrong type for verify, and a spec without a provider.
+            "target = 3000\ntoken = \"t\"\nverify = { stripe = \"hkr_supersecret\" }\n",
+            "target = 3000\ntoken = \"t\"\nverify = [\"hkr_supersecret\"]\n",
+            "target = 3000\ntoken = \"t\"\nverify = [\"nobody=hkr_supersecret\"]\n",
+        ] {
+            let (_dir, path) = agent_toml(content);
+            let err = http(&["--config", &path])
+                .to_config()
+                .expect_err(content)
+                .to_string();
+            assert!(!err.contains("supersecret"), "{content}: {err}");
+            assert!(err.contains("agent.toml"), "{err}");
+        }
+        let (_dir, path) = agent_toml("target = 3000\ntoken = \"hkr_supersecret\"\n");
+        let settings = http(&["--config", &path]).to_config().expect("valid");
+        assert!(!format!("{settings:?}").contains("supersecret"));
     }
 }

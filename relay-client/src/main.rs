@@ -4,11 +4,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use relay_client::{
     cli::{
-        secret_set, Cli, Command, ExportArgs, HistoryArgs, HttpArgs, ReplayArgs, ShowArgs,
-        VerifyArgs,
+        secret_set, Cli, Command, ExportArgs, HistoryArgs, HttpArgs, HttpConfig, ReplayArgs,
+        ShowArgs, VerifyArgs,
     },
     commands::{self, Backend},
     config::LogFormat,
@@ -19,11 +19,13 @@ use relay_client::{
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json_logs =
-        matches!(&cli.command, Command::Http(args) if args.log_format == LogFormat::Json);
-    init_tracing(json_logs);
+    if !matches!(cli.command, Command::Http(_)) {
+        // `http` starts logging once it knows the log format, which its
+        // --config file may set.
+        init_tracing(false);
+    }
     let result = match cli.command {
-        Command::Http(args) => http(args).await,
+        Command::Http(args) => http(&args).await,
         Command::Demo(args) => relay_client::demo::run(args).await,
         Command::History(args) => history(args).await,
         Command::Show(args) => show(args).await,
@@ -40,8 +42,21 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn http(args: HttpArgs) -> anyhow::Result<()> {
-    let mut config = args.to_config();
+async fn http(args: &HttpArgs) -> anyhow::Result<()> {
+    // A bad setting, from a flag, an env var or the --config file, is refused
+    // like a bad flag: usage error, exit status 2, before anything starts.
+    let HttpConfig {
+        agent: mut config,
+        disconnect_warning,
+        exit_on_disconnect,
+    } = args.to_config().unwrap_or_else(|e| {
+        let mut cli = Cli::command();
+        cli.build();
+        let mut http = cli.find_subcommand("http").cloned().unwrap_or(cli);
+        http.error(clap::error::ErrorKind::ValueValidation, e)
+            .exit()
+    });
+    init_tracing(config.log_format == LogFormat::Json);
     // The inspector reports this directory so that `history`, `show`… can tell
     // whether this agent serves theirs; a path relative to the agent's working
     // directory would mean something else to a command run elsewhere.
@@ -60,12 +75,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
     let urls = agent.public_urls();
     banner.start(&urls);
     let mut status = agent.status();
-    let watchdog = watch_disconnects(
-        agent.status(),
-        args.disconnect_warning,
-        args.exit_on_disconnect,
-        json,
-    );
+    let watchdog = watch_disconnects(agent.status(), disconnect_warning, exit_on_disconnect, json);
     let mut gave_up = None;
     tokio::select! {
         result = agent.closed() => return result.map_err(Into::into),
