@@ -274,10 +274,11 @@ async fn full_queue_answers_503_and_accepts_again_once_drained() -> anyhow::Resu
 
 /// An app whose answers the test scripts: `/flaky/N` fails with 503 (and
 /// `Retry-After: 0`) until it has been called N times; `/always-500` always
-/// fails; `/gone` answers 410. Records each path it is called with.
+/// fails; `/gone` answers 410; `/busy` answers 429 with `Retry-After: 2`
+/// the first time. Records each path it is called with, and when.
 #[derive(Clone, Default)]
 struct ScriptedApp {
-    calls: Arc<Mutex<Vec<String>>>,
+    calls: Arc<Mutex<Vec<(String, Instant)>>>,
 }
 
 impl ScriptedApp {
@@ -290,9 +291,16 @@ impl ScriptedApp {
                 let path = req.uri().path().to_owned();
                 let n = {
                     let mut calls = calls.lock().expect("lock");
-                    calls.push(path.clone());
-                    calls.iter().filter(|p| **p == path).count()
+                    calls.push((path.clone(), Instant::now()));
+                    calls.iter().filter(|(p, _)| **p == path).count()
                 };
+                if path == "/busy" && n == 1 {
+                    return Response::builder()
+                        .status(429)
+                        .header("retry-after", "2")
+                        .body(Body::from("slow down"))
+                        .expect("valid response");
+                }
                 let status = if let Some(k) = path.strip_prefix("/flaky/") {
                     let needed: usize = k.parse().unwrap_or(1);
                     if n < needed {
@@ -321,7 +329,22 @@ impl ScriptedApp {
     }
 
     fn calls(&self) -> Vec<String> {
-        self.calls.lock().expect("lock").clone()
+        self.calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    fn times(&self, path: &str) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, t)| *t)
+            .collect()
     }
 }
 
@@ -876,5 +899,38 @@ async fn operators_list_show_and_purge_queues() -> anyhow::Result<()> {
     assert_eq!(list[0]["tunnel"], "ops-b");
     let out = queue_cmd(&["show", "--tunnel", "ops-b"]).output().await?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("/n/1"));
+    Ok(())
+}
+
+/// A 429 with `Retry-After` is honoured: the next attempt waits at least that
+/// long, not the (much shorter) backoff step.
+#[tokio::test]
+async fn retry_after_from_the_app_is_honoured() -> anyhow::Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = ScriptedApp::spawn_on(listener).await;
+    let mut config = relay.agent_config(Some("busy"), &format!("127.0.0.1:{port}"));
+    config.settings = queue_mode();
+    config.retry = RetryPolicy {
+        attempts: 3,
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(10),
+    };
+    let agent = Agent::spawn(config).await?;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
+    assert_eq!(
+        post(&relay.url("busy", "/busy"), "{}").await?.0,
+        StatusCode::ACCEPTED
+    );
+    until(WAIT, "the second attempt", || app.times("/busy").len() == 2).await?;
+    let times = app.times("/busy");
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?}, before Retry-After: 2"
+    );
+    until(WAIT, "both attempts recorded", || recorded(&agent) == 2).await?;
+    agent.shutdown().await?;
     Ok(())
 }
