@@ -601,12 +601,9 @@ async fn start_agent(
             "--tunnel",
             tunnel,
         ])
-        .args([
-            "--relay-cert-sha256",
-            &relay.fingerprint,
-            "--no-inspect",
-            "--quiet",
-        ])
+        .args(["--relay-cert-sha256", &relay.fingerprint, "--quiet"])
+        // The inspector only when the test asks for one.
+        .args((!extra.contains(&"--inspect")).then_some("--no-inspect"))
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
@@ -751,21 +748,31 @@ async fn agent_killed_mid_drain_loses_none_and_duplicates_none() -> anyhow::Resu
         .await?;
         kill9(&mut agent).await?;
     }
-    let mut agent = start_agent(&relay, &token, "kill", &app.target(), &agent_dir, &[]).await?;
+    let inspect = format!("127.0.0.1:{}", dead_port().await?);
+    let mut agent = start_agent(
+        &relay,
+        &token,
+        "kill",
+        &app.target(),
+        &agent_dir,
+        &["--inspect", &inspect],
+    )
+    .await?;
 
-    // Settled when the relay's queue is empty and the app's count stops moving.
+    // Settled when the relay's queue and the agent's outbox are both empty.
     let deadline = Instant::now() + DRAIN_WAIT;
-    let mut last = (0usize, Instant::now());
     loop {
         let (_, _, body) =
             send(http::Request::get(format!("http://{}/api/queue", relay.admin)).body(full(""))?)
                 .await?;
-        let empty = serde_json::from_slice::<serde_json::Value>(&body)? == serde_json::json!([]);
+        let relay_empty =
+            serde_json::from_slice::<serde_json::Value>(&body)? == serde_json::json!([]);
+        let (_, _, body) =
+            send(http::Request::get(format!("http://{inspect}/api/status")).body(full(""))?)
+                .await?;
+        let status: serde_json::Value = serde_json::from_slice(&body)?;
         let n = app.received().len();
-        if n != last.0 {
-            last = (n, Instant::now());
-        }
-        if empty && (n == 1000 || last.1.elapsed() > Duration::from_secs(3)) {
+        if relay_empty && status["queued_waiting"] == 0 {
             break;
         }
         anyhow::ensure!(
