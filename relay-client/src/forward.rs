@@ -309,6 +309,7 @@ impl Forwarder {
                 forwarded,
                 &tee,
                 &response_tee,
+                Durable::Now,
             )
             .await;
         self.terminal.exchange(&exchange);
@@ -325,6 +326,7 @@ impl Forwarder {
         forwarded: Forwarded,
         request_tee: &Tee,
         response_tee: &Tee,
+        durable: Durable,
     ) -> Exchange {
         let (history_outcome, error) = match outcome {
             Outcome::Responded => (history::Outcome::Ok, None),
@@ -386,7 +388,11 @@ impl Forwarder {
             duplicate_of: forwarded.duplicate_of,
             queued: forwarded.queued,
         };
-        if let Err(err) = self.history.record(exchange.clone()).await {
+        let recorded = match durable {
+            Durable::Now => self.history.record(exchange.clone()).await,
+            Durable::ByCaller => self.history.store(&exchange),
+        };
+        if let Err(err) = recorded {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
                 "cannot record the exchange"
@@ -509,16 +515,18 @@ impl Forwarder {
     }
 
     /// One attempt at handing a queued webhook (already on the agent's disk)
-    /// to the app. Records the attempt in the history, except when the app
+    /// to the app. Stores the attempt in the history, except when the app
     /// could not even be connected to: nothing reached it then, and a long
-    /// outage must not fill the history with identical failures.
+    /// outage must not fill the history with identical failures. The record
+    /// is written but not flushed: the caller's next flush covers it, then the
+    /// caller passes it to [`Forwarder::announce`].
     pub(crate) async fn deliver_queued(
         &self,
         head: &RequestHead,
         body: Bytes,
         attempt: u32,
         policy: &RetryPolicy,
-    ) -> QueuedOutcome {
+    ) -> (QueuedOutcome, Option<Exchange>) {
         let received_at_ms = history::now_ms();
         let started = Instant::now();
         let id = ExchangeId::new();
@@ -534,7 +542,7 @@ impl Forwarder {
         ) {
             // Not recorded (see above): drop the request chunks written.
             let _ = self.history.delete(id);
-            return QueuedOutcome::Unreachable;
+            return (QueuedOutcome::Unreachable, None);
         }
         let status = forwarded.response.as_ref().map(|(s, _)| *s);
         let retryable = match (&outcome, status) {
@@ -569,14 +577,21 @@ impl Forwarder {
                 forwarded,
                 &request_tee,
                 &response_tee,
+                Durable::ByCaller,
             )
             .await;
-        self.terminal.exchange(&exchange);
-        match next {
+        let outcome = match next {
             Some(at_ms) => QueuedOutcome::RetryAt(at_ms),
             None if failed => QueuedOutcome::Failed,
             None => QueuedOutcome::Done,
-        }
+        };
+        (outcome, Some(exchange))
+    }
+
+    /// Shows a stored and flushed exchange: live views, terminal, metrics.
+    pub(crate) fn announce(&self, exchange: Exchange) {
+        self.terminal.exchange(&exchange);
+        self.history.announce(exchange);
     }
 
     /// Records that the agent stopped while the app had this queued webhook.
@@ -616,6 +631,7 @@ impl Forwarder {
                 forwarded,
                 &tee,
                 &Tee::new(self.history.clone(), id),
+                Durable::Now,
             )
             .await;
         self.terminal.exchange(&exchange);
@@ -784,6 +800,15 @@ impl Forwarder {
         }
         Ok(request)
     }
+}
+
+/// Whether [`Forwarder::record`] flushes and announces the record itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Durable {
+    /// Flushed and announced before `record` returns.
+    Now,
+    /// Only written: the caller flushes, then announces.
+    ByCaller,
 }
 
 /// `Retry-After` as seconds or an HTTP date.

@@ -628,13 +628,26 @@ impl History {
     /// # Errors
     /// A storage error.
     pub async fn record(&self, exchange: Exchange) -> Result<(), HistoryError> {
+        self.store(&exchange)?;
+        self.flush().await?;
+        self.announce(exchange);
+        Ok(())
+    }
+
+    /// The first half of [`History::record`]: writes the record without
+    /// waiting for the disk. The caller flushes, then [announces](Self::announce)
+    /// it, so that one fsync can cover this and the caller's own writes.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub(crate) fn store(&self, exchange: &Exchange) -> Result<(), HistoryError> {
         let json =
             serde_json::to_vec(&exchange).map_err(|e| HistoryError::Storage(e.to_string()))?;
         let size = exchange.stored_bytes(json.len());
         self.exchanges
             .insert(exchange.id.key(), json)
             .map_err(storage)?;
-        if let Some(key) = delivered_key(&exchange) {
+        if let Some(key) = delivered_key(exchange) {
             // First accepted delivery wins; a later one never replaces it.
             let _ = self
                 .delivered
@@ -648,12 +661,14 @@ impl History {
             let pos = totals.sizes.partition_point(|(id, _)| *id < exchange.id);
             totals.sizes.insert(pos, (exchange.id, size));
         }
-        self.enforce_retention()?;
-        self.flush().await?;
+        self.enforce_retention()
+    }
+
+    /// Tells live views about a stored (and flushed) exchange.
+    pub(crate) fn announce(&self, exchange: Exchange) {
         let _ = self.events.send(HistoryEvent::Exchange {
             exchange: Box::new(exchange),
         });
-        Ok(())
     }
 
     /// Flushes everything written so far to disk; concurrent callers share

@@ -38,7 +38,7 @@ use tracing::{info, warn};
 
 use crate::{
     forward::Forwarder,
-    history::{now_ms, History, HistoryError},
+    history::{now_ms, Exchange, History, HistoryError},
 };
 
 /// Deliveries the relay may send ahead of the agent's acknowledgements.
@@ -265,6 +265,9 @@ pub(crate) async fn run_worker(
         );
     }
     let mut unreachable_streak: u32 = 0;
+    // Attempts stored but not yet flushed: the next flush covers them (one
+    // fsync per webhook, not two), then they are shown.
+    let mut unshown: Vec<Exchange> = Vec::new();
     loop {
         let notified = outbox.changed.notified();
         tokio::pin!(notified);
@@ -279,6 +282,12 @@ pub(crate) async fn run_worker(
                 None
             }
         };
+        let idle = next
+            .as_ref()
+            .is_none_or(|(_, entry)| entry.next_at_ms > now_ms());
+        if idle && !unshown.is_empty() {
+            show(&outbox, &forwarder, &mut unshown).await;
+        }
         let Some((seq, mut entry)) = next else {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -294,9 +303,10 @@ pub(crate) async fn run_worker(
             continue;
         }
         if shutdown.is_cancelled() {
+            show(&outbox, &forwarder, &mut unshown).await;
             return;
         }
-        match attempt(&outbox, &forwarder, &policy, seq, &mut entry).await {
+        match attempt(&outbox, &forwarder, &policy, seq, &mut entry, &mut unshown).await {
             Ok(QueuedOutcome::Unreachable) => {
                 unreachable_streak = unreachable_streak.saturating_add(1);
                 if unreachable_streak == 1 {
@@ -337,23 +347,48 @@ pub(crate) async fn run_worker(
     }
 }
 
-/// One attempt at the oldest webhook.
+/// Flushes, then shows the attempts that flush made durable.
+async fn show(outbox: &Outbox, forwarder: &Forwarder, unshown: &mut Vec<Exchange>) {
+    match outbox.flush().await {
+        Ok(()) => {
+            for exchange in unshown.drain(..) {
+                forwarder.announce(exchange);
+            }
+        }
+        Err(err) => {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "cannot flush the history"
+            );
+        }
+    }
+}
+
+/// One attempt at the oldest webhook. `unshown` holds earlier attempts
+/// stored but not yet flushed; this attempt's flush covers and shows them,
+/// and this attempt's own record joins them.
 async fn attempt(
     outbox: &Outbox,
     forwarder: &Forwarder,
     policy: &RetryPolicy,
     seq: [u8; 8],
     entry: &mut Entry,
+    unshown: &mut Vec<Exchange>,
 ) -> Result<QueuedOutcome, HistoryError> {
     let body = outbox.body(seq)?;
     entry.attempts += 1;
     entry.with_app = true;
     outbox.put(seq, entry)?;
     // On disk before the app sees it: at most once, even across a kill -9.
+    // The same flush makes the previous attempt's record and removal durable.
     outbox.flush().await?;
-    let outcome = forwarder
+    for exchange in unshown.drain(..) {
+        forwarder.announce(exchange);
+    }
+    let (outcome, exchange) = forwarder
         .deliver_queued(&entry.head, body, entry.attempts, policy)
         .await;
+    unshown.extend(exchange);
     entry.with_app = false;
     match outcome {
         QueuedOutcome::Done | QueuedOutcome::Failed => outbox.remove(seq)?,
