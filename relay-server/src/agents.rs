@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hookrelay_shared::{
@@ -22,6 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::{
     auth::TokenStore,
     drain,
+    guard::{AttemptGuard, Failure},
     metrics::RelayMetrics,
     queue::Queue,
     routing::{AgentLink, ClaimError, Routes},
@@ -49,6 +50,8 @@ pub(crate) struct Agents {
     /// Whether the relay's config allows queueing at all.
     pub queue_enabled: bool,
     pub metrics: Arc<RelayMetrics>,
+    /// Failed hellos per source address; locked-out addresses are refused.
+    guard: AttemptGuard,
     next_session: AtomicU64,
 }
 
@@ -68,7 +71,20 @@ impl Agents {
             queue,
             queue_enabled,
             metrics,
+            guard: AttemptGuard::default(),
             next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// Counts a failed hello from `ip`; warns once when that locks it out.
+    fn count_failure(&self, ip: IpAddr) {
+        if let Failure::LockedOut(lockout) = self.guard.failed(ip, Instant::now()) {
+            warn!(
+                %ip,
+                max_failures = crate::guard::MAX_FAILURES,
+                lockout_secs = lockout.as_secs(),
+                "too many failed hellos; refusing this address for a while"
+            );
         }
     }
 
@@ -181,17 +197,34 @@ async fn session(
     agents: Arc<Agents>,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let connection = tokio::time::timeout(HELLO_TIMEOUT, incoming)
+    // One deadline for the whole handshake, from the first packet to the hello.
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let remote_ip = incoming.remote_address().ip();
+    let connection = tokio::time::timeout_at(deadline, incoming)
         .await
         .map_err(|_| SessionError::HelloTimeout)??;
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+    let (mut send, mut recv) = tokio::time::timeout_at(deadline, connection.accept_bi())
         .await
         .map_err(|_| SessionError::HelloTimeout)??;
-    let payload = tokio::time::timeout(HELLO_TIMEOUT, read_payload(&mut recv))
+    let payload = tokio::time::timeout_at(deadline, read_payload(&mut recv))
         .await
         .map_err(|_| SessionError::HelloTimeout)?
         .map_err(|_| SessionError::BadHello)?
         .ok_or(SessionError::BadHello)?;
+
+    // A locked-out address is refused before its token is even looked at.
+    if let Some(wait) = agents.guard.locked(remote_ip, Instant::now()) {
+        return reject(
+            &mut send,
+            &connection,
+            RejectReason::TooManyAttempts,
+            format!(
+                "too many failed attempts from {remote_ip}; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+        )
+        .await;
+    }
 
     let hello: Hello = match decode_payload(&payload) {
         Ok(hello) => hello,
@@ -240,32 +273,35 @@ async fn session(
         )
         .await;
     }
-    let record =
-        match agents.tokens.authenticate(&hello.token) {
-            Ok(Some(record)) => record,
-            Ok(None) => return reject(
+    let record = match agents.tokens.authenticate(&hello.token) {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            agents.count_failure(remote_ip);
+            return reject(
                 &mut send,
                 &connection,
                 RejectReason::BadToken,
                 "the relay does not know this token (create one with `relay-server token create`)"
                     .into(),
             )
-            .await,
-            Err(err) => {
-                tracing::error!(
-                    error = &err as &dyn std::error::Error,
-                    "token store unreadable"
-                );
-                return reject(
-                    &mut send,
-                    &connection,
-                    RejectReason::BadToken,
-                    "the relay cannot check tokens right now".into(),
-                )
-                .await;
-            }
-        };
+            .await;
+        }
+        Err(err) => {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "token store unreadable"
+            );
+            return reject(
+                &mut send,
+                &connection,
+                RejectReason::BadToken,
+                "the relay cannot check tokens right now".into(),
+            )
+            .await;
+        }
+    };
     if let Some(denied) = hello.tunnels.iter().find(|t| !record.grants(t)) {
+        agents.count_failure(remote_ip);
         let granted: Vec<&str> = record.tunnels.iter().map(|p| p.as_str()).collect();
         return reject(
             &mut send,
@@ -401,7 +437,12 @@ async fn reject(
     reason: RejectReason,
     message: String,
 ) -> Result<(), SessionError> {
-    warn!(?reason, %message, "agent refused");
+    if reason == RejectReason::TooManyAttempts {
+        // Warned once when the lockout began; every refusal would flood the log.
+        debug!(?reason, %message, "agent refused");
+    } else {
+        warn!(?reason, %message, "agent refused");
+    }
     let _ = write_frame(send, &RelayToAgent::Rejected { reason, message }).await;
     let _ = send.finish();
     // Let the agent read the reason; it closes the connection itself.

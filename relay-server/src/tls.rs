@@ -18,8 +18,23 @@ use crate::config::TlsSource;
 /// keep-alives far more often, so only a real outage gets this far.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Streams an agent may open at once. It needs one (control); a few spare.
-const AGENT_OPENED_STREAMS: u32 = 4;
+/// Keep-alive interval from the relay's side, so a link stays alive (and NAT
+/// mappings open) even when an agent's own keep-alives are delayed.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Bidirectional streams an agent may have open at once. It opens two (the
+/// control stream and the queue stream); the rest is slack for a reconnect
+/// overlap. QUIC flow control holds an agent that tries to open more.
+pub const AGENT_OPENED_STREAMS: u32 = 4;
+
+/// Bytes an agent may have in flight, unread by the relay, on one stream (a
+/// response body on a delivery stream). 1 MiB keeps a 100 ms path at ~10 MiB/s
+/// per delivery; on loopback 25 MiB streams in well under a second.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes an agent may have in flight, unread, across its whole connection:
+/// the most one agent connection can make the relay buffer.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Certificate chain and key, and the leaf's fingerprint for pinning.
 pub struct TlsMaterial {
@@ -85,7 +100,10 @@ impl TlsMaterial {
     }
 
     /// QUIC server configuration: TLS 1.3, ALPN `hookrelay/1`, no 0-RTT (a token
-    /// in early data could be replayed), and transport limits for agent links.
+    /// in early data could be replayed), and transport limits for agent links:
+    /// no unidirectional streams (agents never open one), at most
+    /// [`AGENT_OPENED_STREAMS`] agent-opened streams, bounded receive windows
+    /// and the agent's idle timeout.
     ///
     /// # Errors
     /// When rustls refuses the key.
@@ -106,6 +124,9 @@ impl TlsMaterial {
         transport
             .max_concurrent_bidi_streams(AGENT_OPENED_STREAMS.into())
             .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+            .receive_window(CONNECTION_RECEIVE_WINDOW.into())
+            .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
             .max_idle_timeout(Some(
                 IDLE_TIMEOUT
                     .try_into()
