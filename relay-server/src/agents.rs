@@ -409,6 +409,11 @@ async fn session(
                 msg = read_frame::<AgentToRelay, _>(&mut recv) => {
                     match msg {
                         Ok(Some(AgentToRelay::Goodbye)) | Ok(None) => {}
+                        // A closed connection is the agent leaving (its goodbye may
+                        // not have made it out first), not a protocol error.
+                        Err(err) if connection.close_reason().is_some() => {
+                            debug!(error = &err as &dyn std::error::Error, "control stream ended with the connection");
+                        }
                         Err(err) => warn!(error = &err as &dyn std::error::Error, "bad control frame"),
                     }
                     // The agent is leaving: route nothing new to it, but let the

@@ -30,6 +30,9 @@ use crate::{
 /// Most unacknowledged deliveries an agent may ask for.
 pub const MAX_WINDOW: u32 = 1024;
 
+/// Time the agent gets to write its opening frame on the queue stream.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Items read from the store per query.
 const BATCH: usize = 64;
 
@@ -62,8 +65,10 @@ pub(crate) async fn serve(
         () = stop.cancelled() => return Ok(()),
         s = connection.accept_bi() => s.map_err(|e| DrainError::Stream(e.to_string()))?,
     };
-    let open: QueueOpen = match read_frame(&mut recv).await {
-        Ok(Some(open)) => open,
+    // The agent writes its opening frame right away; one that does not may
+    // not hold this task.
+    let open: QueueOpen = match tokio::time::timeout(OPEN_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(Some(open))) => open,
         _ => return Err(DrainError::BadOpen),
     };
     let window = open.window.clamp(1, MAX_WINDOW);
