@@ -15,7 +15,8 @@ use serde::Deserialize;
 use crate::{
     config::{
         parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES,
-        DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
+        DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
     },
     queue::{self, QueueLimits},
 };
@@ -71,6 +72,22 @@ pub struct Cli {
     /// How long to wait for the local app's response, e.g. 30s [default: 30s]
     #[arg(long, env = "HOOKRELAY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+
+    /// How long a sender may take to send a request's headers, e.g. 10s (then the connection is closed) [default: 10s]
+    #[arg(long, env = "HOOKRELAY_HEADER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub header_timeout: Option<Duration>,
+
+    /// How long a request body may go without a byte arriving, e.g. 30s (then 408) [default: 30s]
+    #[arg(long, env = "HOOKRELAY_BODY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub body_timeout: Option<Duration>,
+
+    /// Most open connections on the HTTP ingress; more are answered 503 and closed [default: 4096]
+    #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Most open connections on the HTTP ingress from one IP address; more are answered 503 and closed [default: 256]
+    #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
 
     /// Development mode: loopback defaults, and a token for every tunnel created and printed at start
     #[arg(long, env = "HOOKRELAY_DEV")]
@@ -195,6 +212,10 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     body_limit: Option<SizeSetting>,
     timeout: Option<SizeSetting>,
+    header_timeout: Option<SizeSetting>,
+    body_timeout: Option<SizeSetting>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     dev: Option<bool>,
     queue: Option<bool>,
     shutdown_grace: Option<SizeSetting>,
@@ -304,6 +325,41 @@ impl Cli {
             })?,
             (None, None) => DEFAULT_TIMEOUT,
         };
+        let duration =
+            |key: &str, flag: Option<Duration>, file: &Option<SizeSetting>, default| match (
+                flag, file,
+            ) {
+                (Some(d), _) => Ok(d),
+                (None, Some(s)) => parse_duration(&s.text()).map_err(|e| {
+                    ConfigError(format!("invalid value for `{key}` in {source}: {e}"))
+                }),
+                (None, None) => Ok(default),
+            };
+        let header_timeout = duration(
+            "header_timeout",
+            self.header_timeout,
+            &file.header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+        )?;
+        let body_timeout = duration(
+            "body_timeout",
+            self.body_timeout,
+            &file.body_timeout,
+            DEFAULT_BODY_TIMEOUT,
+        )?;
+        let max_connections = self
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let max_connections_per_ip = self
+            .max_connections_per_ip
+            .or(file.max_connections_per_ip)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP);
+        if max_connections == 0 || max_connections_per_ip == 0 {
+            return Err(ConfigError(
+                "`max_connections` and `max_connections_per_ip` must be larger than zero".into(),
+            ));
+        }
         let queue_limits = QueueLimits {
             max_count: self
                 .queue_max_count
@@ -398,6 +454,10 @@ impl Cli {
             tls,
             body_limit_bytes,
             timeout,
+            header_timeout,
+            body_timeout,
+            max_connections,
+            max_connections_per_ip,
             dev,
             queue_enabled,
             queue_limits,
@@ -471,6 +531,10 @@ mod tests {
             ("queue_max_count = 0", "`queue_max_count`"),
             ("shutdown_grace = \"later\"", "`shutdown_grace`"),
             ("log_format = \"xml\"", "log_format"),
+            ("header_timeout = \"0s\"", "`header_timeout`"),
+            ("body_timeout = \"slow\"", "`body_timeout`"),
+            ("max_connections = 0", "`max_connections`"),
+            ("max_connections_per_ip = 0", "`max_connections_per_ip`"),
         ] {
             std::fs::write(&file, content).expect("write");
             let err = cli(&["--config", file.to_str().expect("utf-8")])
@@ -480,6 +544,39 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["relay-server", "--http", "nope"]).is_err());
         assert!(Cli::try_parse_from(["relay-server", "--body-limit", "12 bananas"]).is_err());
+    }
+
+    #[test]
+    fn edge_limits_have_defaults_and_come_from_flags_env_or_file() {
+        let config = cli(&[]).to_config().expect("valid");
+        assert_eq!(config.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(config.body_timeout, DEFAULT_BODY_TIMEOUT);
+        assert_eq!(config.max_connections, 4096);
+        assert_eq!(config.max_connections_per_ip, 256);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "header_timeout = \"5s\"\nbody_timeout = 20\nmax_connections = 100\nmax_connections_per_ip = 10\n",
+        )
+        .expect("write");
+        let config = cli(&[
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--body-timeout",
+            "1500ms",
+            "--max-connections-per-ip",
+            "7",
+        ])
+        .to_config()
+        .expect("valid config");
+        assert_eq!(config.header_timeout, Duration::from_secs(5));
+        assert_eq!(config.body_timeout, Duration::from_millis(1500));
+        assert_eq!(config.max_connections, 100);
+        assert_eq!(config.max_connections_per_ip, 7);
+        assert!(Cli::try_parse_from(["relay-server", "--max-connections", "many"]).is_err());
+        assert!(Cli::try_parse_from(["relay-server", "--header-timeout", "0s"]).is_err());
     }
 
     #[test]

@@ -20,6 +20,19 @@ pub const OFFLINE_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Default time shutdown lets deliveries in flight finish.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Default time a sender has to send a complete request head (and, on a
+/// kept-alive connection, the next one). Real senders need milliseconds.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default time a request body may go without a single byte arriving.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default cap on open ingress connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Default cap on open ingress connections from one IP address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+
 /// Everything the relay needs to run, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -42,6 +55,14 @@ pub struct Config {
     pub body_limit_bytes: u64,
     /// How long to wait for the local app's response head.
     pub timeout: Duration,
+    /// How long a sender may take to send a request head.
+    pub header_timeout: Duration,
+    /// How long a request body may go without a byte arriving.
+    pub body_timeout: Duration,
+    /// Most open ingress connections.
+    pub max_connections: usize,
+    /// Most open ingress connections from one IP address.
+    pub max_connections_per_ip: usize,
     /// Create and print a token granting every tunnel at start.
     pub dev: bool,
     /// Whether tunnels may queue (store-and-forward); without it every tunnel
@@ -85,6 +106,10 @@ impl Config {
             tls: TlsSource::SelfSigned,
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
             timeout: DEFAULT_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             dev: false,
             queue_enabled: true,
             queue_limits: QueueLimits::default(),

@@ -64,6 +64,8 @@ pub(crate) struct Ingress {
     pub domain: Option<String>,
     pub body_limit_bytes: u64,
     pub timeout: Duration,
+    /// How long a request body may go without a byte arriving.
+    pub body_timeout: Duration,
     /// `http` or `https`, for `X-Forwarded-Proto` and public URLs.
     pub scheme: &'static str,
 }
@@ -95,6 +97,7 @@ async fn handle_in_span(
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let http1 = req.version() < http::Version::HTTP_2;
     let mut label = String::from(metrics::UNKNOWN);
     let (resp, outcome, queued) = match ingress.deliver(delivery_id, remote, req, &mut label).await
     {
@@ -106,7 +109,15 @@ async fn handle_in_span(
         Err(err) => {
             debug!(%method, %uri, %remote, error = %err, "delivery failed");
             let outcome = err.code();
-            (Failure { err, delivery_id }.into_response(), outcome, false)
+            let close = http1 && err.closes_connection();
+            let mut resp = Failure { err, delivery_id }.into_response();
+            if close {
+                // The rest of the request is not to be trusted, or not read:
+                // the connection ends with this answer.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (resp, outcome, false)
         }
     };
     ingress.metrics.request(
@@ -135,6 +146,7 @@ impl Ingress {
     ) -> Result<Response, IngressError> {
         let received_at_ms = unix_ms();
         let (parts, body) = req.into_parts();
+        check_head(&parts.headers, &parts.uri)?;
         let host = host_of(&parts.headers, &parts.uri);
         let (tunnel, path) = self.route(host.as_deref(), &parts.uri)?;
         tracing::Span::current().record("tunnel", tunnel.as_str());
@@ -215,6 +227,7 @@ impl Ingress {
             body,
             send,
             self.body_limit_bytes,
+            self.body_timeout,
             cancel.clone(),
             Counted::new(self.metrics.clone(), label.clone(), Direction::In),
         ));
@@ -236,6 +249,9 @@ impl Ingress {
                                 return Err(IngressError::BodyTooLarge { limit: self.body_limit_bytes });
                             }
                             Ok(PumpEnd::SenderAborted) => return Err(IngressError::SenderAborted),
+                            Ok(PumpEnd::BodyTimeout) => {
+                                return Err(IngressError::BodyTimeout { after: self.body_timeout });
+                            }
                             _ => {}
                         }
                     }
@@ -308,7 +324,13 @@ impl Ingress {
         let mut upload = self.queue.begin(&tunnel, head.body_len)?;
         let mut pending = BytesMut::new();
         let streamed: Result<(), IngressError> = async {
-            while let Some(frame) = body.frame().await {
+            loop {
+                let frame = tokio::time::timeout(self.body_timeout, body.frame())
+                    .await
+                    .map_err(|_| IngressError::BodyTimeout {
+                        after: self.body_timeout,
+                    })?;
+                let Some(frame) = frame else { break };
                 let frame = frame.map_err(|_| IngressError::SenderAborted)?;
                 let Ok(data) = frame.into_data() else {
                     continue; // trailers: not kept
@@ -401,18 +423,21 @@ enum PumpEnd {
     Finished,
     TooLarge,
     SenderAborted,
+    /// No body byte arrived for the body timeout.
+    BodyTimeout,
     AgentStopped,
     Cancelled,
 }
 
 /// Copies the sender's body to the delivery stream chunk by chunk, enforcing the
-/// body limit on what actually arrives (chunked bodies declare no length). An
-/// early end is signalled with a stream reset, so the agent never mistakes a cut
-/// body for a complete one.
+/// body limit on what actually arrives (chunked bodies declare no length) and
+/// the idle timeout between body frames. An early end is signalled with a
+/// stream reset, so the agent never mistakes a cut body for a complete one.
 async fn pump_body(
     mut body: Body,
     mut send: quinn::SendStream,
     limit: u64,
+    idle: Duration,
     cancel: CancellationToken,
     mut counted: Counted,
 ) -> PumpEnd {
@@ -423,7 +448,13 @@ async fn pump_body(
                 let _ = send.reset(reset::CANCELLED.into());
                 return PumpEnd::Cancelled;
             }
-            frame = body.frame() => frame,
+            frame = tokio::time::timeout(idle, body.frame()) => match frame {
+                Ok(frame) => frame,
+                Err(_) => {
+                    let _ = send.reset(reset::BODY_ABORTED.into());
+                    return PumpEnd::BodyTimeout;
+                }
+            },
         };
         let data = match frame {
             None => {
@@ -594,6 +625,75 @@ fn normalise_host(host: &str) -> String {
     without_port.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Refuses, before routing, what a well-formed webhook never carries and what
+/// could confuse the app behind the tunnel: a `Transfer-Encoding` other than a
+/// single plain `chunked`, more header lines than HTTP/1 allows (HTTP/2 has no
+/// such cap of its own), and paths that climb (`..` segments, also when
+/// percent-encoded, double-encoded or hidden behind an encoded `/` or `\`) or
+/// carry NUL.
+fn check_head(headers: &HeaderMap, uri: &Uri) -> Result<(), IngressError> {
+    if headers.len() > crate::edge::MAX_HEADERS {
+        return Err(IngressError::TooManyHeaders);
+    }
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        let plain = first
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+        if !plain || te.next().is_some() {
+            return Err(IngressError::BadRequest(
+                "unsupported Transfer-Encoding (only a single `chunked` is accepted)",
+            ));
+        }
+    }
+    if path_is_hostile(uri.path()) {
+        return Err(IngressError::BadRequest(
+            "the path has `.` or `..` segments (once decoded), double-encoded characters or NUL",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `path`, percent-decoded once, has a `.` or `..` segment (with `/`
+/// or `\` as separators), NUL, or a still-encoded `.`, `/`, `\` or NUL (a
+/// double encoding meant for a second decoder).
+fn path_is_hostile(path: &str) -> bool {
+    let decoded = percent_decode(path.as_bytes());
+    if decoded.contains(&0) {
+        return true;
+    }
+    if decoded
+        .split(|b| *b == b'/' || *b == b'\\')
+        .any(|seg| seg == b".." || seg == b".")
+    {
+        return true;
+    }
+    let lower = decoded.to_ascii_lowercase();
+    [b"%2e", b"%2f", b"%5c", b"%00"]
+        .iter()
+        .any(|needle| lower.windows(3).any(|w| w == *needle))
+}
+
+/// One round of percent-decoding; a `%` not followed by two hex digits stays.
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' && i + 2 < input.len() {
+            if let (Some(h), Some(l)) = (hex(input[i + 1]), hex(input[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+    out
+}
+
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, IngressError> {
     let mut found: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -655,6 +755,10 @@ pub enum IngressError {
     BadRequest(&'static str),
     #[error("the sender aborted the request body")]
     SenderAborted,
+    #[error("no request body bytes arrived for {}s", .after.as_secs_f64())]
+    BodyTimeout { after: Duration },
+    #[error("more than 100 header lines")]
+    TooManyHeaders,
     #[error("the local app behind tunnel {tunnel} is unreachable: {message}")]
     LocalAppUnreachable { tunnel: TunnelName, message: String },
     #[error("the local app behind tunnel {tunnel} did not answer in time: {message}")]
@@ -713,6 +817,8 @@ impl IngressError {
             IngressError::BodyTooLarge { .. } => "body_too_large",
             IngressError::BadRequest(_) => "bad_request",
             IngressError::SenderAborted => "request_aborted",
+            IngressError::BodyTimeout { .. } => "request_timeout",
+            IngressError::TooManyHeaders => "headers_too_large",
             IngressError::LocalAppUnreachable { .. } => "local_app_unreachable",
             IngressError::LocalAppTimeout { .. } => "local_app_timeout",
             IngressError::LocalAppError { .. } => "local_app_error",
@@ -735,7 +841,22 @@ impl IngressError {
             IngressError::LocalAppTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             IngressError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngressError::BadRequest(_) | IngressError::SenderAborted => StatusCode::BAD_REQUEST,
+            IngressError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            IngressError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
+    }
+
+    /// Whether an HTTP/1 connection must end with this answer: the request was
+    /// malformed, or its body is unread or broken.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            IngressError::BadRequest(_)
+                | IngressError::SenderAborted
+                | IngressError::BodyTimeout { .. }
+                | IngressError::BodyTooLarge { .. }
+                | IngressError::TooManyHeaders
+        )
     }
 }
 
@@ -797,6 +918,51 @@ mod tests {
         );
         assert_eq!(normalise_host("[::1]:8080"), "[::1]");
         assert_eq!(normalise_host("relay"), "relay");
+    }
+
+    #[test]
+    fn climbing_paths_are_hostile() {
+        for path in [
+            "/t/x/../y",
+            "/t/x/%2e%2e/y",
+            "/t/x/%2E%2E",
+            "/t/x/%252e%252e",
+            "/t/x/..%2f..%2fetc",
+            "/t/x/..%5cwin",
+            "/t/x/a%00b",
+            "/t/x/%2500",
+            "/t/x/./y",
+        ] {
+            assert!(path_is_hostile(path), "{path}");
+        }
+        for path in [
+            "/t/x/",
+            "/t/x/a.b/c..d",
+            "/t/x/a%20b",
+            "/t/x/a%2Fb",
+            "/t/x/%",
+            "/t/x/%zz",
+        ] {
+            assert!(!path_is_hostile(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn only_plain_chunked_transfer_encoding_passes() {
+        let uri: Uri = "/t/x/".parse().expect("uri");
+        let te = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            check_head(&h, &uri).is_ok()
+        };
+        assert!(te(&[]));
+        assert!(te(&["chunked"]));
+        assert!(te(&["Chunked "]));
+        assert!(!te(&["gzip, chunked"]));
+        assert!(!te(&["chunked", "chunked"]));
+        assert!(!te(&["identity"]));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 mod drain;
+mod edge;
 mod guard;
 pub mod ingress;
 pub mod metrics;

@@ -11,6 +11,7 @@ use crate::{
     agents::{self, Agents, PublicUrls},
     auth::{TokenError, TokenStore},
     config::Config,
+    edge::{self, EdgeLimits},
     ingress::{self, Ingress},
     metrics::RelayMetrics,
     queue::{Queue, QueueError, SledQueue},
@@ -89,28 +90,18 @@ impl Relay {
                 .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
             body_limit_bytes: config.body_limit_bytes,
             timeout: config.timeout,
+            body_timeout: config.body_timeout,
             scheme: "http",
         });
-        let app = ingress::router(ingress).into_make_service_with_connect_info::<SocketAddr>();
-        let stop = shutdown.clone();
+        let app = ingress::router(ingress);
+        let limits = EdgeLimits {
+            header_timeout: config.header_timeout,
+            max_connections: config.max_connections,
+            max_connections_per_ip: config.max_connections_per_ip,
+        };
         let ingress = tokio::spawn(
-            async move {
-                use axum::serve::ListenerExt;
-                // Webhook responses are small writes; Nagle would hold them back.
-                let listener = http.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                if let Err(err) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
-                    tracing::error!(
-                        error = &err as &dyn std::error::Error,
-                        "http ingress failed"
-                    );
-                }
-            }
-            .instrument(tracing::info_span!("ingress")),
+            edge::serve(http, app, limits, shutdown.clone())
+                .instrument(tracing::info_span!("ingress")),
         );
 
         let admin_app = admin::router(AdminState {

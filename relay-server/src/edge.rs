@@ -1,0 +1,277 @@
+//! The public ingress's connection handling: an explicit accept loop with
+//! connection caps, HTTP/1 and HTTP/2 limits, and graceful shutdown.
+//!
+//! What a hostile sender meets here (the request-level checks live in
+//! [`crate::ingress`]):
+//!
+//! - more connections than `max_connections` in total or
+//!   `max_connections_per_ip` from one address: the connection is accepted,
+//!   answered with a bare `503` (`Retry-After: 1`, `Connection: close`) and
+//!   closed at once, without reading from it;
+//! - a connection that sends nothing (or only part of the HTTP/2 preface)
+//!   within `header_timeout`: closed;
+//! - an HTTP/1 request head not complete within `header_timeout` (counted
+//!   again for every request on a kept-alive connection): closed by hyper;
+//! - a request head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`]
+//!   header lines: `431` from hyper, then closed;
+//! - more than [`MAX_CONCURRENT_STREAMS`] HTTP/2 streams at once: the limit is
+//!   advertised in SETTINGS; streams beyond it are refused (`REFUSED_STREAM`).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{extract::ConnectInfo, Router};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+/// Largest HTTP/1 request head (request line and headers) and largest HTTP/2
+/// header list, in bytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Most header lines in one HTTP/1 request (hyper answers `431` above it); the
+/// ingress applies the same cap to HTTP/2 requests.
+pub const MAX_HEADERS: usize = 100;
+
+/// Most HTTP/2 streams open at once on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// What a connection over a cap gets before it is closed.
+const OVER_CAP_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// The HTTP/2 connection preface, to tell a slow preface from a slow request.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Connection-level limits of the ingress.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EdgeLimits {
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+}
+
+/// Open connections, in total and per remote address.
+struct Counts {
+    limits: EdgeLimits,
+    inner: Mutex<CountsInner>,
+}
+
+#[derive(Default)]
+struct CountsInner {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Counts {
+    /// A slot for a connection from `ip`, or `None` over a cap.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let from_ip = inner.per_ip.get(&ip).copied().unwrap_or(0);
+        if inner.total >= self.limits.max_connections
+            || from_ip >= self.limits.max_connections_per_ip
+        {
+            return None;
+        }
+        inner.total += 1;
+        inner.per_ip.insert(ip, from_ip + 1);
+        Some(Slot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One admitted connection; gives its slot back when dropped.
+struct Slot {
+    counts: Arc<Counts>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.counts.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.total = inner.total.saturating_sub(1);
+        if let Some(n) = inner.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn builder(limits: EdgeLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // Without a timer hyper silently ignores the header read timeout.
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
+    builder
+}
+
+/// Serves `app` on `listener` until `stop` is cancelled, then lets every open
+/// connection finish its requests in flight (idle ones close at once) and
+/// returns when the last one is gone.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: EdgeLimits,
+    stop: CancellationToken,
+) {
+    let builder = Arc::new(builder(limits));
+    let counts = Arc::new(Counts {
+        limits,
+        inner: Mutex::default(),
+    });
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    accept_error(err).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = counts.admit(remote.ip()) else {
+            debug!(%remote, "connection over the cap; refused");
+            // Best effort and never waiting: a fresh socket's send buffer is empty.
+            let _ = tcp.try_write(OVER_CAP_RESPONSE);
+            drop(tcp);
+            continue;
+        };
+        // Webhook responses are small writes; Nagle would hold them back.
+        let _ = tcp.set_nodelay(true);
+        connections.spawn(connection(
+            tcp,
+            remote,
+            app.clone(),
+            builder.clone(),
+            limits.header_timeout,
+            stop.clone(),
+            slot,
+        ));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+async fn connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    header_timeout: Duration,
+    stop: CancellationToken,
+    _slot: Slot,
+) {
+    // hyper's header timeout starts once it knows the protocol; until then
+    // (nothing sent, or a partial HTTP/2 preface) this one applies.
+    let started = tokio::select! {
+        () = stop.cancelled() => return,
+        started = tokio::time::timeout(header_timeout, protocol_known(&tcp)) => started,
+    };
+    if !matches!(started, Ok(true)) {
+        debug!(%remote, "connection closed before its first request");
+        return;
+    }
+    let service = TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(remote));
+        hyper::service::Service::call(&service, req)
+    });
+    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = served {
+        debug!(%remote, error = %err, "connection ended with an error");
+    }
+}
+
+/// Waits until the peer has sent enough to tell HTTP/1 from HTTP/2: one byte
+/// that is not the start of the HTTP/2 preface, or the whole preface. `false`
+/// when the peer closes first.
+async fn protocol_known(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tcp.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
+            return true;
+        }
+        // A partial preface: peek returns at once while nothing new arrives.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Per-connection accept errors are skipped; others (out of file descriptors)
+/// are logged and waited out briefly rather than spun on.
+async fn accept_error(err: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    warn!(
+        error = &err as &dyn std::error::Error,
+        "http ingress cannot accept"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_count_per_ip_and_in_total() {
+        let counts = Arc::new(Counts {
+            limits: EdgeLimits {
+                header_timeout: Duration::from_secs(1),
+                max_connections: 3,
+                max_connections_per_ip: 2,
+            },
+            inner: Mutex::default(),
+        });
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let b: IpAddr = [127, 0, 0, 3].into();
+        let a1 = counts.admit(a).expect("first from a");
+        let _a2 = counts.admit(a).expect("second from a");
+        assert!(counts.admit(a).is_none(), "per-ip cap");
+        let _b1 = counts.admit(b).expect("first from b");
+        assert!(counts.admit(b).is_none(), "total cap");
+        drop(a1);
+        assert!(counts.admit(b).is_some(), "slot given back");
+    }
+}
