@@ -33,8 +33,11 @@ pub const AGENT_OPENED_STREAMS: u32 = 4;
 pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 
 /// Bytes an agent may have in flight, unread, across its whole connection:
-/// the most one agent connection can make the relay buffer.
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// the most one agent connection can make the relay buffer. Response bodies
+/// wait here while their senders read slowly, and a full window stalls every
+/// stream of the connection (control and queue too): 64 MiB takes 64 senders
+/// that stop reading 1 MiB responses, rather than 8, to stall an agent.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 
 /// Certificate chain and key, and the leaf's fingerprint for pinning.
 pub struct TlsMaterial {
