@@ -439,35 +439,13 @@ impl Forwarder {
                 return fail(send, FailureKind::BadRequest, message).await;
             }
         };
-        let sent_at = Instant::now();
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) => {
-                let kind = if err.is_connect() {
-                    FailureKind::LocalAppUnreachable
-                } else {
-                    FailureKind::LocalAppError
-                };
-                let message = match kind {
-                    FailureKind::LocalAppUnreachable => {
-                        format!("cannot connect to {}", self.target)
-                    }
-                    _ => format!("{} broke the exchange: {}", self.target, error_chain(&err)),
-                };
+        let response = match self.send_to_app(request, timeout, forwarded).await {
+            Ok(response) => response,
+            Err((kind, message)) => {
                 drain(&recv, &request_tee, timeout).await;
                 return fail(send, kind, message).await;
             }
-            Err(_) => {
-                let message = format!(
-                    "{} did not answer within {}s",
-                    self.target,
-                    timeout.as_secs_f32()
-                );
-                drain(&recv, &request_tee, timeout).await;
-                return fail(send, FailureKind::LocalAppTimeout, message).await;
-            }
         };
-        forwarded.app_ms = Some(u64::try_from(sent_at.elapsed().as_millis()).unwrap_or(u64::MAX));
 
         let (parts, mut body) = response.into_parts();
         let connection: Vec<String> = parts
@@ -663,30 +641,10 @@ impl Forwarder {
             Ok(r) => r,
             Err(message) => return (Outcome::Failed(FailureKind::BadRequest, message), None),
         };
-        let sent_at = Instant::now();
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) if err.is_connect() => {
-                let message = format!("cannot connect to {}", self.target);
-                return (
-                    Outcome::Failed(FailureKind::LocalAppUnreachable, message),
-                    None,
-                );
-            }
-            Ok(Err(err)) => {
-                let message = format!("{} broke the exchange: {}", self.target, error_chain(&err));
-                return (Outcome::Failed(FailureKind::LocalAppError, message), None);
-            }
-            Err(_) => {
-                let message = format!(
-                    "{} did not answer within {}s",
-                    self.target,
-                    timeout.as_secs_f32()
-                );
-                return (Outcome::Failed(FailureKind::LocalAppTimeout, message), None);
-            }
+        let response = match self.send_to_app(request, timeout, forwarded).await {
+            Ok(response) => response,
+            Err((kind, message)) => return (Outcome::Failed(kind, message), None),
         };
-        forwarded.app_ms = Some(u64::try_from(sent_at.elapsed().as_millis()).unwrap_or(u64::MAX));
         let retry_after = response
             .headers()
             .get(http::header::RETRY_AFTER)
@@ -776,6 +734,45 @@ impl Forwarder {
         forwarded.response = Some((response.status, headers));
         forwarded.duplicate_of = Some(first.id);
         Some(body)
+    }
+
+    /// Sends `request` to the app and waits up to `timeout` for its response
+    /// head, noting the app's time in `forwarded`. A failure comes back as the
+    /// kind the relay reports and a message naming the target.
+    async fn send_to_app(
+        &self,
+        request: Request<RelayBody>,
+        timeout: Duration,
+        forwarded: &mut Forwarded,
+    ) -> Result<http::Response<hyper::body::Incoming>, (FailureKind, String)> {
+        let sent_at = Instant::now();
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) if err.is_connect() => {
+                return Err((
+                    FailureKind::LocalAppUnreachable,
+                    format!("cannot connect to {}", self.target),
+                ))
+            }
+            Ok(Err(err)) => {
+                return Err((
+                    FailureKind::LocalAppError,
+                    format!("{} broke the exchange: {}", self.target, error_chain(&err)),
+                ))
+            }
+            Err(_) => {
+                return Err((
+                    FailureKind::LocalAppTimeout,
+                    format!(
+                        "{} did not answer within {}s",
+                        self.target,
+                        timeout.as_secs_f32()
+                    ),
+                ))
+            }
+        };
+        forwarded.app_ms = Some(u64::try_from(sent_at.elapsed().as_millis()).unwrap_or(u64::MAX));
+        Ok(response)
     }
 
     fn build_request(
