@@ -1,7 +1,7 @@
 //! The admin listener: health and the store-and-forward queue, for operators.
 //! Keep it on loopback or behind a firewall: it can purge queues.
 
-use std::{sync::Arc, time::SystemTime};
+use std::sync::Arc;
 
 use axum::{
     extract::{Path, Query, State},
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::RelayMetrics,
+    now_ms,
     queue::{Queue, QueuedItem, TunnelStats},
     routing::Routes,
 };
@@ -210,11 +211,4 @@ async fn queue_purge(State(state): State<AdminState>, Path(tunnel): Path<String>
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

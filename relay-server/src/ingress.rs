@@ -9,7 +9,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -144,7 +144,7 @@ impl Ingress {
         req: Request,
         label: &mut String,
     ) -> Result<Response, IngressError> {
-        let received_at_ms = unix_ms();
+        let received_at_ms = crate::now_ms();
         let (parts, body) = req.into_parts();
         check_head(&parts.headers, &parts.uri)?;
         let host = host_of(&parts.headers, &parts.uri);
@@ -728,13 +728,6 @@ fn unknown_name(raw: &str) -> TunnelName {
 
 fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Why the relay could not hand a webhook to the local app. Variant names say

@@ -33,3 +33,11 @@ pub use config::{Config, TlsSource};
 pub use ingress::IngressError;
 pub use relay::{Relay, SpawnError};
 pub use routing::Routes;
+
+/// The wall clock in Unix milliseconds (0 before 1970, saturating far ahead):
+/// arrival stamps, queue ages, what operators are shown.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -90,7 +90,7 @@ impl RelayMetrics {
             requests.clone(),
         );
         let duration = Family::<KindLabel, Histogram>::new_with_constructor(
-            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 18))) as fn() -> Histogram,
+            latency_histogram as fn() -> Histogram,
         );
         registry.register(
             "hookrelay_relay_request_duration_seconds",
@@ -190,7 +190,7 @@ impl RelayMetrics {
         self.requests
             .get_or_create(&RequestLabels {
                 tunnel: tunnel.to_owned(),
-                class: class(status),
+                class: status_class(status),
                 outcome,
             })
             .inc();
@@ -244,7 +244,7 @@ impl RelayMetrics {
         self.queue_depth.clear();
         self.queue_bytes.clear();
         self.queue_oldest.clear();
-        let now_ms = crate::admin::now_ms();
+        let now_ms = crate::now_ms();
         for stats in self.queue.all_stats() {
             let label = TunnelLabel {
                 tunnel: self.tunnel_label(stats.tunnel.as_str()),
@@ -266,16 +266,28 @@ impl RelayMetrics {
                 oldest.set(to_i64(age));
             }
         }
-        let mut out = String::new();
-        if let Err(err) = encode(&mut out, &self.registry) {
-            tracing::error!(error = %err, "cannot encode metrics");
-        }
-        out
+        encode_text(&self.registry)
     }
 }
 
+/// A latency histogram in seconds: 0.5 ms to about a minute, doubling.
+/// Relay and agent use the same buckets, so their figures line up.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+/// `registry` in the OpenMetrics text format (errors are logged; what was
+/// encoded is returned).
+pub fn encode_text(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(err) = encode(&mut out, registry) {
+        tracing::error!(error = %err, "cannot encode metrics");
+    }
+    out
+}
+
 /// `2xx`, `4xx`… of a status code.
-fn class(status: u16) -> &'static str {
+pub fn status_class(status: u16) -> &'static str {
     match status / 100 {
         1 => "1xx",
         2 => "2xx",

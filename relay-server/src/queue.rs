@@ -41,7 +41,7 @@ use std::{
     fmt, io,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -51,6 +51,8 @@ use serde::{Deserialize, Serialize};
 use sled::{transaction::TransactionError, Transactional};
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+use crate::now_ms;
 
 /// Default bound on the items queued per tunnel.
 pub const DEFAULT_MAX_COUNT: u64 = 100_000;
@@ -971,12 +973,6 @@ fn uncount(all: &mut BTreeMap<TunnelName, Usage>, tunnel: &TunnelName, count: u6
 fn is_stale(received_at_ms: u64, max_age: Duration) -> bool {
     let age_ms = now_ms().saturating_sub(received_at_ms);
     u128::from(age_ms) > max_age.as_millis()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `name ++ 0x00`: the prefix of every head key of the tunnel.

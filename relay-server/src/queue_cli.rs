@@ -2,11 +2,7 @@
 //! listener when it serves this data directory, straight from the store when
 //! the relay is stopped (sled allows one process at a time).
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -75,7 +71,7 @@ pub async fn run(config: &Config, command: &QueueCommand) -> anyhow::Result<()> 
                         "DELIVERY", "AGE", "METHOD", "BYTES"
                     );
                 }
-                let now = now_ms();
+                let now = relay_server::now_ms();
                 for e in &shown.entries {
                     println!(
                         "{:<26} {:>10} {:<7} {:>9}  {}",
@@ -239,11 +235,4 @@ fn age(secs: u64) -> String {
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
