@@ -6,15 +6,11 @@
 //! providers, verdicts): nothing a sender controls becomes a label.
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use relay_server::metrics::{encode_text, latency_histogram, status_class};
 
 use hookrelay_shared::signature::Verdict;
 
@@ -71,7 +67,7 @@ impl AgentMetrics {
             "Exchanges with the local app by kind (sync, queued, replay), status class and outcome",
             deliveries.clone(),
         );
-        let app_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
+        let app_duration = latency_histogram();
         r.register(
             "hookrelay_agent_app_duration_seconds",
             "From sending a request to the local app until its response head",
@@ -159,7 +155,7 @@ impl AgentMetrics {
         self.deliveries
             .get_or_create(&DeliveryLabels {
                 kind,
-                class: e.status().map(class).unwrap_or("none"),
+                class: e.status().map(status_class).unwrap_or("none"),
                 outcome: outcome(e.outcome),
             })
             .inc();
@@ -203,21 +199,7 @@ impl AgentMetrics {
         self.connected.set(i64::from(connected));
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));
-        let mut out = String::new();
-        if let Err(err) = encode(&mut out, &self.registry) {
-            tracing::error!(error = %err, "cannot encode metrics");
-        }
-        out
-    }
-}
-
-fn class(status: u16) -> &'static str {
-    match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
+        encode_text(&self.registry)
     }
 }
 
