@@ -176,14 +176,6 @@ impl Browser {
     }
 }
 
-async fn inspected_agent(relay: &TestRelay, tunnel: &str, target: &str) -> anyhow::Result<Agent> {
-    let mut config = relay.agent_config(Some(tunnel), target);
-    config.inspect = Some("127.0.0.1:0".parse()?);
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
-    Ok(agent)
-}
-
 fn inspector(agent: &Agent) -> anyhow::Result<String> {
     let addr = agent
         .inspector_addr()
@@ -202,7 +194,7 @@ async fn post_json(url: &str, body: &Value) -> anyhow::Result<StatusCode> {
 async fn live_list_detail_replay_edit_diff_and_filter() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn().await?;
-    let agent = inspected_agent(&relay, "ui", &app.target()).await?;
+    let agent = relay.inspected_agent("ui", &app.target()).await?;
     let browser = Browser::start(1280, 800).await?;
     browser.open(&inspector(&agent)?).await?;
 
@@ -420,7 +412,7 @@ async fn live_list_detail_replay_edit_diff_and_filter() -> anyhow::Result<()> {
 async fn webhook_content_is_inert_text_under_a_strict_csp() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn().await?;
-    let agent = inspected_agent(&relay, "evil", &app.target()).await?;
+    let agent = relay.inspected_agent("evil", &app.target()).await?;
     let browser = Browser::start(1280, 800).await?;
     browser.open(&inspector(&agent)?).await?;
 
@@ -513,7 +505,7 @@ async fn webhook_content_is_inert_text_under_a_strict_csp() -> anyhow::Result<()
 async fn narrow_window_stacks_list_and_detail() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn().await?;
-    let agent = inspected_agent(&relay, "narrow", &app.target()).await?;
+    let agent = relay.inspected_agent("narrow", &app.target()).await?;
     let browser = Browser::start(420, 900).await?;
     browser.open(&inspector(&agent)?).await?;
     post_json(
@@ -565,8 +557,7 @@ async fn queued_deliveries_and_retries_are_marked() -> anyhow::Result<()> {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(100),
     };
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     let browser = Browser::start(1280, 800).await?;
     browser.open(&inspector(&agent)?).await?;
     let ok = post_json(&relay.url("queued-ui", "/github"), &json!({"n": 1})).await?;

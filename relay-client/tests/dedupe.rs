@@ -24,8 +24,7 @@ async fn agent(
     secrets.add(Provider::Stripe, STRIPE_SECRET.into())?;
     config.secrets = secrets;
     config.dedupe = dedupe;
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     Ok(agent)
 }
 

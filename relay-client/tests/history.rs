@@ -26,8 +26,7 @@ async fn inspected_agent(relay: &TestRelay, tunnel: &str, target: &str) -> anyho
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
     )?;
     config.secrets = secrets;
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     Ok(agent)
 }
 
@@ -978,8 +977,7 @@ async fn retention_evictions_reach_the_live_feed() -> anyhow::Result<()> {
     let mut config = relay.agent_config(Some("evict"), &app.target());
     config.inspect = Some("127.0.0.1:0".parse()?);
     config.retention.max_exchanges = 2;
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     let (mut ws, _) =
         tokio_tungstenite::connect_async(api(&agent, "/api/live").replace("http", "ws")).await?;
     assert_eq!(next(&mut ws).await?["type"], "status");

@@ -309,8 +309,7 @@ async fn dead_path_is_noticed_within_seconds_and_the_tunnel_comes_back() -> anyh
     let hole = Blackhole::spawn(relay.relay.quic_addr()).await?;
     let mut config = relay.agent_config(Some("wifi"), &app.target());
     config.relay = hole.addr.to_string();
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     assert_eq!(
         post(&relay.url("wifi", "/up"), "{}").await?.0,
         StatusCode::OK

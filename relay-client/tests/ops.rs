@@ -103,14 +103,6 @@ impl Scrape {
     }
 }
 
-async fn inspected_agent(relay: &TestRelay, tunnel: &str, target: &str) -> anyhow::Result<Agent> {
-    let mut config = relay.agent_config(Some(tunnel), target);
-    config.inspect = Some("127.0.0.1:0".parse()?);
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
-    Ok(agent)
-}
-
 fn inspector(agent: &Agent, path: &str) -> anyhow::Result<String> {
     let addr = agent
         .inspector_addr()
@@ -123,7 +115,7 @@ async fn both_metrics_endpoints_move_with_the_traffic() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn().await?;
     let relay_metrics = format!("http://{}/metrics", relay.relay.admin_addr());
-    let agent = inspected_agent(&relay, "ops", &app.target()).await?;
+    let agent = relay.inspected_agent("ops", &app.target()).await?;
     let agent_metrics = inspector(&agent, "/metrics")?;
 
     let r0 = Scrape::of(&relay_metrics).await?;
@@ -258,7 +250,7 @@ async fn both_metrics_endpoints_move_with_the_traffic() -> anyhow::Result<()> {
         1.0
     );
 
-    let agent = inspected_agent(&relay, "ops", &app.target()).await?;
+    let agent = relay.inspected_agent("ops", &app.target()).await?;
     let agent_metrics = inspector(&agent, "/metrics")?;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -306,7 +298,7 @@ async fn tunnel_labels_stay_bounded_whatever_names_senders_use() -> anyhow::Resu
 async fn readyz_follows_the_link_and_shutdown() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn().await?;
-    let agent = inspected_agent(&relay, "ready", &app.target()).await?;
+    let agent = relay.inspected_agent("ready", &app.target()).await?;
     let relay_ready = format!("http://{}/readyz", relay.relay.admin_addr());
     let agent_ready = inspector(&agent, "/readyz")?;
     let get = |url: String| async move {

@@ -162,8 +162,7 @@ async fn queue_mode_answers_202_at_once_even_while_online() -> anyhow::Result<()
     let relay = TestRelay::spawn().await?;
     let mut config = relay.agent_config(Some("async"), &app.target());
     config.settings = queue_mode();
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     // The app takes 3 s on /slow; the sender does not wait for it.
     let started = Instant::now();
     let (status, _, body) = post(&relay.url("async", "/slow"), "{}").await?;
@@ -198,8 +197,7 @@ async fn when_offline_reject_answers_503_and_keeps_nothing() -> anyhow::Result<(
     let relay = TestRelay::spawn().await?;
     let mut config = relay.agent_config(Some("strict"), &app.target());
     config.settings.when_offline = WhenOffline::Reject;
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     agent.shutdown().await?;
     let (status, headers, body) = post(&relay.url("strict", "/x"), "{}").await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -215,8 +213,7 @@ async fn relay_without_queueing_narrows_the_agents_settings() -> anyhow::Result<
     let relay = TestRelay::spawn_with(|c| c.queue_enabled = false).await?;
     let mut config = relay.agent_config(Some("noq"), &app.target());
     config.settings = queue_mode();
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     // Sync despite asking for queue: the app's own answer comes back.
     assert_eq!(
         post(&relay.url("noq", "/status/201"), "{}").await?.0,
@@ -364,8 +361,7 @@ async fn down_app_gets_everything_when_back_and_failures_are_retried_then_marked
         initial: Duration::from_millis(50),
         max: Duration::from_millis(200),
     };
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
 
     for path in ["/a", "/flaky/3", "/always-500", "/gone", "/b"] {
         let (status, _, _) = post(&relay.url("retry", path), "{}").await?;
@@ -456,8 +452,7 @@ async fn queued_provider_duplicates_are_suppressed_and_recorded() -> anyhow::Res
     let mut secrets = SecretSet::new();
     secrets.add(Provider::Github, SECRET.into())?;
     config.secrets = secrets;
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
 
     let now = i64::try_from(relay_client::history::now_ms() / 1000)?;
     let body = r#"{"action":"opened"}"#;
@@ -924,8 +919,7 @@ async fn retry_after_from_the_app_is_honoured() -> anyhow::Result<()> {
         initial: Duration::from_millis(50),
         max: Duration::from_secs(10),
     };
-    let agent = Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     assert_eq!(
         post(&relay.url("busy", "/busy"), "{}").await?.0,
         StatusCode::ACCEPTED

@@ -380,8 +380,7 @@ async fn offline_agent_is_503_with_retry_after_when_it_rejects_while_offline() -
     let relay = TestRelay::spawn().await?;
     let mut config = relay.agent_config(Some("sleepy"), &app.target());
     config.settings.when_offline = hookrelay_shared::WhenOffline::Reject;
-    let agent = relay_client::Agent::spawn(config).await?;
-    tokio::time::timeout(WAIT, agent.connected()).await??;
+    let agent = connected_agent(config).await?;
     assert_eq!(
         post(&relay.url("sleepy", "/x"), "{}").await?.0,
         StatusCode::OK

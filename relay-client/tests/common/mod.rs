@@ -94,12 +94,22 @@ impl TestRelay {
 
     /// An agent holding `tunnel` and forwarding to `target`, connected.
     pub async fn agent(&self, tunnel: &str, target: &str) -> anyhow::Result<Agent> {
-        let agent =
-            tokio::time::timeout(WAIT, Agent::spawn(self.agent_config(Some(tunnel), target)))
-                .await??;
-        tokio::time::timeout(WAIT, agent.connected()).await??;
-        Ok(agent)
+        connected_agent(self.agent_config(Some(tunnel), target)).await
     }
+
+    /// The same, with its inspector on a free loopback port.
+    pub async fn inspected_agent(&self, tunnel: &str, target: &str) -> anyhow::Result<Agent> {
+        let mut config = self.agent_config(Some(tunnel), target);
+        config.inspect = Some("127.0.0.1:0".parse()?);
+        connected_agent(config).await
+    }
+}
+
+/// Starts an agent with `config` and waits until it holds its tunnel.
+pub async fn connected_agent(config: AgentConfig) -> anyhow::Result<Agent> {
+    let agent = tokio::time::timeout(WAIT, Agent::spawn(config)).await??;
+    tokio::time::timeout(WAIT, agent.connected()).await??;
+    Ok(agent)
 }
 
 /// What the local app received.
