@@ -102,6 +102,7 @@ impl Agent {
             agent_id: identity.agent_id.clone(),
             tunnels: vec![tunnel.clone()],
             settings: config.settings,
+            policy: config.policy.clone(),
         };
 
         let (status_tx, status) = watch::channel(Status::Reconnecting {
@@ -399,6 +400,9 @@ fn announce_grants(session: &Session, wanted: &hookrelay_shared::TunnelSettings)
                 grant.settings.mode,
                 grant.settings.when_offline
             );
+        }
+        if !grant.policy.is_empty() {
+            info!(tunnel = %grant.name, "the relay enforces: {}", grant.policy);
         }
         if grant.queued > 0 {
             info!(tunnel = %grant.name, queued = grant.queued, "the relay kept webhooks while this agent was away; delivering them in order");

@@ -11,6 +11,7 @@ use std::{
 
 use clap::{parser::ValueSource, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 use hookrelay_shared::{
+    policy::{parse_cidr, PolicyRequest, Rate},
     signature::{parse_secret_spec, Provider, SecretSet},
     DeliveryMode, TunnelName, TunnelSettings, WhenOffline,
 };
@@ -163,6 +164,24 @@ pub struct HttpFlags {
     #[arg(long = "verify", env = "HOOKRELAY_VERIFY", hide_env_values = true, value_delimiter = ',', value_name = "PROVIDER=SECRET", value_parser = parse_secret_spec_arg)]
     pub verify: Vec<(Provider, String)>,
 
+    /// Ask the relay to enforce the --verify secrets: webhooks without a valid, fresh signature get
+    /// 401 at the relay and are neither forwarded nor queued
+    #[arg(long, env = "HOOKRELAY_ENFORCE")]
+    pub enforce: bool,
+
+    /// Ask the relay to accept webhooks only from these sources, CIDR or address (repeatable);
+    /// others get 403
+    #[arg(long = "allow", env = "HOOKRELAY_ALLOW", value_delimiter = ',', value_name = "CIDR", value_parser = parse_allow)]
+    pub allow: Vec<String>,
+
+    /// Ask the relay to cap webhooks to this tunnel, e.g. 100/s or '600/min burst 50'; more get 429
+    #[arg(long, env = "HOOKRELAY_RATE_LIMIT", value_name = "RATE", value_parser = parse_rate)]
+    pub rate_limit: Option<String>,
+
+    /// Ask the relay to cap webhooks from one source address, e.g. 10/s; more get 429
+    #[arg(long, env = "HOOKRELAY_RATE_LIMIT_PER_SOURCE", value_name = "RATE", value_parser = parse_rate)]
+    pub rate_limit_per_source: Option<String>,
+
     /// Most exchanges kept in history (oldest go first)
     #[arg(long, env = "HOOKRELAY_MAX_EXCHANGES", default_value_t = DEFAULT_MAX_EXCHANGES, value_name = "N")]
     pub max_exchanges: u64,
@@ -258,6 +277,10 @@ struct FileConfig {
     retry_max: Option<Scalar>,
     log_format: Option<String>,
     verify: Option<OneOrMany>,
+    enforce: Option<bool>,
+    allow: Option<OneOrMany>,
+    rate_limit: Option<String>,
+    rate_limit_per_source: Option<String>,
     max_exchanges: Option<u64>,
     max_history_bytes: Option<Scalar>,
     data_dir: Option<PathBuf>,
@@ -482,6 +505,41 @@ impl HttpArgs {
             ),
             None => None,
         };
+        let verify = self.layer("verify", f.verify.clone(), verify);
+        let allow = match file.allow {
+            Some(list) => Some(
+                list.into_vec()
+                    .into_iter()
+                    .map(|s| {
+                        parse_allow(&s).map_err(|e| {
+                            ConfigError(format!("invalid entry in `allow` in {source}: {e}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        let rate_limit = key("rate_limit").parse(file.rate_limit.clone(), parse_rate)?;
+        let rate_limit_per_source =
+            key("rate_limit_per_source").parse(file.rate_limit_per_source.clone(), parse_rate)?;
+        let enforce = self.layer("enforce", f.enforce, file.enforce);
+        if enforce && verify.is_empty() {
+            return Err(ConfigError(
+                "--enforce needs at least one --verify PROVIDER=SECRET: the relay can only check signatures it has secrets for"
+                    .into(),
+            ));
+        }
+        let policy = PolicyRequest {
+            verify: if enforce { verify.clone() } else { Vec::new() },
+            allow: self.layer("allow", f.allow.clone(), allow),
+            rate_limit: self.layer("rate_limit", f.rate_limit.clone(), rate_limit.map(Some)),
+            rate_limit_per_source: self.layer(
+                "rate_limit_per_source",
+                f.rate_limit_per_source.clone(),
+                rate_limit_per_source.map(Some),
+            ),
+        };
+        policy.validate().map_err(ConfigError)?;
         let inspect = key("inspect").parse(file.inspect.clone(), parse_loopback)?;
         let no_inspect = self.layer("no_inspect", f.common.no_inspect, file.no_inspect);
         let inspect = self.layer("inspect", f.common.inspect, inspect);
@@ -515,7 +573,8 @@ impl HttpArgs {
             },
             log_format: self.layer("log_format", f.log_format, log_format),
             max_backoff: DEFAULT_MAX_BACKOFF,
-            secrets: secret_set(&self.layer("verify", f.verify.clone(), verify)),
+            secrets: secret_set(&verify),
+            policy,
             retention: Retention {
                 max_exchanges: self
                     .layer("max_exchanges", f.max_exchanges, file.max_exchanges)
@@ -586,6 +645,16 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
             "{addr} is not a loopback address; the inspector shows every webhook, keep it on 127.0.0.1 or [::1]"
         ))
     }
+}
+
+/// A valid allow-list entry, kept as written for the hello.
+fn parse_allow(s: &str) -> Result<String, String> {
+    parse_cidr(s).map(|net| net.to_string())
+}
+
+/// A valid rate, kept in its canonical form for the hello.
+fn parse_rate(s: &str) -> Result<String, String> {
+    s.parse::<Rate>().map(|r| r.to_string())
 }
 
 fn parse_secret_spec_arg(s: &str) -> Result<(Provider, String), String> {
@@ -1087,6 +1156,10 @@ inspect = "127.0.0.1:4041"
             ("inspect = \"0.0.0.0:4040\"", "not a loopback address"),
             ("tokn = \"t\"", "tokn"),
             ("quiet = \"yes\"", "line 2, column 9"),
+            ("allow = [\"10.0.0.0/8\", \"nope\"]", "`allow`"),
+            ("allow = \"10.0.0.1/40\"", "`allow`"),
+            ("rate_limit = \"fast\"", "`rate_limit`"),
+            ("rate_limit_per_source = \"1/year\"", "`rate_limit_per_source`"),
         ] {
             let (_dir, path) = agent_toml(&format!("token = \"t\"\n{content}\n"));
             let err = http(&["3000", "--config", &path])
@@ -1112,6 +1185,58 @@ inspect = "127.0.0.1:4041"
         .to_config()
         .expect_err("missing file");
         assert!(err.to_string().contains("/nonexistent/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn policy_requests_come_from_flags_or_the_file() {
+        let config = http(&[
+            "3000",
+            "--token",
+            "t",
+            "--verify",
+            "stripe=whsec_a",
+            "--enforce",
+            "--allow",
+            "192.0.2.0/24,2001:db8::1",
+            "--rate-limit",
+            "600/min",
+        ])
+        .to_config()
+        .expect("valid")
+        .agent;
+        assert_eq!(config.policy.verify, [(Provider::Stripe, "whsec_a".into())]);
+        assert_eq!(config.policy.allow, ["192.0.2.0/24", "2001:db8::1/128"]);
+        assert_eq!(config.policy.rate_limit.as_deref(), Some("600/min"));
+        assert!(!format!("{config:?}").contains("whsec_a"));
+        // Without --enforce the secrets stay on the laptop.
+        let config = http(&["3000", "--token", "t", "--verify", "stripe=whsec_a"])
+            .to_config()
+            .expect("valid")
+            .agent;
+        assert!(config.policy.is_empty());
+        let err = http(&["3000", "--token", "t", "--enforce"])
+            .to_config()
+            .expect_err("nothing to enforce");
+        assert!(err.to_string().contains("--verify"), "{err}");
+        assert!(Cli::try_parse_from(["relay-client", "http", "3000", "--allow", "x"]).is_err());
+        assert!(
+            Cli::try_parse_from(["relay-client", "http", "3000", "--rate-limit", "9"]).is_err()
+        );
+
+        let (_dir, path) = agent_toml(
+            "target = 3000\ntoken = \"t\"\nverify = \"github=gh\"\nenforce = true\nallow = \"203.0.113.7\"\nrate_limit_per_source = \"10/s burst 20\"\n",
+        );
+        let policy = http(&["--config", &path])
+            .to_config()
+            .expect("valid")
+            .agent
+            .policy;
+        assert_eq!(policy.verify, [(Provider::Github, "gh".into())]);
+        assert_eq!(policy.allow, ["203.0.113.7/32"]);
+        assert_eq!(
+            policy.rate_limit_per_source.as_deref(),
+            Some("10/s burst 20")
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use hookrelay_shared::{signature::SecretSet, TunnelName, TunnelSettings};
+use hookrelay_shared::{policy::PolicyRequest, signature::SecretSet, TunnelName, TunnelSettings};
 
 use crate::{history::Retention, queued::RetryPolicy};
 
@@ -43,6 +43,8 @@ pub struct Config {
     pub settings: TunnelSettings,
     /// Retries of queued webhooks the app failed.
     pub retry: RetryPolicy,
+    /// What the relay is asked to enforce before forwarding or queueing.
+    pub policy: PolicyRequest,
 }
 
 /// Human-readable lines, or one JSON object per line for log collectors.

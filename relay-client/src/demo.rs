@@ -71,6 +71,7 @@ impl Demo {
             retention: crate::history::Retention::default(),
             settings: Default::default(),
             retry: Default::default(),
+            policy: Default::default(),
         })
         .await
         .context("cannot start the agent")?;

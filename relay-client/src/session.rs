@@ -5,6 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hookrelay_shared::{
     codec::{read_frame, write_frame},
+    policy::PolicyRequest,
     protocol::close,
     AgentToRelay, Hello, RejectReason, RelayToAgent, TunnelGrant, TunnelName, TunnelSettings,
     PROTOCOL_VERSION,
@@ -45,6 +46,7 @@ pub(crate) struct Dialer {
     pub agent_id: String,
     pub tunnels: Vec<TunnelName>,
     pub settings: TunnelSettings,
+    pub policy: PolicyRequest,
 }
 
 /// An established, welcomed connection.
@@ -95,6 +97,7 @@ impl Dialer {
             agent_id: self.agent_id.clone(),
             tunnels: self.tunnels.clone(),
             settings: self.settings,
+            policy: self.policy.clone(),
         };
         write_frame(&mut send, &hello)
             .await

@@ -532,3 +532,105 @@ async fn relay_logs_json_lines_with_spans_when_asked() -> anyhow::Result<()> {
     assert!(exit_of(&mut relay).await?.success());
     Ok(())
 }
+
+/// Everything left on a child's stderr, until it exits.
+async fn rest_of(lines: &mut Lines<BufReader<ChildStderr>>) -> String {
+    let mut out = String::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(WAIT, lines.next_line()).await {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+#[tokio::test]
+async fn enforcing_agent_is_told_the_policy_and_no_log_shows_the_secret() -> anyhow::Result<()> {
+    const SECRET: &str = "whsec_never_in_any_log_4711";
+    let dir = tempfile::tempdir()?;
+    let relay_dir = dir.path().join("relay");
+    let out = command(relay_server_bin())
+        .arg("--data-dir")
+        .arg(&relay_dir)
+        .args(["token", "create", "--name", "ci", "--tunnels", "*"])
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "token create failed");
+    let token = String::from_utf8(out.stdout)?.trim().to_owned();
+    let mut relay = command(relay_server_bin())
+        .arg("--data-dir")
+        .arg(&relay_dir)
+        .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0", "--shutdown-grace", "2s"])
+        .env("RUST_LOG", "debug")
+        .spawn()?;
+    let mut relay_err = BufReader::new(
+        relay
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
+    )
+    .lines();
+    let listening = line_with(&mut relay_err, "relay listening").await?;
+    let quic = field(&listening, "quic_addr")?;
+    let http_addr = field(&listening, "http_addr")?;
+    let fingerprint = field(&listening, "fingerprint")?;
+
+    let app = TestApp::spawn().await?;
+    let mut agent = command(relay_client_bin())
+        .args(["http", &app.addr.port().to_string(), "--relay", &quic])
+        .args(["--token", &token, "--tunnel", "locked"])
+        .args(["--relay-cert-sha256", &fingerprint, "--no-inspect"])
+        .args(["--verify", &format!("stripe={SECRET}"), "--enforce"])
+        .args(["--allow", "127.0.0.0/8", "--rate-limit", "100/s"])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .env("RUST_LOG", "debug")
+        .spawn()?;
+    let mut agent_err = BufReader::new(
+        agent
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
+    )
+    .lines();
+    let told = line_with(&mut agent_err, "the relay enforces").await?;
+    assert!(
+        told.contains("signatures required: stripe")
+            && told.contains("127.0.0.0/8")
+            && told.contains("100/s"),
+        "{told}"
+    );
+
+    let (status, _, body) = post(&format!("http://{http_addr}/t/locked/hook"), "{}").await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&body), "signature_missing");
+    assert!(app.received().is_empty());
+    let line = line_with(&mut relay_err, "refused by signature check").await?;
+    assert!(line.contains("signature_missing"), "{line}");
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(relay_dir.join("policies.json"))?
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the relay's copy of the secret is private"
+        );
+    }
+    sigterm(&agent).await?;
+    sigterm(&relay).await?;
+    let logs = format!(
+        "{}{}",
+        rest_of(&mut relay_err).await,
+        rest_of(&mut agent_err).await
+    );
+    exit_of(&mut agent).await?;
+    exit_of(&mut relay).await?;
+    assert!(!logs.is_empty());
+    assert!(!logs.contains(SECRET), "a secret reached a log");
+    assert!(!told.contains(SECRET));
+    Ok(())
+}

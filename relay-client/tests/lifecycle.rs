@@ -158,6 +158,7 @@ async fn incompatible_or_malformed_hello_is_refused() -> anyhow::Result<()> {
         agent_id: "future".into(),
         tunnels: vec!["future".parse()?],
         settings: Default::default(),
+        policy: Default::default(),
     };
     write_frame(&mut send, &hello).await?;
     match tokio::time::timeout(WAIT, read_frame::<RelayToAgent, _>(&mut recv)).await?? {

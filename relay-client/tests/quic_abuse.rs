@@ -51,6 +51,7 @@ async fn hello(
         agent_id: format!("raw-{tunnel}"),
         tunnels: vec![tunnel.parse()?],
         settings: Default::default(),
+        policy: Default::default(),
     };
     write_frame(&mut send, &hello).await?;
     let answer = tokio::time::timeout(WAIT, read_frame::<RelayToAgent, _>(&mut recv))

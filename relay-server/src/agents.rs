@@ -24,6 +24,7 @@ use crate::{
     drain,
     guard::{AttemptGuard, Failure},
     metrics::RelayMetrics,
+    policy::Policies,
     queue::Queue,
     routing::{AgentLink, ClaimError, Routes},
 };
@@ -50,6 +51,8 @@ pub(crate) struct Agents {
     /// Whether the relay's config allows queueing at all.
     pub queue_enabled: bool,
     pub metrics: Arc<RelayMetrics>,
+    /// Tunnel policies; agents' requests are recorded here.
+    pub policies: Arc<Policies>,
     /// Failed hellos per source address; locked-out addresses are refused.
     guard: AttemptGuard,
     next_session: AtomicU64,
@@ -63,6 +66,7 @@ impl Agents {
         queue: Arc<dyn Queue>,
         queue_enabled: bool,
         metrics: Arc<RelayMetrics>,
+        policies: Arc<Policies>,
     ) -> Self {
         Agents {
             routes,
@@ -71,6 +75,7 @@ impl Agents {
             queue,
             queue_enabled,
             metrics,
+            policies,
             guard: AttemptGuard::default(),
             next_session: AtomicU64::new(1),
         }
@@ -316,6 +321,16 @@ async fn session(
         .await;
     }
 
+    if let Err(message) = hello.policy.validate() {
+        return reject(
+            &mut send,
+            &connection,
+            RejectReason::InvalidHello,
+            format!("invalid tunnel policy: {message}"),
+        )
+        .await;
+    }
+
     let session_id = agents.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::Span::current();
     span.record("agent", hello.agent_id.as_str());
@@ -348,6 +363,19 @@ async fn session(
             .await
         }
     };
+    // Recorded only once the tunnels are this agent's: an agent cannot change
+    // the policy of a tunnel someone else holds.
+    if let Err(message) = agents.policies.request(&hello.tunnels, &hello.policy) {
+        agents.routes.release(&hello.tunnels, session_id);
+        warn!(error = %message, "cannot record the agent's tunnel policy");
+        return reject(
+            &mut send,
+            &connection,
+            RejectReason::InvalidHello,
+            format!("the relay cannot apply the tunnel policy: {message}"),
+        )
+        .await;
+    }
     for old in replaced {
         old.connection.close(
             close::REPLACED.into(),
@@ -364,6 +392,7 @@ async fn session(
             public_urls: agents.urls.for_tunnel(name, local_ip),
             settings,
             queued: agents.queue.stats(name).count,
+            policy: agents.policies.summary(name),
         })
         .collect();
     let names: Vec<String> = hello.tunnels.iter().map(|t| t.to_string()).collect();

@@ -3,13 +3,18 @@
 //! variable, then file, then default.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use clap::{Parser, Subcommand};
-use hookrelay_shared::{TunnelName, TunnelPattern};
+use hookrelay_shared::{
+    policy::{parse_cidr, IpNet, Rate},
+    signature::{parse_secret_spec, SecretSet},
+    TunnelName, TunnelPattern,
+};
 use serde::Deserialize;
 
 use crate::{
@@ -18,6 +23,7 @@ use crate::{
         DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
     },
+    policy::{LimitStatus, PolicyConfig, TunnelPolicyConfig},
     queue::{self, QueueLimits},
 };
 
@@ -116,6 +122,30 @@ pub struct Cli {
     /// Oldest queued webhook before the tunnel refuses more, e.g. 7d [default: 7d]
     #[arg(long, env = "HOOKRELAY_QUEUE_MAX_AGE", value_name = "DURATION", value_parser = parse_duration)]
     pub queue_max_age: Option<Duration>,
+
+    /// Proxy or load balancer (CIDR) whose X-Forwarded-For / Forwarded headers name the real sender; repeatable
+    #[arg(long = "trusted-proxy", env = "HOOKRELAY_TRUSTED_PROXIES", value_delimiter = ',', value_name = "CIDR", value_parser = parse_cidr)]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Most requests from one source address over all tunnels, e.g. 50/s or '600/min burst 100' [default: unlimited]
+    #[arg(long, env = "HOOKRELAY_RATE_LIMIT_PER_SOURCE", value_name = "RATE", value_parser = parse_rate)]
+    pub rate_limit_per_source: Option<Rate>,
+
+    /// Status of rate-limited requests: 429, or 503 for senders that only back off on 5xx [default: 429]
+    #[arg(long, env = "HOOKRELAY_RATE_LIMIT_STATUS", value_name = "CODE", value_parser = parse_limit_status)]
+    pub rate_limit_status: Option<LimitStatus>,
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    s.parse()
+}
+
+fn parse_limit_status(s: &str) -> Result<LimitStatus, String> {
+    let code: u16 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a status code (429 or 503)"))?;
+    LimitStatus::from_code(code)
 }
 
 /// How the relay writes its logs (stderr).
@@ -223,6 +253,23 @@ struct FileConfig {
     queue_max_count: Option<u64>,
     queue_max_bytes: Option<SizeSetting>,
     queue_max_age: Option<SizeSetting>,
+    trusted_proxies: Option<Vec<String>>,
+    rate_limit_per_source: Option<String>,
+    rate_limit_status: Option<u16>,
+    tunnels: Option<BTreeMap<String, FileTunnelPolicy>>,
+}
+
+/// `[tunnels.NAME]`: what the relay enforces for one tunnel, whatever its
+/// agent asks for.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTunnelPolicy {
+    /// `"provider=secret"` entries; signatures are then required.
+    verify: Option<Vec<String>>,
+    /// Allowed source CIDRs or addresses.
+    allow: Option<Vec<String>>,
+    rate_limit: Option<String>,
+    rate_limit_per_source: Option<String>,
 }
 
 /// A size or duration in the file: `"25MiB"` / `"30s"`, or a bare number.
@@ -401,6 +448,7 @@ impl Cli {
             (None, None) => DEFAULT_SHUTDOWN_GRACE,
         };
         let log_format = self.log_format.or(file.log_format).unwrap_or_default();
+        let policy = self.policy_config(&file, &source)?;
         let domain = self
             .domain
             .clone()
@@ -463,6 +511,108 @@ impl Cli {
             queue_limits,
             shutdown_grace,
             log_format,
+            policy,
+        })
+    }
+
+    /// Trusted proxies, rate limits and `[tunnels.NAME]` policies.
+    fn policy_config(&self, file: &FileConfig, source: &str) -> Result<PolicyConfig, ConfigError> {
+        let trusted_proxies = if self.trusted_proxies.is_empty() {
+            file.trusted_proxies
+                .iter()
+                .flatten()
+                .map(|s| {
+                    parse_cidr(s).map_err(|e| {
+                        ConfigError(format!(
+                            "invalid entry in `trusted_proxies` in {source}: {e}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            self.trusted_proxies.clone()
+        };
+        let rate = |what: &str, text: &Option<String>| -> Result<Option<Rate>, ConfigError> {
+            text.as_deref()
+                .map(|t| {
+                    t.parse::<Rate>()
+                        .map_err(|e| ConfigError(format!("invalid value for {what}: {e}")))
+                })
+                .transpose()
+        };
+        let rate_limit_per_source = match self.rate_limit_per_source {
+            Some(r) => Some(r),
+            None => rate(
+                &format!("`rate_limit_per_source` in {source}"),
+                &file.rate_limit_per_source,
+            )?,
+        };
+        let limit_status = match (self.rate_limit_status, file.rate_limit_status) {
+            (Some(s), _) => s,
+            (None, Some(code)) => LimitStatus::from_code(code)
+                .map_err(|e| ConfigError(format!("invalid value in {source}: {e}")))?,
+            (None, None) => LimitStatus::default(),
+        };
+        let mut tunnels = BTreeMap::new();
+        for (name, t) in file.tunnels.iter().flatten() {
+            let tunnel: TunnelName = name.parse().map_err(|e| {
+                ConfigError(format!(
+                    "invalid tunnel name [tunnels.{name}] in {source}: {e}"
+                ))
+            })?;
+            let at = |key: &str| format!("`{key}` of [tunnels.{name}] in {source}");
+            let verify = match &t.verify {
+                None => None,
+                Some(specs) => {
+                    let mut set = SecretSet::new();
+                    for spec in specs {
+                        let (provider, secret) = parse_secret_spec(spec).map_err(|e| {
+                            ConfigError(format!("invalid entry in {}: {e}", at("verify")))
+                        })?;
+                        set.add(provider, secret).map_err(|e| {
+                            ConfigError(format!("invalid entry in {}: {e}", at("verify")))
+                        })?;
+                    }
+                    if set.is_empty() {
+                        return Err(ConfigError(format!(
+                            "{} is empty: list provider=secret entries, or leave it out",
+                            at("verify")
+                        )));
+                    }
+                    Some(set)
+                }
+            };
+            let allow = t
+                .allow
+                .as_ref()
+                .map(|list| {
+                    list.iter()
+                        .map(|s| {
+                            parse_cidr(s).map_err(|e| {
+                                ConfigError(format!("invalid entry in {}: {e}", at("allow")))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            tunnels.insert(
+                tunnel,
+                TunnelPolicyConfig {
+                    verify,
+                    allow,
+                    rate_limit: rate(&at("rate_limit"), &t.rate_limit)?,
+                    rate_limit_per_source: rate(
+                        &at("rate_limit_per_source"),
+                        &t.rate_limit_per_source,
+                    )?,
+                },
+            );
+        }
+        Ok(PolicyConfig {
+            trusted_proxies,
+            rate_limit_per_source,
+            limit_status,
+            tunnels,
         })
     }
 }
@@ -535,6 +685,28 @@ mod tests {
             ("body_timeout = \"slow\"", "`body_timeout`"),
             ("max_connections = 0", "`max_connections`"),
             ("max_connections_per_ip = 0", "`max_connections_per_ip`"),
+            ("trusted_proxies = [\"10.0.0.0/33\"]", "`trusted_proxies`"),
+            (
+                "rate_limit_per_source = \"fast\"",
+                "`rate_limit_per_source`",
+            ),
+            ("rate_limit_status = 418", "429 or 503"),
+            ("[tunnels.Bad_Name]\nallow = []", "[tunnels.Bad_Name]"),
+            (
+                "[tunnels.shop]\nallow = [\"nope\"]",
+                "`allow` of [tunnels.shop]",
+            ),
+            (
+                "[tunnels.shop]\nrate_limit = \"1/fortnight\"",
+                "`rate_limit` of [tunnels.shop]",
+            ),
+            (
+                "[tunnels.shop]\nverify = [\"stripe\"]",
+                "`verify` of [tunnels.shop]",
+            ),
+            ("[tunnels.shop]\nverify = []", "`verify` of [tunnels.shop]"),
+            ("[tunnels.shop]\nverify = [\"acme=x\"]", "unknown provider"),
+            ("[tunnels.shop]\nallowed = []", "allowed"),
         ] {
             std::fs::write(&file, content).expect("write");
             let err = cli(&["--config", file.to_str().expect("utf-8")])
@@ -544,6 +716,66 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["relay-server", "--http", "nope"]).is_err());
         assert!(Cli::try_parse_from(["relay-server", "--body-limit", "12 bananas"]).is_err());
+    }
+
+    #[test]
+    fn tunnel_policies_come_from_the_file_and_secrets_stay_out_of_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            r#"
+trusted_proxies = ["10.0.0.0/8", "fd00::/8"]
+rate_limit_per_source = "50/s burst 100"
+rate_limit_status = 503
+
+[tunnels.stripe-prod]
+verify = ["stripe=whsec_top_secret", "stripe=whsec_previous"]
+allow = ["3.18.12.63", "2600:1f18::/32"]
+rate_limit = "100/s"
+"#,
+        )
+        .expect("write");
+        let config = cli(&["--config", file.to_str().expect("utf-8")])
+            .to_config()
+            .expect("valid config");
+        let p = &config.policy;
+        assert_eq!(p.trusted_proxies.len(), 2);
+        assert_eq!(
+            p.rate_limit_per_source.map(|r| r.to_string()).as_deref(),
+            Some("50/s burst 100")
+        );
+        assert_eq!(p.limit_status, LimitStatus::ServiceUnavailable);
+        let t = &p.tunnels[&"stripe-prod".parse::<TunnelName>().expect("name")];
+        assert_eq!(
+            t.verify
+                .as_ref()
+                .map(|s| s.get(hookrelay_shared::signature::Provider::Stripe).len()),
+            Some(2)
+        );
+        assert_eq!(t.allow.as_ref().map(Vec::len), Some(2));
+        assert!(!format!("{config:?}").contains("whsec_top_secret"));
+        // Flags win over the file.
+        let config = cli(&[
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--trusted-proxy",
+            "192.0.2.1",
+            "--rate-limit-status",
+            "429",
+        ])
+        .to_config()
+        .expect("valid config");
+        assert_eq!(config.policy.trusted_proxies.len(), 1);
+        assert_eq!(config.policy.limit_status, LimitStatus::TooManyRequests);
+        // A bad secret spec is named without repeating it.
+        std::fs::write(&file, "[tunnels.x]\nverify = [\"stripe=\"]\n").expect("write");
+        let err = cli(&["--config", file.to_str().expect("utf-8")])
+            .to_config()
+            .expect_err("empty secret");
+        assert!(err.to_string().contains("empty secret"), "{err}");
+        assert!(Cli::try_parse_from(["relay-server", "--rate-limit-status", "200"]).is_err());
+        assert!(Cli::try_parse_from(["relay-server", "--trusted-proxy", "proxy.local"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{cli::LogFormat, queue::QueueLimits};
+use crate::{cli::LogFormat, policy::PolicyConfig, queue::QueueLimits};
 
 /// Default cap on a request body: 25 MiB, enough for any provider's webhook
 /// (GitHub caps payloads at 25 MB) and small enough to refuse abuse early.
@@ -74,6 +74,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How logs are written (read by the binary when it sets up logging).
     pub log_format: LogFormat,
+    /// Trusted proxies, rate limits and per-tunnel policies.
+    pub policy: PolicyConfig,
 }
 
 /// Source of the relay's certificate.
@@ -115,6 +117,7 @@ impl Config {
             queue_limits: QueueLimits::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             log_format: LogFormat::Text,
+            policy: PolicyConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,6 +24,7 @@ use hookrelay_shared::{
     codec::{read_frame, write_frame},
     http::{connection_tokens, is_hop_by_hop},
     protocol::reset,
+    signature::{SignedRequest, Verdict},
     AgentReply, DeliveryId, DeliveryMode, FailureKind, RequestHead, TunnelName, WhenOffline,
 };
 use http_body_util::BodyExt;
@@ -34,6 +35,7 @@ use tracing::{debug, warn, Instrument};
 use crate::{
     config::OFFLINE_RETRY_AFTER,
     metrics::{self, RelayMetrics},
+    policy::{Policies, Refusal},
     queue::{FullReason, Queue, QueueError},
     routing::Routes,
 };
@@ -61,6 +63,7 @@ pub(crate) struct Ingress {
     pub routes: Arc<dyn Routes>,
     pub queue: Arc<dyn Queue>,
     pub metrics: Arc<RelayMetrics>,
+    pub policies: Arc<Policies>,
     pub domain: Option<String>,
     pub body_limit_bytes: u64,
     pub timeout: Duration,
@@ -147,9 +150,15 @@ impl Ingress {
         let received_at_ms = crate::now_ms();
         let (parts, body) = req.into_parts();
         check_head(&parts.headers, &parts.uri)?;
+        let client = self.policies.client_ip(remote.ip(), &parts.headers);
+        self.policies.admit_source(client)?;
         let host = host_of(&parts.headers, &parts.uri);
         let (tunnel, path) = self.route(host.as_deref(), &parts.uri)?;
         tracing::Span::current().record("tunnel", tunnel.as_str());
+        let policy = self.policies.tunnel(&tunnel);
+        if let Some(policy) = &policy {
+            policy.admit(client)?;
+        }
 
         let declared = content_length(&parts.headers)?;
         // Exact for Content-Length bodies and for bodiless requests (0); `None`
@@ -171,9 +180,14 @@ impl Ingress {
         };
         *label = self.metrics.tunnel_label(tunnel.as_str());
 
+        // Behind a TLS-terminating proxy the sender used https: the proxy says so.
+        let scheme = self
+            .policies
+            .forwarded_proto(remote.ip(), &parts.headers)
+            .unwrap_or(self.scheme);
         let public_url = format!(
             "{}://{}{}",
-            self.scheme,
+            scheme,
             host.as_deref().unwrap_or("unknown"),
             parts
                 .uri
@@ -184,18 +198,49 @@ impl Ingress {
         let headers = forward_headers(
             &parts.headers,
             remote,
-            self.scheme,
+            scheme,
             host.as_deref(),
             &public_url,
             delivery_id,
         );
+        // The sender as the app should see it: behind a trusted proxy, the
+        // address it forwarded for (its port is unknown).
+        let sender = if client == remote.ip() {
+            remote
+        } else {
+            SocketAddr::new(client, 0)
+        };
+        // A tunnel that requires signatures gets the whole body checked before
+        // a byte of it is forwarded or queued.
+        let (body, body_len) = match policy.as_ref().filter(|p| p.verifies()) {
+            Some(policy) => {
+                let bytes = self.read_whole(body).await?;
+                let signed: Vec<(String, Vec<u8>)> = parts
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                    .collect();
+                let req = SignedRequest {
+                    headers: &signed,
+                    body: &bytes,
+                    url: Some(&public_url),
+                };
+                policy.verify(
+                    &req,
+                    i64::try_from(crate::now_ms() / 1000).unwrap_or(i64::MAX),
+                )?;
+                let len = bytes.len() as u64;
+                (Body::from(bytes), Some(len))
+            }
+            None => (body, body_len),
+        };
         let head = RequestHead {
             delivery_id,
             tunnel: tunnel.clone(),
             method: parts.method.as_str().to_owned(),
             path,
             headers,
-            remote_addr: remote,
+            remote_addr: sender,
             public_url,
             received_at_ms,
             timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
@@ -308,6 +353,30 @@ impl Ingress {
             }),
             Ok(None) | Err(_) => Err(IngressError::AgentLost(tunnel)),
         }
+    }
+
+    /// Reads a whole request body, within the body limit and the body timeout.
+    async fn read_whole(&self, mut body: Body) -> Result<Bytes, IngressError> {
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::time::timeout(self.body_timeout, body.frame())
+                .await
+                .map_err(|_| IngressError::BodyTimeout {
+                    after: self.body_timeout,
+                })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|_| IngressError::SenderAborted)?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers: not signed, not forwarded
+            };
+            if (buf.len() + data.len()) as u64 > self.body_limit_bytes {
+                return Err(IngressError::BodyTooLarge {
+                    limit: self.body_limit_bytes,
+                });
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
     }
 
     /// Stores the request in the tunnel's queue, durably, and answers `202`
@@ -766,6 +835,68 @@ pub enum IngressError {
     },
     #[error("the relay cannot store this webhook right now")]
     QueueStorage(String),
+    #[error("requests from {0} are not allowed on this tunnel")]
+    SourceNotAllowed(IpAddr),
+    #[error("rate limit of this {scope} reached; retry in {}s", retry_secs(*.retry_after))]
+    RateLimited {
+        scope: &'static str,
+        retry_after: Duration,
+        status: StatusCode,
+    },
+    #[error("{message}")]
+    Signature { code: &'static str, message: String },
+}
+
+/// Whole seconds to wait, rounded up, at least 1 (for `Retry-After`).
+fn retry_secs(after: Duration) -> u64 {
+    after.as_secs() + u64::from(after.subsec_nanos() > 0 || after.is_zero())
+}
+
+impl From<Refusal> for IngressError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NotAllowed(ip) => IngressError::SourceNotAllowed(ip),
+            Refusal::RateLimited {
+                scope,
+                retry_after,
+                status,
+            } => IngressError::RateLimited {
+                scope,
+                retry_after,
+                status,
+            },
+            Refusal::Signature(verdict) => {
+                let (code, message) = match &verdict {
+                    Verdict::Invalid { provider, reason } => (
+                        "signature_invalid",
+                        format!("{provider} signature invalid: {reason}"),
+                    ),
+                    Verdict::Stale { provider, age_s } if *age_s < 0 => (
+                        "signature_stale",
+                        format!(
+                            "{provider} signature timestamp is {}s in the future",
+                            age_s.unsigned_abs()
+                        ),
+                    ),
+                    Verdict::Stale { provider, age_s } => (
+                        "signature_stale",
+                        format!("{provider} signature is {age_s}s old, outside the replay window"),
+                    ),
+                    Verdict::Unsigned => (
+                        "signature_missing",
+                        "this tunnel requires a signed webhook; the request carries no known signature header".to_owned(),
+                    ),
+                    Verdict::NoSecret { provider } => (
+                        "signature_unexpected",
+                        format!("{provider} signatures are not accepted on this tunnel"),
+                    ),
+                    Verdict::Valid { .. } => ("signature_invalid", "signature invalid".to_owned()),
+                };
+                tracing::info!(code, reason = %message, "webhook refused by signature check");
+                IngressError::Signature { code, message }
+            }
+        }
+    }
 }
 
 fn full_reason(reason: FullReason) -> &'static str {
@@ -817,6 +948,9 @@ impl IngressError {
             IngressError::LocalAppError { .. } => "local_app_error",
             IngressError::QueueFull { .. } => "queue_full",
             IngressError::QueueStorage(_) => "queue_unavailable",
+            IngressError::SourceNotAllowed(_) => "source_not_allowed",
+            IngressError::RateLimited { .. } => "rate_limited",
+            IngressError::Signature { code, .. } => code,
         }
     }
 
@@ -836,6 +970,9 @@ impl IngressError {
             IngressError::BadRequest(_) | IngressError::SenderAborted => StatusCode::BAD_REQUEST,
             IngressError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             IngressError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            IngressError::SourceNotAllowed(_) => StatusCode::FORBIDDEN,
+            IngressError::RateLimited { status, .. } => *status,
+            IngressError::Signature { .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -883,13 +1020,14 @@ impl IntoResponse for Failure {
             IngressError::AgentOffline(_) | IngressError::QueueStorage(_) => {
                 Some(OFFLINE_RETRY_AFTER)
             }
-            IngressError::QueueFull { retry_after, .. } => Some(*retry_after),
+            IngressError::QueueFull { retry_after, .. }
+            | IngressError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
         if let Some(after) = retry_after {
             headers.insert(
                 header::RETRY_AFTER,
-                header_value(&after.as_secs().max(1).to_string()),
+                header_value(&retry_secs(after).to_string()),
             );
         }
         if matches!(self.err, IngressError::AgentLost(_)) {

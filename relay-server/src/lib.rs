@@ -9,6 +9,7 @@
 //! - [`ingress`]: the HTTP side; [`IngressError`] maps failures to statuses.
 //! - [`agents`](crate::agents): the QUIC side, handshake and sessions.
 //! - [`metrics`]: Prometheus metrics on the admin listener.
+//! - [`policy`]: per-tunnel signatures, allow-lists and rate limits.
 //! - [`queue`]: the durable per-tunnel [`queue::Queue`] of store-and-forward deliveries.
 //! - [`routing`]: the [`Routes`] table of tunnel holders.
 //! - [`auth`]: hashed agent tokens.
@@ -24,6 +25,7 @@ mod edge;
 mod guard;
 pub mod ingress;
 pub mod metrics;
+pub mod policy;
 pub mod queue;
 pub mod relay;
 pub mod routing;

@@ -14,6 +14,7 @@ use crate::{
     edge::{self, EdgeLimits},
     ingress::{self, Ingress},
     metrics::RelayMetrics,
+    policy::Policies,
     queue::{Queue, QueueError, SledQueue},
     routing::{LocalRoutes, Routes},
     tls::{TlsError, TlsMaterial},
@@ -56,6 +57,10 @@ impl Relay {
         let queue: Arc<dyn Queue> =
             Arc::new(SledQueue::open(&config.data_dir, config.queue_limits)?);
         let metrics = Arc::new(RelayMetrics::new(queue.clone()));
+        let policies = Arc::new(Policies::open(
+            config.policy.clone(),
+            Some(config.data_dir.join("policies.json")),
+        ));
 
         let bind_err = |what: &'static str, addr: SocketAddr| {
             move |source: io::Error| SpawnError::Bind { what, addr, source }
@@ -84,6 +89,7 @@ impl Relay {
             routes: routes.clone(),
             queue: queue.clone(),
             metrics: metrics.clone(),
+            policies: policies.clone(),
             domain: config
                 .domain
                 .clone()
@@ -140,6 +146,7 @@ impl Relay {
             queue.clone(),
             config.queue_enabled,
             metrics,
+            policies,
         ));
         tracker.spawn(agents::accept_loop(
             endpoint.clone(),

@@ -7,11 +7,13 @@
 //! - [`tunnel_name`]: [`TunnelName`], a DNS label, and [`TunnelPattern`] globs.
 //! - [`durable`]: [`durable::GroupCommit`], one fsync for many writers.
 //! - [`http`]: header rules both ends apply (hop-by-hop headers).
+//! - [`policy`]: what the relay enforces per tunnel (signatures, sources, rates).
 //! - [`signature`]: webhook signature detection, verification and re-signing.
 
 pub mod codec;
 pub mod durable;
 pub mod http;
+pub mod policy;
 pub mod protocol;
 pub mod signature;
 pub mod tunnel_name;
@@ -26,7 +28,7 @@ pub use tunnel_name::{TunnelName, TunnelNameError, TunnelPattern};
 
 /// Version of the wire protocol. A relay and an agent must agree on it; a mismatch
 /// is answered with [`RejectReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// QUIC application protocol name. An endpoint offering anything else is refused
 /// during the TLS handshake, before a single frame is read.

@@ -24,7 +24,10 @@ use std::{fmt, net::SocketAddr, str::FromStr};
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
-use crate::TunnelName;
+use crate::{
+    policy::{PolicyRequest, PolicySummary},
+    TunnelName,
+};
 
 /// Identifies one delivery end to end. ULIDs sort by creation time, which is the
 /// relay's arrival order.
@@ -76,6 +79,10 @@ pub struct Hello {
     /// How the agent wants its tunnels to treat webhooks; the relay may narrow
     /// it (the effective settings come back in each [`TunnelGrant`]).
     pub settings: TunnelSettings,
+    /// What the agent asks the relay to enforce for its tunnels (signatures,
+    /// allowed sources, rate limits) before anything is forwarded or queued;
+    /// the relay's own config for a tunnel overrides it.
+    pub policy: PolicyRequest,
 }
 
 /// Whether the sender waits for the local app's answer.
@@ -157,6 +164,7 @@ impl fmt::Debug for Hello {
             .field("agent_id", &self.agent_id)
             .field("tunnels", &self.tunnels)
             .field("settings", &self.settings)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -206,6 +214,8 @@ pub struct TunnelGrant {
     pub settings: TunnelSettings,
     /// Deliveries waiting in the relay's queue for this tunnel right now.
     pub queued: u64,
+    /// What the relay enforces for this tunnel.
+    pub policy: PolicySummary,
 }
 
 /// First frame on the queue stream, from the agent.

@@ -89,6 +89,7 @@ impl TestRelay {
             retention: Default::default(),
             settings: Default::default(),
             retry: Default::default(),
+            policy: Default::default(),
         }
     }
 
