@@ -314,6 +314,34 @@ async fn slow_senders_are_cut_off() -> anyhow::Result<()> {
             assert_eq!(got, Outcome::Status(408), "a trickled body");
             assert!(started.elapsed() < Duration::from_secs(3));
 
+            // A byte every 200 ms never leaves the body idle for 500 ms, but
+            // averages 5 bytes/s: cut once the grace (the body timeout) has
+            // passed and the bytes so far buy no more time at 1 KiB/s.
+            let mut s = hostile_connect(addr).await?;
+            s.write_all(&head("/t/alice/drip", "Content-Length: 1000\r\n"))
+                .await?;
+            let (mut rd, mut wr) = s.split();
+            let drip = async {
+                for _ in 0..100 {
+                    if wr.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            };
+            let started = Instant::now();
+            let mut reader = ReadHalfOutcome(&mut rd);
+            let got = tokio::select! {
+                () = drip => Outcome::Open,
+                got = reader.outcome(Duration::from_secs(20)) => got,
+            };
+            assert_eq!(got, Outcome::Status(408), "a dripped body");
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+                "dripped body cut after {took:?}"
+            );
+
             // A kept-alive connection idle after its answer: closed once the
             // next head has not come within the header timeout.
             let mut s = hostile_connect(addr).await?;
@@ -333,7 +361,7 @@ async fn slow_senders_are_cut_off() -> anyhow::Result<()> {
     assert!(!setup
         .received_paths()
         .iter()
-        .any(|p| p.starts_with("/slow")));
+        .any(|p| p.starts_with("/slow") || p.starts_with("/drip")));
     Ok(())
 }
 

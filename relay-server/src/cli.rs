@@ -21,7 +21,8 @@ use crate::{
     config::{
         parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES,
         DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-        DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
+        DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MIN_BODY_RATE, DEFAULT_SHUTDOWN_GRACE,
+        DEFAULT_TIMEOUT,
     },
     policy::{LimitStatus, PolicyConfig, TunnelPolicyConfig},
     queue::{self, QueueLimits},
@@ -86,6 +87,10 @@ pub struct Cli {
     /// How long a request body may go without a byte arriving, e.g. 30s (then 408) [default: 30s]
     #[arg(long, env = "HOOKRELAY_BODY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub body_timeout: Option<Duration>,
+
+    /// Slowest average rate of a request body once --body-timeout has passed, per second, e.g. 1KiB; 0 turns it off (then 408) [default: 1KiB]
+    #[arg(long, env = "HOOKRELAY_MIN_BODY_RATE", value_name = "SIZE", value_parser = parse_size)]
+    pub min_body_rate: Option<u64>,
 
     /// Most open connections on the HTTP ingress; more are answered 503 and closed [default: 4096]
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", value_name = "N")]
@@ -244,6 +249,7 @@ struct FileConfig {
     timeout: Option<SizeSetting>,
     header_timeout: Option<SizeSetting>,
     body_timeout: Option<SizeSetting>,
+    min_body_rate: Option<SizeSetting>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     dev: Option<bool>,
@@ -394,6 +400,15 @@ impl Cli {
             &file.body_timeout,
             DEFAULT_BODY_TIMEOUT,
         )?;
+        let min_body_rate = match (self.min_body_rate, &file.min_body_rate) {
+            (Some(n), _) => n,
+            (None, Some(s)) => parse_size(&s.text()).map_err(|e| {
+                ConfigError(format!(
+                    "invalid value for `min_body_rate` in {source}: {e}"
+                ))
+            })?,
+            (None, None) => DEFAULT_MIN_BODY_RATE,
+        };
         let max_connections = self
             .max_connections
             .or(file.max_connections)
@@ -504,6 +519,7 @@ impl Cli {
             timeout,
             header_timeout,
             body_timeout,
+            min_body_rate,
             max_connections,
             max_connections_per_ip,
             dev,
@@ -683,6 +699,7 @@ mod tests {
             ("log_format = \"xml\"", "log_format"),
             ("header_timeout = \"0s\"", "`header_timeout`"),
             ("body_timeout = \"slow\"", "`body_timeout`"),
+            ("min_body_rate = \"fast\"", "`min_body_rate`"),
             ("max_connections = 0", "`max_connections`"),
             ("max_connections_per_ip = 0", "`max_connections_per_ip`"),
             ("trusted_proxies = [\"10.0.0.0/33\"]", "`trusted_proxies`"),

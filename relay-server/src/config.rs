@@ -27,6 +27,10 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a request body may go without a single byte arriving.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default slowest average rate of a request body once the body timeout has
+/// passed: 1 KiB/s. Webhook senders are servers; only a trickle falls below.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
+
 /// Default cap on open ingress connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
@@ -59,6 +63,9 @@ pub struct Config {
     pub header_timeout: Duration,
     /// How long a request body may go without a byte arriving.
     pub body_timeout: Duration,
+    /// Slowest average rate of a request body, in bytes per second, once
+    /// `body_timeout` has passed; 0 turns the check off.
+    pub min_body_rate: u64,
     /// Most open ingress connections.
     pub max_connections: usize,
     /// Most open ingress connections from one IP address.
@@ -110,6 +117,7 @@ impl Config {
             timeout: DEFAULT_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             dev: false,

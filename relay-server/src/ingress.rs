@@ -8,6 +8,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -69,6 +70,9 @@ pub(crate) struct Ingress {
     pub timeout: Duration,
     /// How long a request body may go without a byte arriving.
     pub body_timeout: Duration,
+    /// Slowest average a request body may arrive at once `body_timeout` has
+    /// passed, in bytes per second; 0 turns the check off.
+    pub min_body_rate: u64,
     /// `http` or `https`, for `X-Forwarded-Proto` and public URLs.
     pub scheme: &'static str,
 }
@@ -149,6 +153,7 @@ impl Ingress {
     ) -> Result<Response, IngressError> {
         let received_at_ms = crate::now_ms();
         let (parts, body) = req.into_parts();
+        let body = RateGuarded::wrap(body, self.body_timeout, self.min_body_rate);
         check_head(&parts.headers, &parts.uri)?;
         let client = self.policies.client_ip(remote.ip(), &parts.headers);
         self.policies.admit_source(client)?;
@@ -294,6 +299,9 @@ impl Ingress {
                                 return Err(IngressError::BodyTooLarge { limit: self.body_limit_bytes });
                             }
                             Ok(PumpEnd::SenderAborted) => return Err(IngressError::SenderAborted),
+                            Ok(PumpEnd::TooSlow) => {
+                                return Err(IngressError::BodyTooSlow { rate: self.min_body_rate });
+                            }
                             Ok(PumpEnd::BodyTimeout) => {
                                 return Err(IngressError::BodyTimeout { after: self.body_timeout });
                             }
@@ -365,7 +373,7 @@ impl Ingress {
                     after: self.body_timeout,
                 })?;
             let Some(frame) = frame else { break };
-            let frame = frame.map_err(|_| IngressError::SenderAborted)?;
+            let frame = frame.map_err(|e| body_error(e, self.min_body_rate))?;
             let Ok(data) = frame.into_data() else {
                 continue; // trailers: not signed, not forwarded
             };
@@ -400,7 +408,7 @@ impl Ingress {
                         after: self.body_timeout,
                     })?;
                 let Some(frame) = frame else { break };
-                let frame = frame.map_err(|_| IngressError::SenderAborted)?;
+                let frame = frame.map_err(|e| body_error(e, self.min_body_rate))?;
                 let Ok(data) = frame.into_data() else {
                     continue; // trailers: not kept
                 };
@@ -494,8 +502,105 @@ enum PumpEnd {
     SenderAborted,
     /// No body byte arrived for the body timeout.
     BodyTimeout,
+    /// The body arrived slower than the minimum rate.
+    TooSlow,
     AgentStopped,
     Cancelled,
+}
+
+/// A request body that must keep up a minimum average rate once a grace
+/// period has passed since the request arrived: a sender trickling a byte every
+/// few seconds never trips the idle timeout, and would hold its connection and
+/// an agent stream for as long as its body limit allows.
+struct RateGuarded {
+    inner: Body,
+    started: Instant,
+    grace: Duration,
+    min_rate: u64,
+    received: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The error a [`RateGuarded`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("request body too slow")]
+struct TooSlow;
+
+impl RateGuarded {
+    /// `body`, guarded; unchanged when `min_rate` is 0.
+    fn wrap(body: Body, grace: Duration, min_rate: u64) -> Body {
+        if min_rate == 0 {
+            return body;
+        }
+        let started = Instant::now();
+        Body::new(RateGuarded {
+            inner: body,
+            started,
+            grace,
+            min_rate,
+            received: 0,
+            deadline: Box::pin(tokio::time::sleep_until((started + grace).into())),
+        })
+    }
+
+    /// When the bytes so far stop being enough: the grace, plus the time
+    /// they buy at the minimum rate.
+    fn next_deadline(&self) -> Instant {
+        let bought = Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
+        self.started + self.grace + bought.min(Duration::from_secs(365 * 24 * 3600))
+    }
+}
+
+impl http_body::Body for RateGuarded {
+    type Data = Bytes;
+    // Boxed, so that `Body::new` wraps it in one `axum::Error` (not two) and
+    // `is_too_slow` finds `TooSlow` right inside.
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::{future::Future, task::Poll};
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    let next = this.next_deadline();
+                    this.deadline.as_mut().reset(next.into());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into_inner()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(TooSlow)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn is_too_slow(err: axum::Error) -> bool {
+    err.into_inner().downcast_ref::<TooSlow>().is_some()
+}
+
+/// A body read error as the sender's failure: too slow, or gone.
+fn body_error(err: axum::Error, min_rate: u64) -> IngressError {
+    if is_too_slow(err) {
+        IngressError::BodyTooSlow { rate: min_rate }
+    } else {
+        IngressError::SenderAborted
+    }
 }
 
 /// Copies the sender's body to the delivery stream chunk by chunk, enforcing the
@@ -530,9 +635,13 @@ async fn pump_body(
                 let _ = send.finish();
                 return PumpEnd::Finished;
             }
-            Some(Err(_)) => {
+            Some(Err(e)) => {
                 let _ = send.reset(reset::BODY_ABORTED.into());
-                return PumpEnd::SenderAborted;
+                return if is_too_slow(e) {
+                    PumpEnd::TooSlow
+                } else {
+                    PumpEnd::SenderAborted
+                };
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => data,
@@ -821,6 +930,8 @@ pub enum IngressError {
     BodyTimeout { after: Duration },
     #[error("more than 100 header lines")]
     TooManyHeaders,
+    #[error("the request body arrived slower than {rate} bytes/s on average")]
+    BodyTooSlow { rate: u64 },
     #[error("the local app behind tunnel {tunnel} is unreachable: {message}")]
     LocalAppUnreachable { tunnel: TunnelName, message: String },
     #[error("the local app behind tunnel {tunnel} did not answer in time: {message}")]
@@ -941,7 +1052,9 @@ impl IngressError {
             IngressError::BodyTooLarge { .. } => "body_too_large",
             IngressError::BadRequest(_) => "bad_request",
             IngressError::SenderAborted => "request_aborted",
-            IngressError::BodyTimeout { .. } => "request_timeout",
+            IngressError::BodyTimeout { .. } | IngressError::BodyTooSlow { .. } => {
+                "request_timeout"
+            }
             IngressError::TooManyHeaders => "headers_too_large",
             IngressError::LocalAppUnreachable { .. } => "local_app_unreachable",
             IngressError::LocalAppTimeout { .. } => "local_app_timeout",
@@ -968,7 +1081,9 @@ impl IngressError {
             IngressError::LocalAppTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             IngressError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngressError::BadRequest(_) | IngressError::SenderAborted => StatusCode::BAD_REQUEST,
-            IngressError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            IngressError::BodyTimeout { .. } | IngressError::BodyTooSlow { .. } => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             IngressError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             IngressError::SourceNotAllowed(_) => StatusCode::FORBIDDEN,
             IngressError::RateLimited { status, .. } => *status,
@@ -984,6 +1099,7 @@ impl IngressError {
             IngressError::BadRequest(_)
                 | IngressError::SenderAborted
                 | IngressError::BodyTimeout { .. }
+                | IngressError::BodyTooSlow { .. }
                 | IngressError::BodyTooLarge { .. }
                 | IngressError::TooManyHeaders
         )

@@ -97,6 +97,7 @@ impl Relay {
             body_limit_bytes: config.body_limit_bytes,
             timeout: config.timeout,
             body_timeout: config.body_timeout,
+            min_body_rate: config.min_body_rate,
             scheme: "http",
         });
         let app = ingress::router(ingress);
