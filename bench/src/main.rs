@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo run --release -p hookrelay-bench -- queue                 # 100,000 webhooks of 1 KiB
 //! cargo run --release -p hookrelay-bench -- queue --count 2000 --json
+//! cargo run --release -p hookrelay-bench -- http                  # workloads a-d, 5 s each
+//! cargo run --release -p hookrelay-bench -- http --runs 3 --peers # median of 3, with rathole and bore
 //! ```
 //!
 //! Run it with `--release`: the benchmark itself is the load generator and the
@@ -40,6 +42,8 @@
 mod app;
 mod binaries;
 mod client;
+mod http;
+mod peers;
 mod process;
 mod queue;
 
@@ -73,6 +77,9 @@ enum Command {
     /// Store-and-forward: fill a tunnel's queue while its agent is offline,
     /// then drain it into a local app; rates and memory
     Queue(queue::QueueArgs),
+    /// Throughput, latency, CPU and memory of HTTP workloads a-d through the
+    /// tunnel, against going straight to the app (and rathole/bore with --peers)
+    Http(http::HttpArgs),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let work = async {
             match cli.command {
                 Command::Queue(args) => queue::run(&binaries, &args, cli.json).await,
+                Command::Http(args) => http::run(&binaries, &args, cli.json).await,
             }
         };
         // Leaving on Ctrl-C drops `work`, and with it every child process.

@@ -187,6 +187,32 @@ impl Proc {
         Ok((proc, line))
     }
 
+    /// Starts `cmd` without waiting for any line (for programs whose
+    /// readiness is checked otherwise).
+    pub fn start(name: &'static str, mut cmd: Command) -> anyhow::Result<Proc> {
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let pid = child
+            .id()
+            .with_context(|| format!("{name} exited at once"))?;
+        let log = Log::default();
+        drain(
+            child.stdout.take().context("no stdout pipe")?,
+            log.clone(),
+            None,
+        );
+        drain(
+            child.stderr.take().context("no stderr pipe")?,
+            log.clone(),
+            None,
+        );
+        Ok(Proc {
+            name,
+            child,
+            pid,
+            log,
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }

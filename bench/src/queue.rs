@@ -322,7 +322,7 @@ pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::R
 }
 
 /// `relay-server token create`: the token.
-async fn create_token(binaries: &Binaries, relay_dir: &Path) -> anyhow::Result<String> {
+pub(crate) async fn create_token(binaries: &Binaries, relay_dir: &Path) -> anyhow::Result<String> {
     let output = command(&binaries.relay_server)
         .args(["token", "create", "--data-dir"])
         .arg(relay_dir)
@@ -348,16 +348,33 @@ async fn create_token(binaries: &Binaries, relay_dir: &Path) -> anyhow::Result<S
 }
 
 /// The running `relay-server` and what its "relay listening" line says.
-struct Relay {
-    proc: Proc,
-    http: SocketAddr,
-    quic: SocketAddr,
-    admin: SocketAddr,
-    fingerprint: String,
+pub(crate) struct Relay {
+    pub proc: Proc,
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub admin: SocketAddr,
+    pub fingerprint: String,
 }
 
 impl Relay {
     async fn start(binaries: &Binaries, dir: &Path, args: &QueueArgs) -> anyhow::Result<Relay> {
+        let mut extra = Vec::new();
+        if args.count > DEFAULT_QUEUE_MAX_COUNT {
+            extra.extend(["--queue-max-count".to_owned(), args.count.to_string()]);
+        }
+        let bytes = args.count.saturating_mul(args.body_bytes);
+        if bytes > DEFAULT_QUEUE_MAX_BYTES {
+            extra.extend(["--queue-max-bytes".to_owned(), bytes.to_string()]);
+        }
+        Self::start_with(binaries, dir, &extra).await
+    }
+
+    /// The relay on loopback ports the kernel picks, with `extra` flags.
+    pub(crate) async fn start_with(
+        binaries: &Binaries,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Relay> {
         let mut cmd = command(&binaries.relay_server);
         cmd.arg("--data-dir").arg(dir).args([
             "--http",
@@ -367,13 +384,7 @@ impl Relay {
             "--admin",
             "127.0.0.1:0",
         ]);
-        if args.count > DEFAULT_QUEUE_MAX_COUNT {
-            cmd.args(["--queue-max-count", &args.count.to_string()]);
-        }
-        let bytes = args.count.saturating_mul(args.body_bytes);
-        if bytes > DEFAULT_QUEUE_MAX_BYTES {
-            cmd.args(["--queue-max-bytes", &bytes.to_string()]);
-        }
+        cmd.args(extra);
         let (proc, line) =
             Proc::spawn("relay-server", cmd, Stream::Stderr, "relay listening").await?;
         let addr = |key: &str| -> anyhow::Result<SocketAddr> {
@@ -439,7 +450,7 @@ async fn until_offline(admin: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Prints a process's warnings and errors, if any, to stderr.
-fn report_problems(name: &str, proc: &Proc) {
+pub(crate) fn report_problems(name: &str, proc: &Proc) {
     let (warnings, errors, lines) = proc.log().problems();
     if warnings + errors > 0 {
         eprintln!("{name} logged {warnings} warning(s) and {errors} error(s); the first:");
@@ -504,7 +515,7 @@ impl Progress {
 }
 
 /// The 1-minute load average: other work on the machine skews the figures.
-fn load_average() -> Option<f64> {
+pub(crate) fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()

@@ -1,0 +1,660 @@
+//! HTTP throughput and latency through the tunnel, against going straight to
+//! the app in the same run (and, with `--peers`, against the raw TCP tunnels
+//! rathole and bore).
+//!
+//! Four workloads, each driven for `--duration` after a `--warmup`, by this
+//! process's own load generator (hyper HTTP/1.1 clients with TCP_NODELAY):
+//!
+//! - a: 1 KiB JSON POSTs over 64 keep-alive connections;
+//! - b: 256 KiB POSTs over 16 keep-alive connections;
+//! - c: 1 KiB POSTs one after the other over one connection (latency);
+//! - d: 1 KiB POSTs, a new connection for each (`Connection: close`), 64 at
+//!   once: how most webhook senders behave.
+//!
+//! Every target answers through the same local app (in this process), so the
+//! ratio to "direct" is what the tunnel costs. The relay and the agent run as
+//! the real release binaries with their defaults: history recording is on.
+//! CPU time per request comes from `/proc/PID/stat` (user + system) of each
+//! tunnel process over the measured interval; peak RSS is sampled every 100 ms.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::{
+    app::App,
+    binaries::Binaries,
+    client,
+    peers::{self, Peer},
+    process::{command, status_kib, Proc, RssSampler, Stream},
+    queue::{create_token, report_problems, Relay},
+};
+
+const TUNNEL: &str = "bench";
+/// One answer to one request, at most.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A workload of the issue's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// 1 KiB POSTs, 64 keep-alive connections
+    A,
+    /// 256 KiB POSTs, 16 keep-alive connections
+    B,
+    /// 1 KiB POSTs, one connection, one at a time
+    C,
+    /// 1 KiB POSTs, a new connection for each, 64 at once
+    D,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::A => "a",
+            Workload::B => "b",
+            Workload::C => "c",
+            Workload::D => "d",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Workload::A => "1 KiB POSTs, 64 keep-alive connections",
+            Workload::B => "256 KiB POSTs, 16 keep-alive connections",
+            Workload::C => "1 KiB POSTs, one connection, sequential",
+            Workload::D => "1 KiB POSTs, a new connection per request, 64 at once",
+        }
+    }
+
+    fn body_bytes(self) -> usize {
+        match self {
+            Workload::B => 256 * 1024,
+            _ => 1024,
+        }
+    }
+
+    fn connections(self) -> usize {
+        match self {
+            Workload::A | Workload::D => 64,
+            Workload::B => 16,
+            Workload::C => 1,
+        }
+    }
+
+    fn new_connection_each(self) -> bool {
+        self == Workload::D
+    }
+
+    /// The issue's goal for Hookrelay, in words.
+    fn goal(self) -> &'static str {
+        match self {
+            Workload::A => "ratio >= 0.40",
+            Workload::B => "ratio >= 0.20, p99 < 15 ms",
+            Workload::C => "p50 + <= 0.060 ms, p99 + <= 0.5 ms",
+            Workload::D => "ratio >= 0.30",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// Workloads to run, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
+    workloads: Vec<Workload>,
+
+    /// Measured seconds per workload and target
+    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration: u64,
+
+    /// Warm-up seconds before each measurement (not counted)
+    #[arg(long, default_value_t = 1, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup: u64,
+
+    /// Runs of the whole set; the table shows the median of each figure
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    runs: u64,
+
+    /// Also measure rathole and bore (`cargo install rathole bore-cli`; found
+    /// on PATH) as shipped
+    #[arg(long)]
+    peers: bool,
+
+    /// Where to create the temporary directory [default: the system's]
+    #[arg(long, value_name = "DIR")]
+    tmp_dir: Option<PathBuf>,
+}
+
+/// What one drive of one workload against one target measured.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub requests: u64,
+    pub failures: u64,
+    pub req_per_s: f64,
+    pub mib_per_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// CPU microseconds per request of each tunnel process, in [`Target::pids`] order.
+    pub cpu_us_per_req: Vec<f64>,
+    /// Peak RSS in KiB of each tunnel process.
+    pub peak_rss_kib: Vec<Option<u64>>,
+}
+
+/// Somewhere to send the workload: the app itself or a tunnel in front of it.
+pub struct Target {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// Request path prefix (`/t/bench` for Hookrelay's path-style URLs).
+    pub prefix: &'static str,
+    /// The tunnel's processes, with a short label each.
+    pub pids: Vec<(&'static str, u32)>,
+}
+
+pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow::Result<()> {
+    let dir = match &args.tmp_dir {
+        Some(base) => tempfile::Builder::new()
+            .prefix("hookrelay-bench-")
+            .tempdir_in(base),
+        None => tempfile::Builder::new()
+            .prefix("hookrelay-bench-")
+            .tempdir(),
+    }
+    .context("creating a temporary directory")?;
+    let app = App::spawn(u64::MAX).await?;
+    let (mut relay, mut agent) = start_tunnel(binaries, dir.path(), app.addr()).await?;
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            addr: app.addr(),
+            prefix: "",
+            pids: Vec::new(),
+        },
+        Target {
+            name: "hookrelay",
+            addr: relay.http,
+            prefix: "/t/bench",
+            pids: vec![("relay", relay.proc.pid()), ("agent", agent.pid())],
+        },
+    ];
+    let mut peers: Vec<Peer> = Vec::new();
+    if args.peers {
+        for peer in peers::start_all(dir.path(), app.addr()).await? {
+            targets.push(peer.target());
+            peers.push(peer);
+        }
+    }
+
+    let duration = Duration::from_secs(args.duration);
+    let warmup = Duration::from_secs(args.warmup);
+    // results[workload][target][run]
+    let mut results: Vec<Vec<Vec<Figures>>> = args
+        .workloads
+        .iter()
+        .map(|_| targets.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for run in 0..args.runs {
+        for (wi, &workload) in args.workloads.iter().enumerate() {
+            for (ti, target) in targets.iter().enumerate() {
+                eprintln!(
+                    "run {}/{}: workload {} ({}) via {}",
+                    run + 1,
+                    args.runs,
+                    workload.name(),
+                    workload.describe(),
+                    target.name
+                );
+                if !warmup.is_zero() {
+                    drive(target, workload, warmup).await?;
+                }
+                let figures = measure(target, workload, duration).await?;
+                if figures.failures > 0 {
+                    eprintln!(
+                        "warning: {} of {} requests via {} were not answered 200",
+                        figures.failures,
+                        figures.requests + figures.failures,
+                        target.name
+                    );
+                }
+                results[wi][ti].push(figures);
+                relay.proc.check_running()?;
+                agent.check_running()?;
+            }
+        }
+    }
+    let relay_hwm = status_kib(relay.proc.pid(), "VmHWM");
+    let agent_hwm = status_kib(agent.pid(), "VmHWM");
+    for (name, proc) in [
+        ("relay-client", &mut agent),
+        ("relay-server", &mut relay.proc),
+    ] {
+        let status = proc.terminate().await?;
+        if !status.success() {
+            eprintln!("warning: {name} exited with {status} after SIGTERM");
+        }
+        report_problems(name, proc);
+    }
+    drop(peers);
+
+    let medians: Vec<Vec<Figures>> = results
+        .iter()
+        .map(|per_target| per_target.iter().map(|runs| median(runs)).collect())
+        .collect();
+    if json_out {
+        println!(
+            "{}",
+            to_json(args, &targets, &medians, relay_hwm, agent_hwm)
+        );
+    } else {
+        print!("{}", table(args, &targets, &medians, relay_hwm, agent_hwm));
+    }
+    Ok(())
+}
+
+/// The relay and an agent holding tunnel `bench` in front of `app`.
+async fn start_tunnel(
+    binaries: &Binaries,
+    dir: &Path,
+    app: SocketAddr,
+) -> anyhow::Result<(Relay, Proc)> {
+    let relay_dir = dir.join("relay");
+    let token = create_token(binaries, &relay_dir).await?;
+    let relay = Relay::start_with(binaries, &relay_dir, &[]).await?;
+    let mut cmd = command(&binaries.relay_client);
+    cmd.args(["http", &app.to_string()])
+        .args(["--relay", &relay.quic.to_string()])
+        .args(["--token", &token, "--tunnel", TUNNEL])
+        .args(["--relay-cert-sha256", &relay.fingerprint])
+        .args(["--no-inspect", "--quiet", "--data-dir"])
+        .arg(dir.join("agent"));
+    let (agent, _) = Proc::spawn("relay-client", cmd, Stream::Stdout, "forwarding")
+        .await
+        .context("starting the agent")?;
+    eprintln!(
+        "relay pid {} (http {}), agent pid {}, app {app}",
+        relay.proc.pid(),
+        relay.http,
+        agent.pid()
+    );
+    Ok((relay, agent))
+}
+
+/// Drives `workload` against `target` for `duration` and measures it.
+async fn measure(
+    target: &Target,
+    workload: Workload,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let samplers: Vec<RssSampler> = target
+        .pids
+        .iter()
+        .map(|(_, pid)| RssSampler::start(*pid))
+        .collect();
+    let cpu_before: Vec<Option<u64>> = target.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+    let driven = drive(target, workload, duration).await?;
+    let cpu_after: Vec<Option<u64>> = target.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+    let tick_us = 1_000_000.0 / clock_ticks_per_s() as f64;
+    let done = driven.requests.max(1) as f64;
+    let cpu_us_per_req = cpu_before
+        .iter()
+        .zip(&cpu_after)
+        .map(|(b, a)| match (b, a) {
+            (Some(b), Some(a)) => a.saturating_sub(*b) as f64 * tick_us / done,
+            _ => f64::NAN,
+        })
+        .collect();
+    let peak_rss_kib = samplers.iter().map(RssSampler::take_peak).collect();
+    let secs = driven.elapsed.as_secs_f64();
+    let mut lat = driven.latencies_us;
+    lat.sort_unstable();
+    let at = |p: f64| -> u64 {
+        if lat.is_empty() {
+            return 0;
+        }
+        let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
+        u64::from(lat[i])
+    };
+    Ok(Figures {
+        requests: driven.requests,
+        failures: driven.failures,
+        req_per_s: driven.requests as f64 / secs,
+        mib_per_s: (driven.requests as f64 * workload.body_bytes() as f64) / secs / 1_048_576.0,
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        max_us: lat.last().copied().map_or(0, u64::from),
+        cpu_us_per_req,
+        peak_rss_kib,
+    })
+}
+
+struct Driven {
+    requests: u64,
+    failures: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+/// The load: `workload.connections()` senders, each posting back to back
+/// until `duration` has passed.
+async fn drive(target: &Target, workload: Workload, duration: Duration) -> anyhow::Result<Driven> {
+    let body = Bytes::from(payload(workload.body_bytes()));
+    let path: Arc<str> = format!("{}/hook", target.prefix).into();
+    let host: Arc<str> = target.addr.to_string().into();
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..workload.connections() {
+        let (body, path, host) = (body.clone(), path.clone(), host.clone());
+        let addr = target.addr;
+        let new_each = workload.new_connection_each();
+        senders.spawn(async move { sender(addr, &host, &path, body, new_each, deadline).await });
+    }
+    let mut out = Driven {
+        requests: 0,
+        failures: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
+    while let Some(joined) = senders.join_next().await {
+        let (ok, failed, mut lat) = joined.context("a sender panicked")??;
+        out.requests += ok;
+        out.failures += failed;
+        out.latencies_us.append(&mut lat);
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+async fn sender(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    body: Bytes,
+    new_each: bool,
+    deadline: Instant,
+) -> anyhow::Result<(u64, u64, Vec<u32>)> {
+    let mut ok = 0;
+    let mut failed = 0;
+    let mut lat = Vec::with_capacity(1 << 16);
+    let mut conn: Option<client::Conn> = None;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let mut c = match conn.take() {
+            Some(mut c) => match c.ready().await {
+                Ok(()) => c,
+                Err(_) => client::connect(addr).await?,
+            },
+            None => client::connect(addr).await?,
+        };
+        let mut request = http::Request::post(path)
+            .header(http::header::HOST, host)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if new_each {
+            request = request.header(http::header::CONNECTION, "close");
+        }
+        let request = request.body(Full::new(body.clone()))?;
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, client::send(&mut c, request)).await;
+        lat.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+        match answer {
+            Ok(Ok((status, _))) if status == http::StatusCode::OK => ok += 1,
+            _ => failed += 1,
+        }
+        if !new_each {
+            conn = Some(c);
+        }
+    }
+    Ok((ok, failed, lat))
+}
+
+/// A JSON body of exactly `size` bytes.
+fn payload(size: usize) -> Vec<u8> {
+    let head = br#"{"type":"bench.event","pad":""#;
+    let tail = br#""}"#;
+    let mut bytes = Vec::with_capacity(size);
+    bytes.extend_from_slice(head);
+    bytes.resize(size.saturating_sub(tail.len()).max(head.len()), b'x');
+    bytes.extend_from_slice(tail);
+    bytes
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces: fields count from after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `getconf CLK_TCK`, 100 on Linux unless told otherwise.
+fn clock_ticks_per_s() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Each figure's median over the runs (upper median for even counts).
+fn median(runs: &[Figures]) -> Figures {
+    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2]
+    }
+    let Some(first) = runs.first() else {
+        return Figures::default();
+    };
+    Figures {
+        requests: mid(runs.iter().map(|f| f.requests).collect()),
+        failures: runs.iter().map(|f| f.failures).sum(),
+        req_per_s: mid(runs.iter().map(|f| f.req_per_s).collect()),
+        mib_per_s: mid(runs.iter().map(|f| f.mib_per_s).collect()),
+        p50_us: mid(runs.iter().map(|f| f.p50_us).collect()),
+        p99_us: mid(runs.iter().map(|f| f.p99_us).collect()),
+        max_us: mid(runs.iter().map(|f| f.max_us).collect()),
+        cpu_us_per_req: (0..first.cpu_us_per_req.len())
+            .map(|i| mid(runs.iter().map(|f| f.cpu_us_per_req[i]).collect()))
+            .collect(),
+        peak_rss_kib: (0..first.peak_rss_kib.len())
+            .map(|i| runs.iter().filter_map(|f| f.peak_rss_kib[i]).max())
+            .collect(),
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn table(
+    args: &HttpArgs,
+    targets: &[Target],
+    medians: &[Vec<Figures>],
+    relay_hwm: Option<u64>,
+    agent_hwm: Option<u64>,
+) -> String {
+    let mut out = format!(
+        "hookrelay http benchmark: {} s per workload and target after {} s warm-up, median of {} run(s), {} CPU(s)\n",
+        args.duration,
+        args.warmup,
+        args.runs,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    for (wi, workload) in args.workloads.iter().enumerate() {
+        let direct = &medians[wi][0];
+        out.push_str(&format!(
+            "\nworkload {}: {} (goal: {})\n",
+            workload.name(),
+            workload.describe(),
+            workload.goal()
+        ));
+        out.push_str(&format!(
+            "{:<10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>10}  {}\n",
+            "target",
+            "req/s",
+            "MiB/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "ratio",
+            "+p50 ms",
+            "CPU us/req",
+            "peak RSS"
+        ));
+        for (ti, target) in targets.iter().enumerate() {
+            let f = &medians[wi][ti];
+            let ratio = if direct.req_per_s > 0.0 {
+                f.req_per_s / direct.req_per_s
+            } else {
+                0.0
+            };
+            let cpu = if target.pids.is_empty() {
+                "-".to_owned()
+            } else {
+                target
+                    .pids
+                    .iter()
+                    .zip(&f.cpu_us_per_req)
+                    .map(|((label, _), us)| format!("{label} {us:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            };
+            let rss = target
+                .pids
+                .iter()
+                .zip(&f.peak_rss_kib)
+                .map(|((label, _), kib)| match kib {
+                    Some(k) => format!("{label} {:.1} MiB", *k as f64 / 1024.0),
+                    None => format!("{label} n/a"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let added = if ti == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:+.3}", (f.p50_us as f64 - direct.p50_us as f64) / 1000.0)
+            };
+            out.push_str(&format!(
+                "{:<10} {:>9.0} {:>8.1} {:>8} {:>8} {:>8} {:>6.2} {:>9} {:>10}  {}\n",
+                target.name,
+                f.req_per_s,
+                f.mib_per_s,
+                ms(f.p50_us),
+                ms(f.p99_us),
+                ms(f.max_us),
+                ratio,
+                added,
+                cpu,
+                rss
+            ));
+            if f.failures > 0 {
+                out.push_str(&format!(
+                    "{:<10} {} request(s) not answered 200\n",
+                    "", f.failures
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "\nhigh-water RSS over the whole run: relay {}, agent {}\n",
+        relay_hwm.map_or("n/a".to_owned(), |k| format!(
+            "{:.1} MiB",
+            k as f64 / 1024.0
+        )),
+        agent_hwm.map_or("n/a".to_owned(), |k| format!(
+            "{:.1} MiB",
+            k as f64 / 1024.0
+        )),
+    ));
+    out
+}
+
+fn to_json(
+    args: &HttpArgs,
+    targets: &[Target],
+    medians: &[Vec<Figures>],
+    relay_hwm: Option<u64>,
+    agent_hwm: Option<u64>,
+) -> serde_json::Value {
+    let workloads: Vec<serde_json::Value> = args
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(wi, w)| {
+            let direct_rps = medians[wi][0].req_per_s;
+            let rows: Vec<serde_json::Value> = targets
+                .iter()
+                .enumerate()
+                .map(|(ti, t)| {
+                    let f = &medians[wi][ti];
+                    json!({
+                        "target": t.name,
+                        "requests": f.requests,
+                        "failures": f.failures,
+                        "req_per_s": f.req_per_s.round(),
+                        "mib_per_s": (f.mib_per_s * 10.0).round() / 10.0,
+                        "p50_ms": f.p50_us as f64 / 1000.0,
+                        "p99_ms": f.p99_us as f64 / 1000.0,
+                        "max_ms": f.max_us as f64 / 1000.0,
+                        "ratio_to_direct": if direct_rps > 0.0 { ((f.req_per_s / direct_rps) * 1000.0).round() / 1000.0 } else { 0.0 },
+                        "cpu_us_per_req": t.pids.iter().zip(&f.cpu_us_per_req).map(|((l, _), us)| (l.to_string(), json!((us * 10.0).round() / 10.0))).collect::<serde_json::Map<_, _>>(),
+                        "peak_rss_mib": t.pids.iter().zip(&f.peak_rss_kib).map(|((l, _), k)| (l.to_string(), json!(k.map(|k| (k as f64 / 102.4).round() / 10.0)))).collect::<serde_json::Map<_, _>>(),
+                    })
+                })
+                .collect();
+            json!({"workload": w.name(), "describe": w.describe(), "goal": w.goal(), "targets": rows})
+        })
+        .collect();
+    json!({
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "runs": args.runs,
+        "workloads": workloads,
+        "relay_hwm_mib": relay_hwm.map(|k| (k as f64 / 102.4).round() / 10.0),
+        "agent_hwm_mib": agent_hwm.map(|k| (k as f64 / 102.4).round() / 10.0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_have_the_exact_size() {
+        for size in [1024, 256 * 1024] {
+            let p = payload(size);
+            assert_eq!(p.len(), size);
+            assert!(serde_json::from_slice::<serde_json::Value>(&p).is_ok());
+        }
+    }
+
+    #[test]
+    fn cpu_ticks_of_this_process_are_read() {
+        assert!(cpu_ticks(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn medians_take_the_middle_run() {
+        let f = |rps: f64| Figures {
+            req_per_s: rps,
+            cpu_us_per_req: vec![rps],
+            peak_rss_kib: vec![Some(rps as u64)],
+            ..Figures::default()
+        };
+        let m = median(&[f(3.0), f(1.0), f(2.0)]);
+        assert_eq!(m.req_per_s, 2.0);
+        assert_eq!(m.cpu_us_per_req, vec![2.0]);
+        assert_eq!(m.peak_rss_kib, vec![Some(3)], "the peak is the highest");
+    }
+}
