@@ -309,7 +309,7 @@ impl Forwarder {
                 forwarded,
                 &tee,
                 &response_tee,
-                Durable::Now,
+                Durable::Lingering,
             )
             .await;
         self.terminal.exchange(&exchange);
@@ -390,6 +390,7 @@ impl Forwarder {
         };
         let recorded = match durable {
             Durable::Now => self.history.record(exchange.clone()).await,
+            Durable::Lingering => self.history.record_lingering(exchange.clone()).await,
             Durable::ByCaller => self.history.store(&exchange),
         };
         if let Err(err) = recorded {
@@ -804,6 +805,9 @@ impl Forwarder {
 enum Durable {
     /// Flushed and announced before `record` returns.
     Now,
+    /// The same, sharing its fsync with the records of the next few
+    /// milliseconds (the sender already has its answer).
+    Lingering,
     /// Only written: the caller flushes, then announces.
     ByCaller,
 }

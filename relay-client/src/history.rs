@@ -27,6 +27,11 @@ use ulid::Ulid;
 /// Default retention by count: enough for weeks of integration work.
 pub const DEFAULT_MAX_EXCHANGES: u64 = 10_000;
 
+/// How long a forwarded exchange's record waits for others to share its fsync
+/// ([`History::record_lingering`]). Short enough that the terminal line and
+/// the inspector show it at once to a person.
+pub const RECORD_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Default retention by stored bytes (bodies and metadata): 1 GiB.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
@@ -662,6 +667,23 @@ impl History {
             totals.sizes.insert(pos, (exchange.id, size));
         }
         self.enforce_retention()
+    }
+
+    /// [`History::record`] for exchanges nobody waits on: the fsync is shared
+    /// with every record of the next [`RECORD_LINGER`], so a steady stream of
+    /// webhooks costs one fsync per linger, not one each. Still on disk
+    /// before it is announced (and printed).
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn record_lingering(&self, exchange: Exchange) -> Result<(), HistoryError> {
+        self.store(&exchange)?;
+        let db = self.db.clone();
+        self.commits
+            .flush_lingering(RECORD_LINGER, move || db.flush().map(drop).map_err(storage))
+            .await?;
+        self.announce(exchange);
+        Ok(())
     }
 
     /// Tells live views about a stored (and flushed) exchange.
