@@ -112,11 +112,11 @@ pub struct Cli {
     #[arg(long, env = "HOOKRELAY_BODY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub body_timeout: Option<Duration>,
 
-    /// Most open connections on the HTTP ingress; more are answered 503 and closed [default: 4096]
+    /// Most open connections on the HTTP and HTTPS ingress together; more are answered 503 and closed [default: 4096]
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Most open connections on the HTTP ingress from one IP address; more are answered 503 and closed [default: 256]
+    /// Most open connections on the HTTP and HTTPS ingress from one IP address; more are answered 503 and closed [default: 256]
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
 
