@@ -418,10 +418,24 @@ async fn wildcard_certificate_from_files_serves_https_and_quic_without_a_fingerp
             cert_arg,
             "--tls-key",
             key_arg,
+            "--header-timeout",
+            "1s",
         ],
     )
     .await?;
     let http = relay.http.context("http ingress on")?;
+
+    // The edge's limits hold for HTTPS too: a connection that never starts
+    // its handshake is closed after the header timeout.
+    let mut silent = tokio::net::TcpStream::connect(relay.https).await?;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut silent, &mut buf))
+        .await
+        .context("a silent TLS connection stays open")?;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed, not answered: {read:?}"
+    );
 
     // The agent trusts the CA through SSL_CERT_FILE and verifies QUIC with it.
     let app = TestApp::spawn().await?;

@@ -46,6 +46,9 @@ impl Relay {
     /// # Errors
     /// When the data directory, certificate or any listener is unusable.
     pub async fn spawn(config: Config) -> Result<Relay, SpawnError> {
+        if config.http.is_none() && config.https.is_none() {
+            return Err(SpawnError::NoIngress);
+        }
         let tokens = Arc::new(TokenStore::open(&config.data_dir)?);
         let names: Vec<String> = config
             .domain
@@ -304,6 +307,8 @@ pub enum SpawnError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("neither http nor https is set: the relay would take no webhooks")]
+    NoIngress,
     #[error("data directory {} is unusable", .0.display())]
     DataDir(PathBuf),
     #[error("cannot open the queue")]
