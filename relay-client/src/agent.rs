@@ -84,20 +84,24 @@ impl Agent {
             Some(t) => t.clone(),
             None => identity.tunnel.clone(),
         };
-        let (client_config, pin_mismatch) =
+        let (client_config, refusal) =
             tls::client_config(&config.trust).map_err(|e| AgentError::Tls(e.to_string()))?;
-        let relay_is_v6 = tokio::net::lookup_host(&config.relay)
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .is_some_and(|a| a.is_ipv6());
+        let relay_is_v6 = match config.relay_ip {
+            Some(ip) => ip.is_ipv6(),
+            None => tokio::net::lookup_host(&config.relay)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .is_some_and(|a| a.is_ipv6()),
+        };
         let endpoint =
             endpoint_for(relay_is_v6).map_err(|e| AgentError::Endpoint(e.to_string()))?;
         let dialer = Dialer {
             endpoint,
             client_config: with_transport(client_config),
-            pin_mismatch,
+            refusal,
             relay: config.relay.clone(),
+            relay_ip: config.relay_ip,
             token: config.token.clone(),
             agent_id: identity.agent_id.clone(),
             tunnels: vec![tunnel.clone()],

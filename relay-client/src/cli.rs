@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -87,6 +87,10 @@ pub struct HttpFlags {
     )]
     pub relay: String,
 
+    /// Connect to this IP instead of what --relay's host resolves to; the certificate is still checked against that host (for a relay whose DNS is not set up yet)
+    #[arg(long, env = "HOOKRELAY_RELAY_IP", value_name = "IP")]
+    pub relay_ip: Option<IpAddr>,
+
     /// Token from `relay-server token create`
     #[arg(long, env = "HOOKRELAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -95,7 +99,7 @@ pub struct HttpFlags {
     #[arg(long, env = "HOOKRELAY_TUNNEL", value_name = "NAME")]
     pub tunnel: Option<TunnelName>,
 
-    /// Trust the relay whose certificate has this SHA-256 fingerprint (printed by relay-server at start)
+    /// Trust the relay whose certificate has this SHA-256 fingerprint (printed by relay-server at start) [default: trust a certificate from a CA the system trusts, or from SSL_CERT_FILE]
     #[arg(long, env = "HOOKRELAY_RELAY_CERT_SHA256", value_name = "HEX", value_parser = parse_fingerprint, conflicts_with = "insecure_skip_verify")]
     pub relay_cert_sha256: Option<[u8; 32]>,
 
@@ -262,6 +266,7 @@ pub struct ConfigError(pub String);
 struct FileConfig {
     target: Option<Scalar>,
     relay: Option<String>,
+    relay_ip: Option<String>,
     token: Option<String>,
     tunnel: Option<String>,
     relay_cert_sha256: Option<String>,
@@ -435,6 +440,11 @@ impl HttpArgs {
             s.parse::<TunnelName>().map_err(|e| e.to_string())
         })?;
         let tunnel = self.layer("tunnel", f.tunnel.clone(), tunnel.map(Some));
+        let relay_ip = key("relay_ip").parse(file.relay_ip.clone(), |s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| format!("{s:?} is not an IP address"))
+        })?;
+        let relay_ip = self.layer("relay_ip", f.relay_ip, relay_ip.map(Some));
 
         // Trust is one setting written with two keys. A fingerprint or
         // --insecure-skip-verify given as a flag or env var beats anything in
@@ -548,6 +558,7 @@ impl HttpArgs {
 
         let agent = Config {
             relay: self.layer("relay", f.relay.clone(), file.relay.clone()),
+            relay_ip,
             token: Secret::new(token),
             tunnel,
             target,
@@ -986,6 +997,7 @@ mod tests {
             r#"
 target = 3000
 relay = "relay.example.com:4443"
+relay_ip = "203.0.113.10"
 token = "hkr_from_file"
 tunnel = "alice-dev"
 relay_cert_sha256 = "abababababababababababababababababababababababababababababababab"
@@ -1010,6 +1022,7 @@ inspect = "127.0.0.1:4041"
         let config = &settings.agent;
         assert_eq!(config.target.to_string(), "http://127.0.0.1:3000");
         assert_eq!(config.relay, "relay.example.com:4443");
+        assert_eq!(config.relay_ip, Some([203, 0, 113, 10].into()));
         assert_eq!(config.token.expose(), "hkr_from_file");
         assert_eq!(
             config.tunnel.as_ref().map(|t| t.as_str()),
@@ -1044,6 +1057,7 @@ inspect = "127.0.0.1:4041"
         let settings = http(&["3000", "--token", "t"]).to_config().expect("valid");
         let config = &settings.agent;
         assert_eq!(config.relay, "127.0.0.1:4443");
+        assert_eq!(config.relay_ip, None);
         assert_eq!(config.settings.mode, DeliveryMode::Sync);
         assert_eq!(config.settings.when_offline, WhenOffline::Queue);
         assert_eq!(config.retry.attempts, DEFAULT_ATTEMPTS);
@@ -1143,6 +1157,7 @@ inspect = "127.0.0.1:4041"
             ("target = \"https://x:1\"", "`target`"),
             ("target = 0", "`target`"),
             ("tunnel = \"bad_name\"", "`tunnel`"),
+            ("relay_ip = \"relay.example.com\"", "`relay_ip`"),
             ("relay_cert_sha256 = \"xyz\"", "`relay_cert_sha256`"),
             (
                 "relay_cert_sha256 = \"abababababababababababababababababababababababababababababababab\"\ninsecure_skip_verify = true",

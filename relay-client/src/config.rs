@@ -1,6 +1,12 @@
 //! Validated agent configuration.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 use hookrelay_shared::{policy::PolicyRequest, signature::SecretSet, TunnelName, TunnelSettings};
 
@@ -14,6 +20,10 @@ pub const DEFAULT_INSPECT: &str = "127.0.0.1:4040";
 pub struct Config {
     /// Relay QUIC address, `HOST:PORT`; the host is also the TLS server name.
     pub relay: String,
+    /// Dialled instead of what `relay`'s host resolves to (whose name the
+    /// certificate is still checked against): for a relay whose DNS is not
+    /// set up, or not from here.
+    pub relay_ip: Option<IpAddr>,
     /// Token from `relay-server token create`.
     pub token: Secret,
     /// Tunnel to hold; `None` takes the name stored in the data directory, or
@@ -81,7 +91,9 @@ impl fmt::Debug for Secret {
 /// How the agent checks the relay's certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Trust {
-    /// Public CA roots (a relay with a real certificate, e.g. from ACME).
+    /// The system's trusted roots (or those in `SSL_CERT_FILE`/`SSL_CERT_DIR`)
+    /// and the Mozilla roots built in: a relay with a CA-issued certificate,
+    /// e.g. from ACME.
     SystemRoots,
     /// The leaf certificate's SHA-256 must match (self-signed relays).
     Pinned([u8; 32]),

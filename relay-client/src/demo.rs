@@ -41,7 +41,7 @@ impl Demo {
         });
 
         let mut relay_config = relay_server::Config::loopback(dir.path().join("relay"));
-        relay_config.http = free_or_any(args.http).await;
+        relay_config.http = Some(free_or_any(args.http).await);
         let relay = relay_server::Relay::spawn(relay_config)
             .await
             .context("cannot start the relay")?;
@@ -49,11 +49,14 @@ impl Demo {
             .tokens()
             .create("demo", vec!["*".parse().context("pattern")?])
             .context("cannot create the demo token")?;
-        let fingerprint =
-            parse_fingerprint(relay.cert_fingerprint()).map_err(anyhow::Error::msg)?;
+        let fingerprint = relay
+            .cert_fingerprint()
+            .context("the demo relay's self-signed certificate has a fingerprint")?;
+        let fingerprint = parse_fingerprint(&fingerprint).map_err(anyhow::Error::msg)?;
 
         let agent = Agent::spawn(Config {
             relay: relay.quic_addr().to_string(),
+            relay_ip: None,
             token: Secret::new(token),
             tunnel: Some("demo".parse().context("tunnel name")?),
             target: Target {

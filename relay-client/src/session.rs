@@ -1,7 +1,11 @@
 //! One QUIC connection to the relay: handshake, then serving delivery streams
 //! until the link ends. [`crate::agent`] reconnects around it.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use hookrelay_shared::{
     codec::{read_frame, write_frame},
@@ -17,7 +21,7 @@ use crate::{
     config::Secret,
     forward::Forwarder,
     queued::{self, Outbox},
-    tls::PinMismatch,
+    tls::{Refusal, RefusalSlot},
 };
 
 /// Keep-alive interval: frequent enough that NATs keep the mapping and that the
@@ -40,8 +44,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct Dialer {
     pub endpoint: quinn::Endpoint,
     pub client_config: quinn::ClientConfig,
-    pub pin_mismatch: PinMismatch,
+    pub refusal: RefusalSlot,
     pub relay: String,
+    /// Dialled instead of the address `relay`'s host resolves to.
+    pub relay_ip: Option<IpAddr>,
     pub token: Secret,
     pub agent_id: String,
     pub tunnels: Vec<TunnelName>,
@@ -81,9 +87,12 @@ impl Dialer {
     }
 
     async fn try_connect(&self) -> Result<Session, ConnectError> {
-        let addr = resolve(&self.relay).await?;
+        let addr = match self.relay_ip {
+            Some(ip) => SocketAddr::new(ip, port_part(&self.relay)?),
+            None => resolve(&self.relay).await?,
+        };
         let server_name = host_part(&self.relay);
-        *self.pin_mismatch.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let connecting = self
             .endpoint
             .connect_with(self.client_config.clone(), addr, server_name)
@@ -125,13 +134,17 @@ impl Dialer {
     }
 
     fn classify(&self, err: quinn::ConnectionError) -> ConnectError {
-        if let Some(got) = self
-            .pin_mismatch
+        let refusal = self
+            .refusal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return ConnectError::Fingerprint { got };
+            .take();
+        match refusal {
+            Some(Refusal::Fingerprint(got)) => return ConnectError::Fingerprint { got },
+            Some(Refusal::Untrusted(problem)) => {
+                return ConnectError::untrusted(host_part(&self.relay), &problem)
+            }
+            None => {}
         }
         match &err {
             quinn::ConnectionError::TransportError(e) if is_tls_alert(e.code) => {
@@ -258,6 +271,14 @@ async fn resolve(relay: &str) -> Result<SocketAddr, ConnectError> {
         .ok_or_else(|| ConnectError::Resolve(format!("{relay} resolves to no address")))
 }
 
+/// `4443` of `relay.example.com:4443`.
+fn port_part(relay: &str) -> Result<u16, ConnectError> {
+    relay
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .ok_or_else(|| ConnectError::Config(format!("{relay} has no port (expected HOST:PORT)")))
+}
+
 /// `relay.example.com` of `relay.example.com:4443`, `::1` of `[::1]:4443`.
 fn host_part(relay: &str) -> &str {
     if let Some(rest) = relay.strip_prefix('[') {
@@ -265,6 +286,11 @@ fn host_part(relay: &str) -> &str {
     }
     relay.rsplit_once(':').map(|(h, _)| h).unwrap_or(relay)
 }
+
+/// What to do about a relay certificate no trusted CA vouches for.
+const SELF_SIGNED_ADVICE: &str = "for a self-signed relay pass --relay-cert-sha256 with the \
+     fingerprint relay-server prints at start; for a private CA point SSL_CERT_FILE at the \
+     CA's certificate (PEM)";
 
 /// Why a connection attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -279,6 +305,12 @@ pub enum ConnectError {
          check the fingerprint relay-server printed at start"
     )]
     Fingerprint { got: String },
+    #[error("the certificate of the relay {relay} {problem}; {advice}")]
+    Untrusted {
+        relay: String,
+        problem: String,
+        advice: &'static str,
+    },
     #[error(
         "TLS handshake with the relay failed ({0}); for a self-signed relay pass \
          --relay-cert-sha256 with the fingerprint relay-server printed at start"
@@ -295,14 +327,46 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The relay's certificate failed the check against trusted roots: what is
+    /// wrong with it, and what the user can do.
+    fn untrusted(relay: &str, problem: &rustls::CertificateError) -> ConnectError {
+        use rustls::CertificateError as E;
+        let (problem, advice) = match problem {
+            E::UnknownIssuer => (
+                "is not signed by a CA this machine trusts".to_owned(),
+                SELF_SIGNED_ADVICE,
+            ),
+            E::NotValidForName | E::NotValidForNameContext { .. } => (
+                format!("is not valid for the name {relay}"),
+                "set --relay to a name the certificate is for (the relay's --domain), \
+                 with --relay-ip if that name does not resolve to the relay from here",
+            ),
+            E::Expired | E::ExpiredContext { .. } => (
+                "has expired".to_owned(),
+                "the relay's operator must renew it (with --acme the relay renews by itself: \
+                 check its log)",
+            ),
+            E::NotValidYet | E::NotValidYetContext { .. } => {
+                ("is not valid yet".to_owned(), "check this machine's clock")
+            }
+            other => (format!("was refused ({other:?})"), SELF_SIGNED_ADVICE),
+        };
+        ConnectError::Untrusted {
+            relay: relay.to_owned(),
+            problem,
+            advice,
+        }
+    }
+
     /// Whether the same attempt can never succeed: the agent should stop with
     /// this message instead of retrying forever.
     pub fn is_fatal(&self) -> bool {
         match self {
             ConnectError::Rejected { reason, .. } => reason.is_fatal(),
-            ConnectError::Fingerprint { .. } | ConnectError::Tls(_) | ConnectError::Config(_) => {
-                true
-            }
+            ConnectError::Fingerprint { .. }
+            | ConnectError::Untrusted { .. }
+            | ConnectError::Tls(_)
+            | ConnectError::Config(_) => true,
             ConnectError::Resolve(_) | ConnectError::Timeout | ConnectError::Lost(_) => false,
         }
     }
@@ -333,5 +397,29 @@ mod tests {
         assert_eq!(host_part("relay.example.com:4443"), "relay.example.com");
         assert_eq!(host_part("[::1]:4443"), "::1");
         assert_eq!(host_part("127.0.0.1:4443"), "127.0.0.1");
+        assert_eq!(port_part("relay.example.com:4443").ok(), Some(4443));
+        assert!(port_part("relay.example.com").is_err());
+    }
+
+    #[test]
+    fn untrusted_certificates_say_what_to_do() {
+        let err = ConnectError::untrusted(
+            "relay.example.com",
+            &rustls::CertificateError::UnknownIssuer,
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("relay.example.com")
+                && text.contains("SSL_CERT_FILE")
+                && text.contains("--relay-cert-sha256"),
+            "{text}"
+        );
+        assert!(err.is_fatal());
+        let text = ConnectError::untrusted("10.0.0.1", &rustls::CertificateError::NotValidForName)
+            .to_string();
+        assert!(
+            text.contains("not valid for the name 10.0.0.1") && text.contains("--relay-ip"),
+            "{text}"
+        );
     }
 }

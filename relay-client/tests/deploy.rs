@@ -14,7 +14,10 @@ use relay_client::{
     config::LogFormat,
     Trust,
 };
-use relay_server::{cli::Cli as RelayCli, config::TlsSource};
+use relay_server::{
+    cli::Cli as RelayCli,
+    config::{AcmeSettings, TlsSource, DEFAULT_ACME_DIRECTORY},
+};
 
 const RELAY_TOML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/relay.toml");
 const AGENT_TOML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml");
@@ -111,7 +114,8 @@ fn relay_example_config_loads_with_the_documented_values() {
     let data_dir_existed = std::path::Path::new("/var/lib/hookrelay").exists();
     let config = relay_config();
     assert_eq!(config.data_dir, PathBuf::from("/var/lib/hookrelay"));
-    assert_eq!(config.http, addr("0.0.0.0:8080"));
+    assert_eq!(config.http, Some(addr("0.0.0.0:8080")));
+    assert_eq!(config.https, Some(addr("0.0.0.0:443")));
     assert_eq!(config.quic, addr("0.0.0.0:4443"));
     assert_eq!(config.admin, addr("127.0.0.1:9090"));
     assert!(
@@ -120,7 +124,15 @@ fn relay_example_config_loads_with_the_documented_values() {
     );
     assert_eq!(config.domain.as_deref(), Some("relay.example.com"));
     assert_eq!(config.public_url, None);
-    assert_eq!(config.tls, TlsSource::SelfSigned);
+    assert_eq!(
+        config.tls,
+        TlsSource::Acme(AcmeSettings {
+            names: vec!["relay.example.com".into()],
+            email: None,
+            directory: DEFAULT_ACME_DIRECTORY.into(),
+            ca_root: None,
+        })
+    );
     assert_eq!(config.body_limit_bytes, 25 << 20);
     assert_eq!(config.timeout, Duration::from_secs(30));
     assert!(!config.dev, "never dev mode in production");
@@ -170,7 +182,12 @@ fn agent_example_config_loads_with_the_documented_values() {
         Some("alice-dev")
     );
     assert_eq!(config.target.to_string(), "http://127.0.0.1:3000");
-    assert!(matches!(config.trust, Trust::Pinned(_)));
+    assert_eq!(
+        config.trust,
+        Trust::SystemRoots,
+        "the example relay has an ACME certificate"
+    );
+    assert_eq!(config.relay_ip, None);
     assert_eq!(config.settings.mode, DeliveryMode::Sync);
     assert_eq!(config.settings.when_offline, WhenOffline::Queue);
     assert_eq!(config.retry.attempts, 10);
@@ -240,8 +257,9 @@ fn systemd_units_and_the_image_start_the_relay_the_same_way() {
     assert!(docker.contains("VOLUME /var/lib/hookrelay"));
     let config = relay_config();
     let expose = format!(
-        "EXPOSE {}/tcp {}/udp {}/tcp",
-        config.http.port(),
+        "EXPOSE {}/tcp {}/tcp {}/udp {}/tcp",
+        config.http.expect("http on").port(),
+        config.https.expect("https on").port(),
         config.quic.port(),
         config.admin.port()
     );

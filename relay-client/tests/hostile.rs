@@ -67,7 +67,7 @@ impl Setup {
     }
 
     fn addr(&self) -> SocketAddr {
-        self.relay.relay.http_addr()
+        self.relay.http_addr()
     }
 
     /// Runs `attack` as a task and, while it runs, sends a good webhook that

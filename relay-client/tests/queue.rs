@@ -120,7 +120,7 @@ async fn sync_tunnel_queues_while_offline_and_delivers_on_reconnect() -> anyhow:
     );
     agent.shutdown().await?;
 
-    let ids = post_queued(relay.relay.http_addr(), "laptop", 0..20).await?;
+    let ids = post_queued(relay.http_addr(), "laptop", 0..20).await?;
     assert_eq!(relay.relay.queue().stats(&"laptop".parse()?).count, 20);
     assert_eq!(
         app.received().len(),
@@ -243,7 +243,7 @@ async fn full_queue_answers_503_and_accepts_again_once_drained() -> anyhow::Resu
         .shutdown()
         .await?;
 
-    post_queued(relay.relay.http_addr(), "small", 0..5).await?;
+    post_queued(relay.http_addr(), "small", 0..5).await?;
     let (status, headers, body) = post(&relay.url("small", "/n/5"), "{}").await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(&body), "queue_full");
@@ -253,7 +253,7 @@ async fn full_queue_answers_503_and_accepts_again_once_drained() -> anyhow::Resu
     until(WAIT, "the five at the app", || app.received().len() == 5).await?;
     until_queue_empty(&relay, "small").await?;
     agent.shutdown().await?;
-    post_queued(relay.relay.http_addr(), "small", 5..10).await?;
+    post_queued(relay.http_addr(), "small", 5..10).await?;
 
     // The byte bound too, with a body bigger than what is left.
     let big = vec![b'x'; 60 * 1024];

@@ -92,7 +92,7 @@ async fn webhook_reaches_local_app_exactly() -> anyhow::Result<()> {
         [&b"203.0.113.1, 127.0.0.1"[..]]
     );
     assert_eq!(r.header("x-forwarded-proto"), [&b"http"[..]]);
-    let host = relay.relay.http_addr().to_string();
+    let host = relay.http_addr().to_string();
     assert_eq!(r.header("x-forwarded-host"), [host.as_bytes()]);
     assert_eq!(
         r.header("host"),
@@ -363,8 +363,7 @@ async fn unknown_tunnel_and_unrouted_paths_are_404_with_a_code() -> anyhow::Resu
         .is_some_and(|m| m.contains("nobody")));
     assert!(json["delivery_id"].as_str().is_some_and(|d| d.len() == 26));
 
-    let (status, _, body) =
-        post(&format!("http://{}/github", relay.relay.http_addr()), "{}").await?;
+    let (status, _, body) = post(&format!("http://{}/github", relay.http_addr()), "{}").await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(error_code(&body), "not_found");
     let (status, _, body) = post(&relay.url("Bad_Name", "/x"), "{}").await?;
@@ -483,7 +482,7 @@ async fn subdomains_of_the_relay_domain_name_tunnels() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
     let relay = TestRelay::spawn_with(|c| c.domain = Some("relay.test".into())).await?;
     let agent = relay.agent("alice", &app.target()).await?;
-    let port = relay.relay.http_addr().port();
+    let port = relay.http_addr().port();
     assert_eq!(
         agent.public_urls(),
         [
@@ -491,7 +490,7 @@ async fn subdomains_of_the_relay_domain_name_tunnels() -> anyhow::Result<()> {
             format!("http://alice.relay.test:{port}/"),
         ]
     );
-    let addr = relay.relay.http_addr();
+    let addr = relay.http_addr();
     for host in [
         format!("alice.relay.test:{port}"),
         "ALICE.Relay.Test.".to_string(),

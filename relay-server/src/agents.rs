@@ -27,6 +27,7 @@ use crate::{
     policy::Policies,
     queue::Queue,
     routing::{AgentLink, ClaimError, Routes},
+    tls::Certs,
 };
 
 /// Time an agent gets from connecting to finishing its hello.
@@ -113,36 +114,59 @@ pub(crate) struct PublicUrls {
     pub base: Option<String>,
     /// Subdomain root (`--domain`).
     pub domain: Option<String>,
-    /// The bound HTTP address.
-    pub http: SocketAddr,
+    /// `https` when the HTTPS ingress is on (senders should use it), else `http`.
+    pub scheme: &'static str,
+    /// The bound address of that ingress.
+    pub addr: SocketAddr,
 }
 
 impl PublicUrls {
+    /// URLs on the HTTPS ingress when it is on, else on the HTTP one.
+    pub fn new(
+        base: Option<String>,
+        domain: Option<String>,
+        http: Option<SocketAddr>,
+        https: Option<SocketAddr>,
+    ) -> Self {
+        let (scheme, addr) = match (https, http) {
+            (Some(addr), _) => ("https", addr),
+            (None, Some(addr)) => ("http", addr),
+            (None, None) => ("http", SocketAddr::from(([127, 0, 0, 1], 80))),
+        };
+        PublicUrls {
+            base,
+            domain,
+            scheme,
+            addr,
+        }
+    }
+
     /// Path-style URL first, then the subdomain one. Without an explicit base or
-    /// domain, the host is the HTTP bind address, or the address the agent reached
-    /// the relay at when the bind address is a wildcard.
+    /// domain, the host is the ingress's bind address, or the address the agent
+    /// reached the relay at when the bind address is a wildcard.
     fn for_tunnel(&self, name: &TunnelName, local_ip: Option<IpAddr>) -> Vec<String> {
-        let port = self.http.port();
-        let port_suffix = if port == 80 {
+        let port = self.addr.port();
+        let default_port = if self.scheme == "https" { 443 } else { 80 };
+        let port_suffix = if port == default_port {
             String::new()
         } else {
             format!(":{port}")
         };
         let base = match (&self.base, &self.domain) {
             (Some(base), _) => base.trim_end_matches('/').to_owned(),
-            (None, Some(domain)) => format!("http://{domain}{port_suffix}"),
+            (None, Some(domain)) => format!("{}://{domain}{port_suffix}", self.scheme),
             (None, None) => {
-                let ip = if self.http.ip().is_unspecified() {
+                let ip = if self.addr.ip().is_unspecified() {
                     local_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]))
                 } else {
-                    self.http.ip()
+                    self.addr.ip()
                 };
-                format!("http://{}", SocketAddr::new(ip, port))
+                format!("{}://{}", self.scheme, SocketAddr::new(ip, port))
             }
         };
         let mut urls = vec![format!("{base}/t/{name}/")];
         if let Some(domain) = &self.domain {
-            let scheme = base.split("://").next().unwrap_or("http");
+            let scheme = base.split("://").next().unwrap_or(self.scheme);
             let suffix = if self.base.is_some() {
                 String::new()
             } else {
@@ -161,6 +185,7 @@ impl PublicUrls {
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     agents: Arc<Agents>,
+    certs: Certs,
     shutdown: CancellationToken,
     close_sessions: CancellationToken,
     tracker: TaskTracker,
@@ -175,6 +200,13 @@ pub(crate) async fn accept_loop(
             },
         };
         let remote = incoming.remote_address();
+        if !certs.is_ready() {
+            // A handshake without a certificate fails with a TLS alert, which
+            // agents take as fatal; a refusal they retry.
+            debug!(%remote, "agent refused: the ACME certificate is not issued yet");
+            incoming.refuse();
+            continue;
+        }
         let agents = agents.clone();
         let shutdown = close_sessions.clone();
         tracker.spawn(
@@ -527,20 +559,22 @@ mod tests {
     #[test]
     fn public_urls_follow_domain_and_bind_address() {
         let name: TunnelName = "alice".parse().expect("name");
-        let plain = PublicUrls {
-            base: None,
-            domain: None,
-            http: "0.0.0.0:8080".parse().expect("addr"),
-        };
+        let plain = PublicUrls::new(
+            None,
+            None,
+            Some("0.0.0.0:8080".parse().expect("addr")),
+            None,
+        );
         assert_eq!(
             plain.for_tunnel(&name, Some("203.0.113.9".parse().expect("ip"))),
             ["http://203.0.113.9:8080/t/alice/"]
         );
-        let domain = PublicUrls {
-            domain: Some("relay.example.com".into()),
-            http: "0.0.0.0:80".parse().expect("addr"),
-            ..plain.clone()
-        };
+        let domain = PublicUrls::new(
+            None,
+            Some("relay.example.com".into()),
+            Some("0.0.0.0:80".parse().expect("addr")),
+            None,
+        );
         assert_eq!(
             domain.for_tunnel(&name, None),
             [
@@ -550,7 +584,7 @@ mod tests {
         );
         let base = PublicUrls {
             base: Some("https://hooks.example.com/".into()),
-            ..domain
+            ..domain.clone()
         };
         assert_eq!(
             base.for_tunnel(&name, None),
@@ -558,6 +592,30 @@ mod tests {
                 "https://hooks.example.com/t/alice/",
                 "https://alice.relay.example.com/"
             ]
+        );
+        // With HTTPS on, URLs say https (no port on 443) even when HTTP is on too.
+        let https = PublicUrls::new(
+            None,
+            Some("relay.example.com".into()),
+            Some("0.0.0.0:80".parse().expect("addr")),
+            Some("0.0.0.0:443".parse().expect("addr")),
+        );
+        assert_eq!(
+            https.for_tunnel(&name, None),
+            [
+                "https://relay.example.com/t/alice/",
+                "https://alice.relay.example.com/"
+            ]
+        );
+        let https_only = PublicUrls::new(
+            None,
+            None,
+            None,
+            Some("127.0.0.1:8443".parse().expect("addr")),
+        );
+        assert_eq!(
+            https_only.for_tunnel(&name, None),
+            ["https://127.0.0.1:8443/t/alice/"]
         );
     }
 }

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    str::FromStr,
     time::Duration,
 };
 
@@ -19,9 +20,9 @@ use serde::Deserialize;
 
 use crate::{
     config::{
-        parse_duration, parse_size, Config, TlsSource, DEFAULT_BODY_LIMIT_BYTES,
-        DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-        DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MIN_BODY_RATE, DEFAULT_SHUTDOWN_GRACE,
+        parse_duration, parse_size, AcmeSettings, Config, TlsSource, DEFAULT_ACME_DIRECTORY,
+        DEFAULT_BODY_LIMIT_BYTES, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
+        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MIN_BODY_RATE, DEFAULT_SHUTDOWN_GRACE,
         DEFAULT_TIMEOUT,
     },
     policy::{LimitStatus, PolicyConfig, TunnelPolicyConfig},
@@ -44,9 +45,13 @@ pub struct Cli {
     #[arg(long, global = true, env = "HOOKRELAY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Public HTTP ingress for webhooks [default: 0.0.0.0:8080; 127.0.0.1:8080 with --dev]
-    #[arg(long, env = "HOOKRELAY_HTTP", value_name = "ADDR")]
-    pub http: Option<SocketAddr>,
+    /// Public HTTP ingress for webhooks, or `off` [default: 0.0.0.0:8080; 127.0.0.1:8080 with --dev]
+    #[arg(long, env = "HOOKRELAY_HTTP", value_name = "ADDR|off")]
+    pub http: Option<Listen>,
+
+    /// Public HTTPS ingress for webhooks, with the relay's certificate, e.g. 0.0.0.0:443 [default: off]
+    #[arg(long, env = "HOOKRELAY_HTTPS", value_name = "ADDR")]
+    pub https: Option<SocketAddr>,
 
     /// UDP address agents connect to over QUIC [default: 0.0.0.0:4443; 127.0.0.1:4443 with --dev]
     #[arg(long, env = "HOOKRELAY_QUIC", value_name = "ADDR")]
@@ -64,13 +69,38 @@ pub struct Cli {
     #[arg(long, env = "HOOKRELAY_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
 
-    /// Certificate chain (PEM) [default: self-signed, generated in the data directory]
+    /// Certificate chain (PEM) for HTTPS and QUIC, e.g. a wildcard for DOMAIN and *.DOMAIN; read again on SIGHUP and when it changes [default: self-signed, generated in the data directory]
     #[arg(long, env = "HOOKRELAY_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
 
     /// Private key (PEM) for --tls-cert
     #[arg(long, env = "HOOKRELAY_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+
+    /// Get the certificate for --domain over ACME (TLS-ALPN-01 on --https, which the CA must reach on port 443), renewed by itself and cached in the data directory; no wildcard: NAME.DOMAIN hosts need --acme-names or a wildcard from --tls-cert
+    #[arg(long, env = "HOOKRELAY_ACME", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub acme: bool,
+
+    /// More names for the ACME certificate besides --domain, comma-separated, e.g. alice.relay.example.com
+    #[arg(
+        long,
+        env = "HOOKRELAY_ACME_NAMES",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub acme_names: Vec<String>,
+
+    /// Contact address for the ACME account (the CA's expiry notices)
+    #[arg(long, env = "HOOKRELAY_ACME_EMAIL", value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+
+    /// ACME directory URL [default: Let's Encrypt production, https://acme-v02.api.letsencrypt.org/directory]
+    #[arg(long, env = "HOOKRELAY_ACME_DIRECTORY", value_name = "URL")]
+    pub acme_directory: Option<String>,
+
+    /// Extra CA certificate (PEM) to trust for the ACME server's own HTTPS, for a private or test CA
+    #[arg(long, env = "HOOKRELAY_ACME_CA_ROOT", value_name = "FILE")]
+    pub acme_ca_root: Option<PathBuf>,
 
     /// Largest request body accepted, e.g. 25MiB [default: 25MiB]
     #[arg(long, env = "HOOKRELAY_BODY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
@@ -92,11 +122,11 @@ pub struct Cli {
     #[arg(long, env = "HOOKRELAY_MIN_BODY_RATE", value_name = "SIZE", value_parser = parse_size)]
     pub min_body_rate: Option<u64>,
 
-    /// Most open connections on the HTTP ingress; more are answered 503 and closed [default: 4096]
+    /// Most open connections on the HTTP and HTTPS ingress together; more are answered 503 and closed [default: 4096]
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Most open connections on the HTTP ingress from one IP address; more are answered 503 and closed [default: 256]
+    /// Most open connections on the HTTP and HTTPS ingress from one IP address; more are answered 503 and closed [default: 256]
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
 
@@ -151,6 +181,38 @@ fn parse_limit_status(s: &str) -> Result<LimitStatus, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a status code (429 or 503)"))?;
     LimitStatus::from_code(code)
+}
+
+/// A listener address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Listen here.
+    At(SocketAddr),
+    /// No listener.
+    Off,
+}
+
+impl FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("off") {
+            return Ok(Listen::Off);
+        }
+        s.trim()
+            .parse()
+            .map(Listen::At)
+            .map_err(|_| format!("{s:?} is not IP:PORT or off"))
+    }
+}
+
+impl Listen {
+    fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::At(addr) => Some(addr),
+            Listen::Off => None,
+        }
+    }
 }
 
 /// How the relay writes its logs (stderr).
@@ -239,12 +301,18 @@ pub enum QueueCommand {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     http: Option<String>,
+    https: Option<String>,
     quic: Option<String>,
     admin: Option<String>,
     domain: Option<String>,
     public_url: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    acme: Option<bool>,
+    acme_names: Option<Vec<String>>,
+    acme_email: Option<String>,
+    acme_directory: Option<String>,
+    acme_ca_root: Option<PathBuf>,
     body_limit: Option<SizeSetting>,
     timeout: Option<SizeSetting>,
     header_timeout: Option<SizeSetting>,
@@ -349,10 +417,24 @@ impl Cli {
         } else {
             (([0, 0, 0, 0], 8080).into(), ([0, 0, 0, 0], 4443).into())
         };
-        let http = self
-            .http
-            .or(addr("http", &file.http)?)
-            .unwrap_or(http_default);
+        let http = match (self.http, &file.http) {
+            (Some(listen), _) => listen.addr(),
+            (None, Some(s)) => s
+                .parse::<Listen>()
+                .map_err(|_| {
+                    ConfigError(format!(
+                        "invalid value {s:?} for `http` in {source}: expected IP:PORT or \"off\""
+                    ))
+                })?
+                .addr(),
+            (None, None) => Some(http_default),
+        };
+        let https = self.https.or(addr("https", &file.https)?);
+        if http.is_none() && https.is_none() {
+            return Err(ConfigError(
+                "`http` is off and `https` is not set: the relay would take no webhooks".into(),
+            ));
+        }
         let quic = self
             .quic
             .or(addr("quic", &file.quic)?)
@@ -470,13 +552,7 @@ impl Cli {
             .or(file.domain)
             .map(|d| d.trim_end_matches('.').to_ascii_lowercase());
         if let Some(d) = &domain {
-            let valid = !d.is_empty()
-                && d.split('.').all(|label| {
-                    !label.is_empty()
-                        && label.len() <= 63
-                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                });
-            if !valid {
+            if !is_dns_name(d) {
                 return Err(ConfigError(format!(
                     "invalid value {d:?} for `domain`: expected a DNS name like relay.example.com"
                 )));
@@ -490,17 +566,102 @@ impl Cli {
                 )));
             }
         }
-        let tls = match (
-            self.tls_cert.clone().or(file.tls_cert),
-            self.tls_key.clone().or(file.tls_key),
-        ) {
-            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
-            (None, None) => TlsSource::SelfSigned,
-            (Some(_), None) => {
-                return Err(ConfigError("`tls_cert` is set but `tls_key` is not".into()))
+        let cert = self.tls_cert.clone().or(file.tls_cert);
+        let key = self.tls_key.clone().or(file.tls_key);
+        let acme = self.acme || file.acme.unwrap_or(false);
+        let tls = if acme {
+            if cert.is_some() || key.is_some() {
+                return Err(ConfigError(
+                    "`acme` and `tls_cert`/`tls_key` are two sources for one certificate: set only one".into(),
+                ));
             }
-            (None, Some(_)) => {
-                return Err(ConfigError("`tls_key` is set but `tls_cert` is not".into()))
+            let Some(domain) = &domain else {
+                return Err(ConfigError(
+                    "`acme` needs `domain`: the certificate is issued for it".into(),
+                ));
+            };
+            if https.is_none() {
+                return Err(ConfigError(
+                    "`acme` needs `https`: the CA's TLS-ALPN-01 challenge is answered there (the CA connects to port 443)".into(),
+                ));
+            }
+            let extra = if self.acme_names.is_empty() {
+                file.acme_names.clone().unwrap_or_default()
+            } else {
+                self.acme_names.clone()
+            };
+            let mut names = vec![domain.clone()];
+            for name in extra {
+                let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+                if name.starts_with("*.") {
+                    return Err(ConfigError(format!(
+                        "invalid value {name:?} for `acme_names`: ACME's TLS-ALPN-01 challenge cannot issue wildcard certificates; get one over DNS-01 (e.g. certbot) and pass it with `tls_cert`/`tls_key`"
+                    )));
+                }
+                if !is_dns_name(&name) {
+                    return Err(ConfigError(format!(
+                        "invalid value {name:?} for `acme_names`: expected DNS names like alice.relay.example.com"
+                    )));
+                }
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            let email = self.acme_email.clone().or(file.acme_email.clone());
+            if let Some(e) = &email {
+                if !e.contains('@') || e.contains(char::is_whitespace) || e.starts_with("mailto:") {
+                    return Err(ConfigError(format!(
+                        "invalid value {e:?} for `acme_email`: expected an address like ops@example.com"
+                    )));
+                }
+            }
+            let directory = self
+                .acme_directory
+                .clone()
+                .or(file.acme_directory.clone())
+                .unwrap_or_else(|| DEFAULT_ACME_DIRECTORY.to_owned());
+            if !directory.starts_with("https://") {
+                return Err(ConfigError(format!(
+                    "invalid value {directory:?} for `acme_directory`: expected an https:// URL"
+                )));
+            }
+            TlsSource::Acme(AcmeSettings {
+                names,
+                email,
+                directory,
+                ca_root: self.acme_ca_root.clone().or(file.acme_ca_root.clone()),
+            })
+        } else {
+            let stray = [
+                (
+                    "acme_names",
+                    !self.acme_names.is_empty() || file.acme_names.is_some(),
+                ),
+                (
+                    "acme_email",
+                    self.acme_email.is_some() || file.acme_email.is_some(),
+                ),
+                (
+                    "acme_directory",
+                    self.acme_directory.is_some() || file.acme_directory.is_some(),
+                ),
+                (
+                    "acme_ca_root",
+                    self.acme_ca_root.is_some() || file.acme_ca_root.is_some(),
+                ),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(ConfigError(format!("`{key}` is set but `acme` is not")));
+            }
+            match (cert, key) {
+                (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+                (None, None) => TlsSource::SelfSigned,
+                (Some(_), None) => {
+                    return Err(ConfigError("`tls_cert` is set but `tls_key` is not".into()))
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError("`tls_key` is set but `tls_cert` is not".into()))
+                }
             }
         };
         Ok(Config {
@@ -510,6 +671,7 @@ impl Cli {
                 .or(file.data_dir)
                 .unwrap_or_else(default_data_dir),
             http,
+            https,
             quic,
             admin,
             domain,
@@ -633,6 +795,17 @@ impl Cli {
     }
 }
 
+/// A DNS name like `relay.example.com`: labels of letters, digits and `-`.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
@@ -674,7 +847,8 @@ mod tests {
         ])
         .to_config()
         .expect("valid config");
-        assert_eq!(config.http, "127.0.0.1:7000".parse().expect("addr"));
+        assert_eq!(config.http, Some("127.0.0.1:7000".parse().expect("addr")));
+        assert_eq!(config.https, None);
         assert_eq!(config.quic, "127.0.0.1:9999".parse().expect("addr"));
         assert_eq!(config.body_limit_bytes, 1 << 20);
         assert_eq!(config.timeout, Duration::from_secs(5));
@@ -829,10 +1003,91 @@ rate_limit = "100/s"
     }
 
     #[test]
+    fn https_and_acme_settings_are_checked() {
+        let config = cli(&["--http", "off", "--https", "127.0.0.1:8443"])
+            .to_config()
+            .expect("https only");
+        assert_eq!(config.http, None);
+        assert_eq!(config.https, Some("127.0.0.1:8443".parse().expect("addr")));
+        let err = cli(&["--http", "off"]).to_config().expect_err("no ingress");
+        assert!(err.to_string().contains("`https`"), "{err}");
+        assert!(Cli::try_parse_from(["relay-server", "--http", "of"]).is_err());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "domain = \"relay.example.com\"\nhttps = \"0.0.0.0:443\"\nhttp = \"off\"\nacme = true\nacme_names = [\"Alice.relay.example.com\"]\nacme_email = \"ops@example.com\"\n",
+        )
+        .expect("write");
+        let path = file.to_str().expect("utf-8");
+        let config = cli(&["--config", path]).to_config().expect("valid acme");
+        assert_eq!(config.http, None);
+        assert_eq!(
+            config.tls,
+            TlsSource::Acme(AcmeSettings {
+                names: vec!["relay.example.com".into(), "alice.relay.example.com".into()],
+                email: Some("ops@example.com".into()),
+                directory: DEFAULT_ACME_DIRECTORY.into(),
+                ca_root: None,
+            })
+        );
+        let config = cli(&[
+            "--config",
+            path,
+            "--acme-directory",
+            "https://127.0.0.1:14000/dir",
+            "--acme-ca-root",
+            "/tmp/pebble.pem",
+        ])
+        .to_config()
+        .expect("valid acme");
+        let TlsSource::Acme(acme) = config.tls else {
+            panic!("acme")
+        };
+        assert_eq!(acme.directory, "https://127.0.0.1:14000/dir");
+        assert_eq!(acme.ca_root, Some(PathBuf::from("/tmp/pebble.pem")));
+        assert!(
+            Cli::try_parse_from(["relay-server", "--acme", "--tls-cert", "/c.pem"]).is_err(),
+            "two certificate sources"
+        );
+
+        for (content, needle) in [
+            ("acme = true\nhttps = \"0.0.0.0:443\"", "needs `domain`"),
+            ("acme = true\ndomain = \"r.example.com\"", "needs `https`"),
+            (
+                "acme = true\ndomain = \"r.example.com\"\nhttps = \"0.0.0.0:443\"\nacme_names = [\"*.r.example.com\"]",
+                "wildcard",
+            ),
+            (
+                "acme = true\ndomain = \"r.example.com\"\nhttps = \"0.0.0.0:443\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"",
+                "only one",
+            ),
+            (
+                "acme = true\ndomain = \"r.example.com\"\nhttps = \"0.0.0.0:443\"\nacme_directory = \"http://ca\"",
+                "`acme_directory`",
+            ),
+            (
+                "acme = true\ndomain = \"r.example.com\"\nhttps = \"0.0.0.0:443\"\nacme_email = \"nobody\"",
+                "`acme_email`",
+            ),
+            ("acme_email = \"ops@example.com\"", "`acme` is not"),
+            ("https = \"everywhere\"", "`https`"),
+            ("http = \"of\"", "`http`"),
+        ] {
+            std::fs::write(&file, content).expect("write");
+            let err = cli(&["--config", path]).to_config().expect_err(content);
+            assert!(err.to_string().contains(needle), "{content}: {err}");
+        }
+    }
+
+    #[test]
     fn dev_mode_binds_loopback() {
         let config = cli(&["--dev"]).to_config().expect("valid");
-        assert!(config.http.ip().is_loopback() && config.quic.ip().is_loopback());
+        assert!(
+            config.http.is_some_and(|a| a.ip().is_loopback()) && config.quic.ip().is_loopback()
+        );
         let config = cli(&[]).to_config().expect("valid");
-        assert!(config.http.ip().is_unspecified());
+        assert!(config.http.is_some_and(|a| a.ip().is_unspecified()));
     }
 }

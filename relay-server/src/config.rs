@@ -37,13 +37,19 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on open ingress connections from one IP address.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 
+/// Default ACME directory: Let's Encrypt's production CA, whose certificates
+/// every webhook sender and agent trusts.
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
 /// Everything the relay needs to run, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Directory for tokens, the self-signed certificate and known tunnels.
     pub data_dir: PathBuf,
-    /// Public HTTP ingress for webhooks.
-    pub http: SocketAddr,
+    /// Public HTTP ingress for webhooks; `None` serves HTTPS only.
+    pub http: Option<SocketAddr>,
+    /// Public HTTPS ingress for webhooks, with the relay's certificate.
+    pub https: Option<SocketAddr>,
     /// UDP address of the QUIC endpoint agents connect to.
     pub quic: SocketAddr,
     /// Admin listener (`/healthz`); keep it on loopback or behind a firewall.
@@ -53,7 +59,7 @@ pub struct Config {
     /// Base of path-style public URLs, e.g. `https://relay.example.com`; derived
     /// from `domain` or the bound address when absent.
     pub public_url: Option<String>,
-    /// Where the TLS certificate for QUIC comes from.
+    /// Where the certificate for HTTPS and QUIC comes from.
     pub tls: TlsSource,
     /// Largest request body accepted, in bytes.
     pub body_limit_bytes: u64,
@@ -91,13 +97,32 @@ pub enum TlsSource {
     /// Generated on first start and kept in the data directory; agents pin its
     /// SHA-256 fingerprint.
     SelfSigned,
-    /// PEM files: a certificate chain and its private key.
+    /// PEM files: a certificate chain and its private key, read again when
+    /// they change on disk (a renewal) or on SIGHUP.
     Files {
         /// Certificate chain, leaf first.
         cert: PathBuf,
         /// Private key (PKCS#8, PKCS#1 or SEC1).
         key: PathBuf,
     },
+    /// Obtained and renewed over ACME (TLS-ALPN-01, answered on the HTTPS
+    /// listener), cached in the data directory's `acme/`.
+    Acme(AcmeSettings),
+}
+
+/// What the relay asks an ACME CA for, and how it reaches the CA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// Names on the certificate: the relay's domain first, then any listed
+    /// tunnel hosts. TLS-ALPN-01 cannot prove wildcards, so none is here.
+    pub names: Vec<String>,
+    /// Contact address the CA may write to about the account (expiry notices).
+    pub email: Option<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Extra root (PEM) to trust for the CA's own HTTPS API, for a private or
+    /// test CA; public roots are always trusted.
+    pub ca_root: Option<PathBuf>,
 }
 
 impl Config {
@@ -107,7 +132,8 @@ impl Config {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         Config {
             data_dir: data_dir.into(),
-            http: any,
+            http: Some(any),
+            https: None,
             quic: any,
             admin: any,
             domain: None,

@@ -1,15 +1,18 @@
 //! The public ingress's connection handling: an explicit accept loop with
-//! connection caps, HTTP/1 and HTTP/2 limits, and graceful shutdown.
+//! connection caps, HTTP/1 and HTTP/2 limits, TLS for the HTTPS listener, and
+//! graceful shutdown.
 //!
-//! What a hostile sender meets here (the request-level checks live in
-//! [`crate::ingress`]):
+//! What a hostile sender meets here, on HTTP and HTTPS alike (the
+//! request-level checks live in [`crate::ingress`]):
 //!
 //! - more connections than `max_connections` in total or
-//!   `max_connections_per_ip` from one address: the connection is accepted,
-//!   answered with a bare `503` (`Retry-After: 1`, `Connection: close`) and
-//!   closed at once, without reading from it;
-//! - a connection that sends nothing (or only part of the HTTP/2 preface)
-//!   within `header_timeout`: closed;
+//!   `max_connections_per_ip` from one address (counted across the HTTP and
+//!   HTTPS listeners): the connection is accepted, answered with a bare `503`
+//!   (`Retry-After: 1`, `Connection: close`; over TLS nothing) and closed at
+//!   once, without reading from it;
+//! - a connection that sends nothing (or, over TLS, does not finish its
+//!   handshake, or only part of the HTTP/2 preface) within `header_timeout`:
+//!   closed;
 //! - an HTTP/1 request head not complete within `header_timeout` (counted
 //!   again for every request on a kept-alive connection): closed by hyper;
 //! - a request head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`]
@@ -19,8 +22,11 @@
 
 use std::{
     collections::HashMap,
+    io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -31,9 +37,15 @@ use hyper_util::{
     server::conn::auto,
     service::TowerToHyperService,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
+
+use crate::tls::ACME_TLS_ALPN;
 
 /// Largest HTTP/1 request head (request line and headers) and largest HTTP/2
 /// header list, in bytes.
@@ -127,81 +139,139 @@ fn builder(limits: EdgeLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `app` on `listener` until `stop` is cancelled, then lets every open
-/// connection finish its requests in flight (idle ones close at once) and
-/// returns when the last one is gone.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    app: Router,
+/// The ingress's connection handling, shared by its HTTP and HTTPS listeners:
+/// one set of connection caps across both. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Edge {
     limits: EdgeLimits,
-    stop: CancellationToken,
-) {
-    let builder = Arc::new(builder(limits));
-    let counts = Arc::new(Counts {
-        limits,
-        inner: Mutex::default(),
-    });
-    let connections = TaskTracker::new();
-    loop {
-        let (tcp, remote) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    accept_error(err).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = counts.admit(remote.ip()) else {
-            debug!(%remote, "connection over the cap; refused");
-            // Best effort and never waiting: a fresh socket's send buffer is empty.
-            let _ = tcp.try_write(OVER_CAP_RESPONSE);
-            drop(tcp);
-            continue;
-        };
-        // Webhook responses are small writes; Nagle would hold them back.
-        let _ = tcp.set_nodelay(true);
-        connections.spawn(connection(
-            tcp,
-            remote,
-            app.clone(),
-            builder.clone(),
-            limits.header_timeout,
-            stop.clone(),
-            slot,
-        ));
-    }
-    drop(listener);
-    connections.close();
-    connections.wait().await;
+    counts: Arc<Counts>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
 }
 
+impl Edge {
+    pub(crate) fn new(limits: EdgeLimits) -> Self {
+        Edge {
+            limits,
+            counts: Arc::new(Counts {
+                limits,
+                inner: Mutex::default(),
+            }),
+            builder: Arc::new(builder(limits)),
+        }
+    }
+
+    /// Serves `app` on `listener` until `stop` is cancelled, then lets every
+    /// open connection finish its requests in flight (idle ones close at once)
+    /// and returns when the last one is gone. With `tls`, every connection
+    /// starts with a TLS handshake (inside the header timeout); one that
+    /// negotiates `acme-tls/1` is an ACME challenge and is closed after the
+    /// handshake.
+    pub(crate) async fn serve(
+        self,
+        listener: TcpListener,
+        app: Router,
+        tls: Option<TlsAcceptor>,
+        stop: CancellationToken,
+    ) {
+        let connections = TaskTracker::new();
+        loop {
+            let (tcp, remote) = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        accept_error(err).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = self.counts.admit(remote.ip()) else {
+                debug!(%remote, "connection over the cap; refused");
+                if tls.is_none() {
+                    // Best effort and never waiting: a fresh socket's send
+                    // buffer is empty. (A TLS client could not read it.)
+                    let _ = tcp.try_write(OVER_CAP_RESPONSE);
+                }
+                drop(tcp);
+                continue;
+            };
+            // Webhook responses are small writes; Nagle would hold them back.
+            let _ = tcp.set_nodelay(true);
+            connections.spawn(connection(
+                tcp,
+                remote,
+                app.clone(),
+                self.builder.clone(),
+                self.limits.header_timeout,
+                tls.clone(),
+                stop.clone(),
+                slot,
+            ));
+        }
+        drop(listener);
+        connections.close();
+        connections.wait().await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     tcp: TcpStream,
     remote: SocketAddr,
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     header_timeout: Duration,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
     _slot: Slot,
 ) {
-    // hyper's header timeout starts once it knows the protocol; until then
-    // (nothing sent, or a partial HTTP/2 preface) this one applies.
-    let started = tokio::select! {
-        () = stop.cancelled() => return,
-        started = tokio::time::timeout(header_timeout, protocol_known(&tcp)) => started,
-    };
-    if !matches!(started, Ok(true)) {
-        debug!(%remote, "connection closed before its first request");
+    let Some(tls) = tls else {
+        // hyper's header timeout starts once it knows the protocol; until then
+        // (nothing sent, or a partial HTTP/2 preface) this one applies.
+        let started = tokio::select! {
+            () = stop.cancelled() => return,
+            started = tokio::time::timeout(header_timeout, protocol_known(&tcp)) => started,
+        };
+        if !matches!(started, Ok(true)) {
+            debug!(%remote, "connection closed before its first request");
+            return;
+        }
+        serve_http(TokioIo::new(tcp), remote, app, &builder, stop).await;
         return;
+    };
+    // The handshake and the first bytes of HTTP share the header timeout, so a
+    // slow handshake holds a connection slot no longer than a slow head.
+    let opened = tokio::select! {
+        () = stop.cancelled() => return,
+        opened = tokio::time::timeout(header_timeout, open_tls(tls, tcp)) => opened,
+    };
+    match opened {
+        Ok(Ok(Opened::Http(stream))) => {
+            serve_http(TokioIo::new(stream), remote, app, &builder, stop).await;
+        }
+        Ok(Ok(Opened::AcmeChallenge)) => debug!(%remote, "answered an ACME TLS-ALPN-01 challenge"),
+        Ok(Err(err)) => {
+            debug!(%remote, error = %err, "TLS connection closed before its first request")
+        }
+        Err(_) => debug!(%remote, "TLS handshake or first request too slow; closed"),
     }
+}
+
+async fn serve_http<I>(
+    io: I,
+    remote: SocketAddr,
+    app: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(remote));
         hyper::service::Service::call(&service, req)
     });
-    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let served = tokio::select! {
         served = conn.as_mut() => served,
@@ -212,6 +282,100 @@ async fn connection(
     };
     if let Err(err) = served {
         debug!(%remote, error = %err, "connection ended with an error");
+    }
+}
+
+/// What a TLS connection turned out to be.
+enum Opened {
+    /// A sender's: HTTP follows, its first bytes already read.
+    Http(Box<Prefixed<TlsStream<TcpStream>>>),
+    /// The CA validating a TLS-ALPN-01 challenge: the handshake was the answer.
+    AcmeChallenge,
+}
+
+/// Completes the TLS handshake, then reads until the peer has sent enough to
+/// tell HTTP/1 from HTTP/2 (what [`protocol_known`] does with a peek on plain
+/// TCP), and hands hyper those bytes again.
+async fn open_tls(tls: TlsAcceptor, tcp: TcpStream) -> io::Result<Opened> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tls.accept(tcp).await?;
+    if stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        let _ = stream.shutdown().await;
+        return Ok(Opened::AcmeChallenge);
+    }
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    loop {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        len += n;
+        if len == buf.len() || buf[..len] != H2_PREFACE[..len] {
+            break;
+        }
+    }
+    Ok(Opened::Http(Box::new(Prefixed {
+        prefix: buf,
+        len,
+        pos: 0,
+        inner: stream,
+    })))
+}
+
+/// A stream whose first `len` bytes were already read into `prefix`: reads
+/// return those first, then the stream's own.
+struct Prefixed<S> {
+    prefix: [u8; H2_PREFACE.len()],
+    len: usize,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.len {
+            let n = (self.len - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -245,7 +409,7 @@ async fn accept_error(err: std::io::Error) {
     }
     warn!(
         error = &err as &dyn std::error::Error,
-        "http ingress cannot accept"
+        "ingress cannot accept"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
@@ -273,5 +437,24 @@ mod tests {
         assert!(counts.admit(b).is_none(), "total cap");
         drop(a1);
         assert!(counts.admit(b).is_some(), "slot given back");
+    }
+
+    #[tokio::test]
+    async fn prefixed_stream_reads_the_prefix_then_the_rest() {
+        use tokio::io::AsyncWriteExt;
+        let (mut far, near) = tokio::io::duplex(64);
+        let mut prefix = [0u8; H2_PREFACE.len()];
+        prefix[..3].copy_from_slice(b"POS");
+        let mut stream = Prefixed {
+            prefix,
+            len: 3,
+            pos: 0,
+            inner: near,
+        };
+        far.write_all(b"T / HTTP/1.1\r\n").await.expect("write");
+        drop(far);
+        let mut read = String::new();
+        stream.read_to_string(&mut read).await.expect("read");
+        assert_eq!(read, "POST / HTTP/1.1\r\n");
     }
 }

@@ -51,14 +51,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let pattern = "*".parse().context("pattern")?;
         let token = relay.tokens().create("dev", vec![pattern])?;
         println!("dev token:          {token}");
-        println!("relay cert sha256:  {}", relay.cert_fingerprint());
-        println!(
-            "connect an agent:   relay-client http 3000 --relay {} --token {token} --relay-cert-sha256 {}",
-            relay.quic_addr(),
-            relay.cert_fingerprint()
-        );
+        match relay.cert_fingerprint() {
+            Some(fingerprint) => {
+                println!("relay cert sha256:  {fingerprint}");
+                println!(
+                    "connect an agent:   relay-client http 3000 --relay {} --token {token} --relay-cert-sha256 {fingerprint}",
+                    relay.quic_addr(),
+                );
+            }
+            None => println!(
+                "connect an agent:   relay-client http 3000 --relay {} --token {token}",
+                relay.quic_addr(),
+            ),
+        }
     }
-    wait_for_signal().await;
+    wait_for_signal(&relay).await;
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
@@ -124,24 +131,46 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn wait_for_signal() {
+/// Returns on Ctrl-C or SIGTERM; on SIGHUP reads the certificate files again
+/// (what certbot's deploy hook sends after a renewal).
+async fn wait_for_signal(relay: &Relay) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => reload_tls(relay),
                 }
-            }
-            Err(_) => {
+            },
+            _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = relay;
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(unix)]
+fn reload_tls(relay: &Relay) {
+    match relay.reload_tls() {
+        Ok(true) => tracing::info!(
+            fingerprint = relay.cert_fingerprint(),
+            "SIGHUP: new certificate in use"
+        ),
+        Ok(false) => tracing::info!("SIGHUP: certificate unchanged"),
+        Err(err) => tracing::error!(
+            error = &err as &dyn std::error::Error,
+            "SIGHUP: cannot reload the certificate; keeping the current one"
+        ),
     }
 }

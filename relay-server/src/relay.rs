@@ -11,29 +11,32 @@ use crate::{
     agents::{self, Agents, PublicUrls},
     auth::{TokenError, TokenStore},
     config::Config,
-    edge::{self, EdgeLimits},
+    edge::{Edge, EdgeLimits},
     ingress::{self, Ingress},
     metrics::RelayMetrics,
     policy::Policies,
     queue::{Queue, QueueError, SledQueue},
     routing::{LocalRoutes, Routes},
-    tls::{TlsError, TlsMaterial},
+    tls::{Certs, TlsError},
 };
 
 /// Handle to a running relay. Dropping it does not stop the relay; call
 /// [`Relay::shutdown`].
 pub struct Relay {
-    http_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
-    fingerprint: String,
+    certs: Certs,
     tokens: Arc<TokenStore>,
     queue: Arc<dyn Queue>,
     shutdown_grace: Duration,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     close_sessions: CancellationToken,
-    ingress: tokio::task::JoinHandle<()>,
+    /// The HTTP and HTTPS listeners' tasks, which end once their deliveries
+    /// in flight have.
+    ingress: TaskTracker,
     tracker: TaskTracker,
 }
 
@@ -44,13 +47,16 @@ impl Relay {
     /// # Errors
     /// When the data directory, certificate or any listener is unusable.
     pub async fn spawn(config: Config) -> Result<Relay, SpawnError> {
+        if config.http.is_none() && config.https.is_none() {
+            return Err(SpawnError::NoIngress);
+        }
         let tokens = Arc::new(TokenStore::open(&config.data_dir)?);
         let names: Vec<String> = config
             .domain
             .iter()
             .flat_map(|d| [d.clone(), format!("*.{d}")])
             .collect();
-        let tls = TlsMaterial::open(&config.tls, &config.data_dir, &names)?;
+        let certs = Certs::open(&config.tls, &config.data_dir, &names)?;
         let routes: Arc<dyn Routes> = Arc::new(LocalRoutes::open(Some(
             config.data_dir.join("tunnels.json"),
         )));
@@ -65,15 +71,25 @@ impl Relay {
         let bind_err = |what: &'static str, addr: SocketAddr| {
             move |source: io::Error| SpawnError::Bind { what, addr, source }
         };
-        let http = TcpListener::bind(config.http)
-            .await
-            .map_err(bind_err("http", config.http))?;
+        let listen = |what: &'static str, addr: Option<SocketAddr>| async move {
+            let Some(addr) = addr else {
+                return Ok(None);
+            };
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(bind_err(what, addr))?;
+            let bound = listener.local_addr().map_err(bind_err(what, addr))?;
+            Ok::<_, SpawnError>(Some((listener, bound)))
+        };
+        let http = listen("http", config.http).await?;
+        let https = listen("https", config.https).await?;
         let admin = TcpListener::bind(config.admin)
             .await
             .map_err(bind_err("admin", config.admin))?;
-        let endpoint = quinn::Endpoint::server(tls.quic_server_config()?, config.quic)
+        let endpoint = quinn::Endpoint::server(certs.quic_server_config()?, config.quic)
             .map_err(bind_err("quic", config.quic))?;
-        let http_addr = http.local_addr().map_err(bind_err("http", config.http))?;
+        let http_addr = http.as_ref().map(|(_, addr)| *addr);
+        let https_addr = https.as_ref().map(|(_, addr)| *addr);
         let admin_addr = admin
             .local_addr()
             .map_err(bind_err("admin", config.admin))?;
@@ -85,30 +101,51 @@ impl Relay {
         let close_sessions = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let ingress = Arc::new(Ingress {
-            routes: routes.clone(),
-            queue: queue.clone(),
-            metrics: metrics.clone(),
-            policies: policies.clone(),
-            domain: config
-                .domain
-                .clone()
-                .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
-            body_limit_bytes: config.body_limit_bytes,
-            timeout: config.timeout,
-            body_timeout: config.body_timeout,
-            min_body_rate: config.min_body_rate,
-            scheme: "http",
-        });
-        let app = ingress::router(ingress);
-        let limits = EdgeLimits {
+        // One router per scheme: what X-Forwarded-Proto and public URLs say.
+        let app = |scheme: &'static str| {
+            ingress::router(Arc::new(Ingress {
+                routes: routes.clone(),
+                queue: queue.clone(),
+                metrics: metrics.clone(),
+                policies: policies.clone(),
+                domain: config
+                    .domain
+                    .clone()
+                    .map(|d| d.trim_end_matches('.').to_ascii_lowercase()),
+                body_limit_bytes: config.body_limit_bytes,
+                timeout: config.timeout,
+                body_timeout: config.body_timeout,
+                min_body_rate: config.min_body_rate,
+                scheme,
+            }))
+        };
+        let edge = Edge::new(EdgeLimits {
             header_timeout: config.header_timeout,
             max_connections: config.max_connections,
             max_connections_per_ip: config.max_connections_per_ip,
-        };
-        let ingress = tokio::spawn(
-            edge::serve(http, app, limits, shutdown.clone())
-                .instrument(tracing::info_span!("ingress")),
+        });
+        let ingress = TaskTracker::new();
+        if let Some((listener, _)) = http {
+            ingress.spawn(
+                edge.clone()
+                    .serve(listener, app("http"), None, shutdown.clone())
+                    .instrument(tracing::info_span!("ingress", scheme = "http")),
+            );
+        }
+        if let Some((listener, _)) = https {
+            let tls = tokio_rustls::TlsAcceptor::from(certs.https_server_config()?);
+            ingress.spawn(
+                edge.clone()
+                    .serve(listener, app("https"), Some(tls), shutdown.clone())
+                    .instrument(tracing::info_span!("ingress", scheme = "https")),
+            );
+        }
+        ingress.close();
+        tracker.spawn(
+            certs
+                .clone()
+                .maintain(shutdown.clone())
+                .instrument(tracing::info_span!("certificate")),
         );
 
         let admin_app = admin::router(AdminState {
@@ -139,11 +176,12 @@ impl Relay {
         let agents = Arc::new(Agents::new(
             routes,
             tokens.clone(),
-            PublicUrls {
-                base: config.public_url.clone(),
-                domain: config.domain.clone(),
-                http: http_addr,
-            },
+            PublicUrls::new(
+                config.public_url.clone(),
+                config.domain.clone(),
+                http_addr,
+                https_addr,
+            ),
             queue.clone(),
             config.queue_enabled,
             metrics,
@@ -152,17 +190,26 @@ impl Relay {
         tracker.spawn(agents::accept_loop(
             endpoint.clone(),
             agents,
+            certs.clone(),
             shutdown.clone(),
             close_sessions.clone(),
             tracker.clone(),
         ));
 
-        info!(%http_addr, %quic_addr, %admin_addr, fingerprint = tls.fingerprint(), "relay listening");
+        info!(
+            http_addr = http_addr.map(tracing::field::display),
+            https_addr = https_addr.map(tracing::field::display),
+            %quic_addr,
+            %admin_addr,
+            fingerprint = certs.fingerprint(),
+            "relay listening"
+        );
         Ok(Relay {
             http_addr,
+            https_addr,
             quic_addr,
             admin_addr,
-            fingerprint: tls.fingerprint().to_owned(),
+            certs,
             tokens,
             queue,
             shutdown_grace: config.shutdown_grace,
@@ -174,9 +221,14 @@ impl Relay {
         })
     }
 
-    /// Address of the public HTTP ingress.
-    pub fn http_addr(&self) -> SocketAddr {
+    /// Address of the public HTTP ingress, unless it is off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Address of the public HTTPS ingress, when it is on.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// UDP address of the QUIC endpoint.
@@ -189,9 +241,21 @@ impl Relay {
         self.admin_addr
     }
 
-    /// SHA-256 fingerprint (hex) of the relay's certificate, for agents to pin.
-    pub fn cert_fingerprint(&self) -> &str {
-        &self.fingerprint
+    /// SHA-256 fingerprint (hex) of the relay's certificate, for agents to
+    /// pin; `None` with ACME, whose certificates agents check against public
+    /// roots.
+    pub fn cert_fingerprint(&self) -> Option<String> {
+        self.certs.fingerprint()
+    }
+
+    /// Reads the certificate files again (on SIGHUP, after a renewal), for
+    /// new HTTPS and QUIC connections; established ones keep theirs.
+    /// `Ok(true)` when the certificate changed.
+    ///
+    /// # Errors
+    /// When the files are unusable; the current certificate stays in use.
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        self.certs.reload()
     }
 
     /// The relay's token store.
@@ -209,7 +273,7 @@ impl Relay {
     /// the agents print before they reconnect.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let drained = tokio::time::timeout(self.shutdown_grace, self.ingress).await;
+        let drained = tokio::time::timeout(self.shutdown_grace, self.ingress.wait()).await;
         if drained.is_err() {
             warn!("deliveries still in flight after the shutdown grace period; cutting them");
         }
@@ -251,6 +315,8 @@ pub enum SpawnError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("neither http nor https is set: the relay would take no webhooks")]
+    NoIngress,
     #[error("data directory {} is unusable", .0.display())]
     DataDir(PathBuf),
     #[error("cannot open the queue")]

@@ -47,11 +47,20 @@ impl TestRelay {
 
     /// Public path-style URL of `path` on `tunnel`.
     pub fn url(&self, tunnel: &str, path: &str) -> String {
-        format!("http://{}/t/{tunnel}{path}", self.relay.http_addr())
+        format!("http://{}/t/{tunnel}{path}", self.http_addr())
+    }
+
+    /// The HTTP ingress's address (on in every test relay).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.relay.http_addr().expect("test relays listen for HTTP")
     }
 
     pub fn fingerprint(&self) -> [u8; 32] {
-        relay_client::config::parse_fingerprint(self.relay.cert_fingerprint())
+        let fingerprint = self
+            .relay
+            .cert_fingerprint()
+            .expect("a self-signed test relay has a fingerprint");
+        relay_client::config::parse_fingerprint(&fingerprint)
             .expect("relay prints a valid fingerprint")
     }
 
@@ -75,6 +84,7 @@ impl TestRelay {
     ) -> AgentConfig {
         AgentConfig {
             relay: self.relay.quic_addr().to_string(),
+            relay_ip: None,
             token: Secret::new(self.token.clone()),
             tunnel: tunnel.map(|t| t.parse().expect("valid tunnel name in test")),
             target: target.parse::<Target>().expect("valid target in test"),
