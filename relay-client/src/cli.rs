@@ -19,7 +19,7 @@ use crate::{
     agent::{default_data_dir, DEFAULT_MAX_BACKOFF},
     commands::parse_time,
     config::{parse_fingerprint, Config, LogFormat, Secret, Target, Trust, DEFAULT_INSPECT},
-    export::Format,
+    export::{parse_header_name, Format, Redaction},
     history::{Filter, Retention, DEFAULT_MAX_EXCHANGES},
     queued::{RetryPolicy, DEFAULT_ATTEMPTS},
     replay::ReplayOptions,
@@ -163,6 +163,11 @@ pub struct HttpFlags {
     #[arg(long = "verify", env = "HOOKRELAY_VERIFY", hide_env_values = true, value_delimiter = ',', value_name = "PROVIDER=SECRET", value_parser = parse_secret_spec_arg)]
     pub verify: Vec<(Provider, String)>,
 
+    /// Also redact this header's value in exports (curl, HAR, JSON; CLI and inspector), as
+    /// Authorization and X-Gitlab-Token are, e.g. X-Shopify-Access-Token (repeatable, any case)
+    #[arg(long = "redact-header", env = "HOOKRELAY_REDACT_HEADER", value_delimiter = ',', value_name = "NAME", value_parser = parse_header_name)]
+    pub redact_headers: Vec<String>,
+
     /// Most exchanges kept in history (oldest go first)
     #[arg(long, env = "HOOKRELAY_MAX_EXCHANGES", default_value_t = DEFAULT_MAX_EXCHANGES, value_name = "N")]
     pub max_exchanges: u64,
@@ -258,6 +263,7 @@ struct FileConfig {
     retry_max: Option<Scalar>,
     log_format: Option<String>,
     verify: Option<OneOrMany>,
+    redact_headers: Option<OneOrMany>,
     max_exchanges: Option<u64>,
     max_history_bytes: Option<Scalar>,
     data_dir: Option<PathBuf>,
@@ -282,8 +288,9 @@ impl Scalar {
     }
 }
 
-/// `verify = "stripe=…"` or `verify = ["stripe=…", "github=…"]`. Untagged, so
-/// that a value of the wrong type is refused without echoing a secret.
+/// `verify = "stripe=…"` or `verify = ["stripe=…", "github=…"]` (and the same
+/// for `redact_headers`). Untagged, so that a value of the wrong type is
+/// refused without echoing a secret.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
@@ -482,6 +489,17 @@ impl HttpArgs {
             ),
             None => None,
         };
+        let redact_headers = match file.redact_headers {
+            Some(names) => Some(
+                names
+                    .into_vec()
+                    .into_iter()
+                    .map(|name| key("redact_headers").parse(Some(name), parse_header_name))
+                    .filter_map(Result::transpose)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
         let inspect = key("inspect").parse(file.inspect.clone(), parse_loopback)?;
         let no_inspect = self.layer("no_inspect", f.common.no_inspect, file.no_inspect);
         let inspect = self.layer("inspect", f.common.inspect, inspect);
@@ -516,6 +534,11 @@ impl HttpArgs {
             log_format: self.layer("log_format", f.log_format, log_format),
             max_backoff: DEFAULT_MAX_BACKOFF,
             secrets: secret_set(&self.layer("verify", f.verify.clone(), verify)),
+            redaction: Redaction::new(self.layer(
+                "redact_headers",
+                f.redact_headers.clone(),
+                redact_headers,
+            )),
             retention: Retention {
                 max_exchanges: self
                     .layer("max_exchanges", f.max_exchanges, file.max_exchanges)
@@ -757,9 +780,14 @@ pub struct ExportArgs {
     /// Output format
     #[arg(long, value_enum)]
     pub format: Format,
-    /// Keep credentials (Authorization, X-Gitlab-Token, Cookie…) instead of `[redacted]`
+    /// Keep credentials (Authorization, X-Gitlab-Token, Cookie…, and every --redact-header) instead
+    /// of `[redacted]`
     #[arg(long)]
     pub show_secrets: bool,
+    /// Also redact this header's value (repeatable, any case), on top of the agent's own
+    /// --redact-header list
+    #[arg(long = "redact-header", env = "HOOKRELAY_REDACT_HEADER", value_delimiter = ',', value_name = "NAME", value_parser = parse_header_name)]
+    pub redact_headers: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -931,6 +959,7 @@ retry_initial = 2
 retry_max = "1m"
 log_format = "json"
 verify = ["stripe=whsec_a", "github=gh"]
+redact_headers = ["X-Shop-Token", "x-api-secret"]
 max_exchanges = 500
 max_history_bytes = "10MiB"
 data_dir = "/tmp/hookrelay-agent"
@@ -963,6 +992,7 @@ inspect = "127.0.0.1:4041"
         assert_eq!(config.log_format, LogFormat::Json);
         assert!(!config.secrets.get(Provider::Stripe).is_empty());
         assert!(!config.secrets.get(Provider::Github).is_empty());
+        assert_eq!(config.redaction.extra(), ["x-api-secret", "x-shop-token"]);
         assert_eq!(config.retention.max_exchanges, 500);
         assert_eq!(config.retention.max_bytes, 10 << 20);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/hookrelay-agent"));
@@ -983,12 +1013,13 @@ inspect = "127.0.0.1:4041"
         assert_eq!(settings.exit_on_disconnect, None);
         assert_eq!(config.inspect, Some(DEFAULT_INSPECT.parse().expect("addr")));
         assert!(config.print_deliveries && config.dedupe);
+        assert!(config.redaction.extra().is_empty());
     }
 
     #[test]
     fn flags_win_over_the_file_even_when_they_repeat_a_default() {
         let (_dir, path) = agent_toml(
-            "target = \"http://127.0.0.1:3000/base\"\ntoken = \"hkr_file\"\nmode = \"queue\"\nretry_attempts = 3\nrelay = \"file.example.com:4443\"\ninsecure_skip_verify = true\ninspect = \"127.0.0.1:4041\"\nverify = \"stripe=whsec_file\"\n",
+            "target = \"http://127.0.0.1:3000/base\"\ntoken = \"hkr_file\"\nmode = \"queue\"\nretry_attempts = 3\nrelay = \"file.example.com:4443\"\ninsecure_skip_verify = true\ninspect = \"127.0.0.1:4041\"\nverify = \"stripe=whsec_file\"\nredact_headers = \"X-File\"\n",
         );
         let settings = http(&[
             "4000",
@@ -1005,6 +1036,10 @@ inspect = "127.0.0.1:4041"
             &"cd".repeat(32),
             "--verify",
             "github=gh",
+            "--redact-header",
+            "X-Flag-One",
+            "--redact-header",
+            "x-flag-two",
         ])
         .to_config()
         .expect("valid");
@@ -1024,9 +1059,11 @@ inspect = "127.0.0.1:4041"
         );
         assert!(config.secrets.get(Provider::Stripe).is_empty());
         assert!(!config.secrets.get(Provider::Github).is_empty());
+        assert_eq!(config.redaction.extra(), ["x-flag-one", "x-flag-two"]);
 
         // The file's TARGET when the command line has none.
         let config = http(&["--config", &path]).to_config().expect("valid").agent;
+        assert_eq!(config.redaction.extra(), ["x-file"]);
         assert_eq!(config.target.to_string(), "http://127.0.0.1:3000/base");
         assert_eq!(config.trust, Trust::InsecureSkipVerify);
         assert_eq!(config.settings.mode, DeliveryMode::Queue);
@@ -1084,6 +1121,7 @@ inspect = "127.0.0.1:4041"
             ("exit_on_disconnect = \"never\"", "`exit_on_disconnect`"),
             ("max_history_bytes = \"lots\"", "`max_history_bytes`"),
             ("log_format = \"xml\"", "`log_format`"),
+            ("redact_headers = [\"X-Key:\"]", "`redact_headers`"),
             ("inspect = \"0.0.0.0:4040\"", "not a loopback address"),
             ("tokn = \"t\"", "tokn"),
             ("quiet = \"yes\"", "line 2, column 9"),

@@ -4,7 +4,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use hookrelay_shared::{signature::SecretSet, TunnelName, TunnelSettings};
 
-use crate::{history::Retention, queued::RetryPolicy};
+use crate::{export::Redaction, history::Retention, queued::RetryPolicy};
 
 /// Default inspector address: loopback only, the port ngrok users expect.
 pub const DEFAULT_INSPECT: &str = "127.0.0.1:4040";
@@ -35,6 +35,8 @@ pub struct Config {
     pub max_backoff: Duration,
     /// Provider secrets for signature verdicts and re-signed replays.
     pub secrets: SecretSet,
+    /// Headers whose values exports redact, besides the built-in credentials.
+    pub redaction: Redaction,
     /// How much history to keep.
     pub retention: Retention,
     /// Suppress provider retries of events the app already accepted.
