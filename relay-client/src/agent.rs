@@ -79,6 +79,10 @@ impl Agent {
         let identity = Identity::open(&config.data_dir)?;
         let history =
             History::open(&config.data_dir, config.retention).map_err(AgentError::History)?;
+        // Kept with the history, so `export` without this agent redacts them too.
+        history
+            .set_redact_headers(config.redaction.extra())
+            .map_err(AgentError::History)?;
         let secrets = std::sync::Arc::new(config.secrets.clone());
         let tunnel = match &config.tunnel {
             Some(t) => t.clone(),
@@ -163,6 +167,7 @@ impl Agent {
                         outbox: outbox.clone(),
                         settings: config.settings,
                         metrics,
+                        redaction: config.redaction.clone(),
                     },
                     shutdown.clone(),
                 ));

@@ -20,7 +20,7 @@ use crate::{
     agent::{default_data_dir, DEFAULT_MAX_BACKOFF},
     commands::parse_time,
     config::{parse_fingerprint, Config, LogFormat, Secret, Target, Trust, DEFAULT_INSPECT},
-    export::Format,
+    export::{parse_header_name, Format, Redaction},
     history::{Filter, Retention, DEFAULT_MAX_EXCHANGES},
     queued::{RetryPolicy, DEFAULT_ATTEMPTS},
     replay::ReplayOptions,
@@ -186,6 +186,11 @@ pub struct HttpFlags {
     #[arg(long, env = "HOOKRELAY_RATE_LIMIT_PER_SOURCE", value_name = "RATE", value_parser = parse_rate)]
     pub rate_limit_per_source: Option<String>,
 
+    /// Also redact this header's value in exports (curl, HAR, JSON; CLI and inspector), as
+    /// Authorization and X-Gitlab-Token are, e.g. X-Shopify-Access-Token (repeatable, any case)
+    #[arg(long = "redact-header", env = "HOOKRELAY_REDACT_HEADER", value_delimiter = ',', value_name = "NAME", value_parser = parse_header_name)]
+    pub redact_headers: Vec<String>,
+
     /// Most exchanges kept in history (oldest go first)
     #[arg(long, env = "HOOKRELAY_MAX_EXCHANGES", default_value_t = DEFAULT_MAX_EXCHANGES, value_name = "N")]
     pub max_exchanges: u64,
@@ -286,6 +291,7 @@ struct FileConfig {
     allow: Option<OneOrMany>,
     rate_limit: Option<String>,
     rate_limit_per_source: Option<String>,
+    redact_headers: Option<OneOrMany>,
     max_exchanges: Option<u64>,
     max_history_bytes: Option<Scalar>,
     data_dir: Option<PathBuf>,
@@ -310,8 +316,9 @@ impl Scalar {
     }
 }
 
-/// `verify = "stripe=…"` or `verify = ["stripe=…", "github=…"]`. Untagged, so
-/// that a value of the wrong type is refused without echoing a secret.
+/// `verify = "stripe=…"` or `verify = ["stripe=…", "github=…"]` (and the same
+/// for `redact_headers`). Untagged, so that a value of the wrong type is
+/// refused without echoing a secret.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
@@ -515,6 +522,17 @@ impl HttpArgs {
             ),
             None => None,
         };
+        let redact_headers = match file.redact_headers {
+            Some(names) => Some(
+                names
+                    .into_vec()
+                    .into_iter()
+                    .map(|name| key("redact_headers").parse(Some(name), parse_header_name))
+                    .filter_map(Result::transpose)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
         let verify = self.layer("verify", f.verify.clone(), verify);
         let allow = match file.allow {
             Some(list) => Some(
@@ -586,6 +604,11 @@ impl HttpArgs {
             max_backoff: DEFAULT_MAX_BACKOFF,
             secrets: secret_set(&verify),
             policy,
+            redaction: Redaction::new(self.layer(
+                "redact_headers",
+                f.redact_headers.clone(),
+                redact_headers,
+            )),
             retention: Retention {
                 max_exchanges: self
                     .layer("max_exchanges", f.max_exchanges, file.max_exchanges)
@@ -837,9 +860,14 @@ pub struct ExportArgs {
     /// Output format
     #[arg(long, value_enum)]
     pub format: Format,
-    /// Keep credentials (Authorization, X-Gitlab-Token, Cookie…) instead of `[redacted]`
+    /// Keep credentials (Authorization, X-Gitlab-Token, Cookie…, and every --redact-header) instead
+    /// of `[redacted]`
     #[arg(long)]
     pub show_secrets: bool,
+    /// Also redact this header's value (repeatable, any case), on top of the agent's own
+    /// --redact-header list
+    #[arg(long = "redact-header", env = "HOOKRELAY_REDACT_HEADER", value_delimiter = ',', value_name = "NAME", value_parser = parse_header_name)]
+    pub redact_headers: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -1012,6 +1040,7 @@ retry_initial = 2
 retry_max = "1m"
 log_format = "json"
 verify = ["stripe=whsec_a", "github=gh"]
+redact_headers = ["X-Shop-Token", "x-api-secret"]
 max_exchanges = 500
 max_history_bytes = "10MiB"
 data_dir = "/tmp/hookrelay-agent"
@@ -1045,6 +1074,7 @@ inspect = "127.0.0.1:4041"
         assert_eq!(config.log_format, LogFormat::Json);
         assert!(!config.secrets.get(Provider::Stripe).is_empty());
         assert!(!config.secrets.get(Provider::Github).is_empty());
+        assert_eq!(config.redaction.extra(), ["x-api-secret", "x-shop-token"]);
         assert_eq!(config.retention.max_exchanges, 500);
         assert_eq!(config.retention.max_bytes, 10 << 20);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/hookrelay-agent"));
@@ -1066,12 +1096,13 @@ inspect = "127.0.0.1:4041"
         assert_eq!(settings.exit_on_disconnect, None);
         assert_eq!(config.inspect, Some(DEFAULT_INSPECT.parse().expect("addr")));
         assert!(config.print_deliveries && config.dedupe);
+        assert!(config.redaction.extra().is_empty());
     }
 
     #[test]
     fn flags_win_over_the_file_even_when_they_repeat_a_default() {
         let (_dir, path) = agent_toml(
-            "target = \"http://127.0.0.1:3000/base\"\ntoken = \"hkr_file\"\nmode = \"queue\"\nretry_attempts = 3\nrelay = \"file.example.com:4443\"\ninsecure_skip_verify = true\ninspect = \"127.0.0.1:4041\"\nverify = \"stripe=whsec_file\"\n",
+            "target = \"http://127.0.0.1:3000/base\"\ntoken = \"hkr_file\"\nmode = \"queue\"\nretry_attempts = 3\nrelay = \"file.example.com:4443\"\ninsecure_skip_verify = true\ninspect = \"127.0.0.1:4041\"\nverify = \"stripe=whsec_file\"\nredact_headers = \"X-File\"\n",
         );
         let settings = http(&[
             "4000",
@@ -1088,6 +1119,10 @@ inspect = "127.0.0.1:4041"
             &"cd".repeat(32),
             "--verify",
             "github=gh",
+            "--redact-header",
+            "X-Flag-One",
+            "--redact-header",
+            "x-flag-two",
         ])
         .to_config()
         .expect("valid");
@@ -1107,9 +1142,11 @@ inspect = "127.0.0.1:4041"
         );
         assert!(config.secrets.get(Provider::Stripe).is_empty());
         assert!(!config.secrets.get(Provider::Github).is_empty());
+        assert_eq!(config.redaction.extra(), ["x-flag-one", "x-flag-two"]);
 
         // The file's TARGET when the command line has none.
         let config = http(&["--config", &path]).to_config().expect("valid").agent;
+        assert_eq!(config.redaction.extra(), ["x-file"]);
         assert_eq!(config.target.to_string(), "http://127.0.0.1:3000/base");
         assert_eq!(config.trust, Trust::InsecureSkipVerify);
         assert_eq!(config.settings.mode, DeliveryMode::Queue);
@@ -1168,6 +1205,7 @@ inspect = "127.0.0.1:4041"
             ("exit_on_disconnect = \"never\"", "`exit_on_disconnect`"),
             ("max_history_bytes = \"lots\"", "`max_history_bytes`"),
             ("log_format = \"xml\"", "`log_format`"),
+            ("redact_headers = [\"X-Key:\"]", "`redact_headers`"),
             ("inspect = \"0.0.0.0:4040\"", "not a loopback address"),
             ("tokn = \"t\"", "tokn"),
             ("quiet = \"yes\"", "line 2, column 9"),

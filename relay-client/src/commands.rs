@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
-    export::{self, ExchangeDetail, Format},
+    export::{self, ExchangeDetail, Format, Redaction},
     history::{self, Exchange, ExchangeId, Filter, History, HistoryError, Page, Retention},
     replay::{ReplayOptions, Replayer},
 };
@@ -152,6 +152,42 @@ impl Backend {
         }
     }
 
+    /// One exchange rendered in `format`. Credentials are redacted unless
+    /// `secrets`: the built-in headers, the agent's own `--redact-header`
+    /// list (from the running agent, or the one it left in the store), and
+    /// `extra`.
+    ///
+    /// # Errors
+    /// Unknown id, API or storage errors.
+    pub async fn export(
+        &self,
+        id: ExchangeId,
+        format: Format,
+        secrets: bool,
+        extra: &Redaction,
+    ) -> anyhow::Result<String> {
+        match self {
+            Backend::Direct { history, .. } => {
+                let detail = ExchangeDetail::load(history, history.get(id)?)?;
+                let redaction = extra.clone().with(history.redact_headers()?);
+                Ok(export::render(&detail, format, secrets, &redaction))
+            }
+            Backend::Api { base, client } => {
+                let mut url = format!(
+                    "{base}/api/exchanges/{id}/export?format={}&secrets={secrets}",
+                    format.as_str()
+                );
+                if !extra.extra().is_empty() {
+                    url.push_str(&format!("&redact={}", url_encode(&extra.extra().join(","))));
+                }
+                let req = http::Request::get(url).body(Full::new(Bytes::new()))?;
+                let body = send(client, req).await?;
+                String::from_utf8(body.to_vec())
+                    .context("the agent's inspector sent non-UTF-8 text")
+            }
+        }
+    }
+
     /// Replays one exchange.
     ///
     /// # Errors
@@ -270,6 +306,15 @@ async fn call<T: DeserializeOwned>(
     client: &Client<HttpConnector, Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
 ) -> anyhow::Result<T> {
+    let body = send(client, req).await?;
+    serde_json::from_slice(&body).context("the agent's inspector sent unexpected JSON")
+}
+
+/// Sends `req` to the inspector; a non-2xx answer becomes its JSON `message`.
+async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> anyhow::Result<Bytes> {
     let resp = client
         .request(req)
         .await
@@ -283,7 +328,7 @@ async fn call<T: DeserializeOwned>(
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         bail!("{message}");
     }
-    serde_json::from_slice(&body).context("the agent's inspector sent unexpected JSON")
+    Ok(body)
 }
 
 fn url_encode(s: &str) -> String {
@@ -477,11 +522,6 @@ fn print_body(b: &export::BodyView) {
         }
         (None, n) => println!("\n<{n} bytes of binary data; see --json or export>"),
     }
-}
-
-/// Renders an export; credentials are redacted unless `secrets`.
-pub fn render_export(detail: &ExchangeDetail, format: Format, secrets: bool) -> String {
-    export::render(detail, format, secrets)
 }
 
 #[cfg(test)]

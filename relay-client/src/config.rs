@@ -10,7 +10,7 @@ use std::{
 
 use hookrelay_shared::{policy::PolicyRequest, signature::SecretSet, TunnelName, TunnelSettings};
 
-use crate::{history::Retention, queued::RetryPolicy};
+use crate::{export::Redaction, history::Retention, queued::RetryPolicy};
 
 /// Default inspector address: loopback only, the port ngrok users expect.
 pub const DEFAULT_INSPECT: &str = "127.0.0.1:4040";
@@ -45,6 +45,8 @@ pub struct Config {
     pub max_backoff: Duration,
     /// Provider secrets for signature verdicts and re-signed replays.
     pub secrets: SecretSet,
+    /// Headers whose values exports redact, besides the built-in credentials.
+    pub redaction: Redaction,
     /// How much history to keep.
     pub retention: Retention,
     /// Suppress provider retries of events the app already accepted.

@@ -71,6 +71,7 @@ impl Demo {
             log_format: crate::config::LogFormat::Text,
             max_backoff: FAST_MAX_BACKOFF,
             secrets: hookrelay_shared::signature::SecretSet::new(),
+            redaction: Default::default(),
             retention: crate::history::Retention::default(),
             settings: Default::default(),
             retry: Default::default(),

@@ -72,6 +72,17 @@ pub enum Format {
     Json,
 }
 
+impl Format {
+    /// The name used by `--format` and the inspector's `format=` parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Curl => "curl",
+            Format::Har => "har",
+            Format::Json => "json",
+        }
+    }
+}
+
 /// Headers whose values are credentials; exports show `[redacted]` instead
 /// unless asked for them.
 pub const SECRET_HEADERS: &[&str] = &[
@@ -86,12 +97,74 @@ pub const SECRET_HEADERS: &[&str] = &[
 /// What exports show in place of a credential.
 pub const REDACTED: &str = "[redacted]";
 
-/// `detail` with the values of [`SECRET_HEADERS`] replaced.
-pub fn redacted(detail: &ExchangeDetail) -> ExchangeDetail {
+/// The headers whose values exports replace with [`REDACTED`]: the built-in
+/// [`SECRET_HEADERS`] plus the names a user configured (`--redact-header`,
+/// `redact_headers` in the agent's config file), such as an app's own API key
+/// header. Names compare case-insensitively. Signature headers stay: they
+/// prove a request, they do not grant access.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Redaction {
+    /// Configured names, lowercased, sorted, without duplicates or built-ins.
+    extra: Vec<String>,
+}
+
+impl Redaction {
+    /// The built-in headers plus `names`, in any case.
+    pub fn new<I, S>(names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Redaction::default().with(names)
+    }
+
+    /// These names as well.
+    pub fn with<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for name in names {
+            let name = name.as_ref().trim().to_ascii_lowercase();
+            if !name.is_empty() && !SECRET_HEADERS.contains(&name.as_str()) {
+                self.extra.push(name);
+            }
+        }
+        self.extra.sort_unstable();
+        self.extra.dedup();
+        self
+    }
+
+    /// Whether exports hide the value of header `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        SECRET_HEADERS.contains(&name.as_str()) || self.extra.binary_search(&name).is_ok()
+    }
+
+    /// The configured names beyond [`SECRET_HEADERS`], lowercased.
+    pub fn extra(&self) -> &[String] {
+        &self.extra
+    }
+}
+
+/// Checks a header name given to `--redact-header` or `redact_headers` and
+/// lowercases it, so a typo such as a trailing colon fails loudly instead of
+/// silently redacting nothing.
+///
+/// # Errors
+/// A message naming the value when it is not an HTTP header name.
+pub fn parse_header_name(s: &str) -> Result<String, String> {
+    http::HeaderName::from_bytes(s.trim().as_bytes())
+        .map(|name| name.as_str().to_owned())
+        .map_err(|_| format!("{s:?} is not a header name (like X-Shopify-Access-Token)"))
+}
+
+/// `detail` with the values of the headers `redaction` covers replaced.
+pub fn redacted(detail: &ExchangeDetail, redaction: &Redaction) -> ExchangeDetail {
     let mut d = detail.clone();
     let scrub = |headers: &mut Vec<crate::history::Header>| {
         for h in headers.iter_mut() {
-            if SECRET_HEADERS.contains(&h.name.to_ascii_lowercase().as_str()) {
+            if redaction.covers(&h.name) {
                 h.value = REDACTED.as_bytes().to_vec();
             }
         }
@@ -103,11 +176,21 @@ pub fn redacted(detail: &ExchangeDetail) -> ExchangeDetail {
     d
 }
 
-/// Renders `detail` in `format`, credentials redacted unless `secrets`.
-pub fn render(detail: &ExchangeDetail, format: Format, secrets: bool) -> String {
+/// Renders `detail` in `format`, with the headers `redaction` covers redacted
+/// unless `secrets`.
+pub fn render(
+    detail: &ExchangeDetail,
+    format: Format,
+    secrets: bool,
+    redaction: &Redaction,
+) -> String {
     if !secrets {
-        return render(&redacted(detail), format, true);
+        return render_as_is(&redacted(detail, redaction), format);
     }
+    render_as_is(detail, format)
+}
+
+fn render_as_is(detail: &ExchangeDetail, format: Format) -> String {
     match format {
         Format::Curl => curl(detail),
         Format::Har => {
@@ -311,6 +394,7 @@ pub fn iso8601(unix_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::{Durations, ExchangeId, Header, Outcome, RequestRecord, ResponseRecord};
 
     #[test]
     fn iso8601_matches_known_dates() {
@@ -322,5 +406,108 @@ mod tests {
     #[test]
     fn shell_quoting_survives_single_quotes() {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    fn header(name: &str, value: &str) -> Header {
+        Header {
+            name: name.into(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    /// A recorded POST with the given request headers and an answer setting
+    /// `X-Shop-Token` too.
+    fn detail(request_headers: Vec<Header>) -> ExchangeDetail {
+        let exchange = Exchange {
+            id: ExchangeId::new(),
+            delivery_id: None,
+            tunnel: "t".into(),
+            received_at_relay_ms: None,
+            received_at_ms: 0,
+            remote_addr: None,
+            method: "POST".into(),
+            url: "http://relay/t/t/hook".into(),
+            path: "/hook".into(),
+            target: "http://127.0.0.1:3000".into(),
+            request: RequestRecord {
+                headers: request_headers,
+                body_len: 2,
+            },
+            response: Some(ResponseRecord {
+                status: 200,
+                headers: vec![header("x-shop-token", "resp-s3cret")],
+                body_len: 0,
+            }),
+            outcome: Outcome::Ok,
+            error: None,
+            duration: Durations::default(),
+            provider: None,
+            signature: None,
+            replay_of: None,
+            event_id: None,
+            duplicate_of: None,
+            queued: None,
+        };
+        ExchangeDetail {
+            exchange,
+            request_body: BodyView::new(b"{}"),
+            response_body: Some(BodyView::new(b"")),
+        }
+    }
+
+    #[test]
+    fn configured_headers_are_redacted_in_every_format_whatever_their_case() {
+        let d = detail(vec![
+            header("authorization", "Bearer builtin-s3cret"),
+            header("x-shop-token", "req-s3cret"),
+            header("stripe-signature", "t=1,v1=00"),
+            header("x-visible", "shown"),
+        ]);
+        let redaction = Redaction::new(["X-Shop-TOKEN"]);
+        for format in [Format::Curl, Format::Har, Format::Json] {
+            let text = render(&d, format, false, &redaction);
+            assert!(!text.contains("s3cret"), "{format:?}: {text}");
+            assert!(text.contains(REDACTED), "{format:?}: {text}");
+            // Signatures prove a request; they grant nothing, so they stay.
+            assert!(text.contains("t=1,v1=00"), "{format:?}: {text}");
+            assert!(text.contains("shown"), "{format:?}: {text}");
+
+            let shown = render(&d, format, true, &redaction);
+            // A curl command has no response to show.
+            let values: &[&str] = match format {
+                Format::Curl => &["builtin-s3cret", "req-s3cret"],
+                Format::Har | Format::Json => &["builtin-s3cret", "req-s3cret", "resp-s3cret"],
+            };
+            for value in values {
+                assert!(shown.contains(value), "{format:?} with secrets: {shown}");
+            }
+
+            // Without the configuration, only the built-in list applies.
+            let builtin = render(&d, format, false, &Redaction::default());
+            assert!(!builtin.contains("builtin-s3cret"), "{format:?}: {builtin}");
+            assert!(builtin.contains("req-s3cret"), "{format:?}: {builtin}");
+        }
+    }
+
+    #[test]
+    fn redaction_lists_are_lowercased_merged_and_deduplicated() {
+        let r = Redaction::new(["X-B", "x-a", "Authorization", " x-b "]).with(["X-A", "x-c"]);
+        assert_eq!(r.extra(), ["x-a", "x-b", "x-c"]);
+        assert!(r.covers("X-C") && r.covers("authorization") && r.covers("Cookie"));
+        assert!(!r.covers("x-d") && !r.covers("stripe-signature"));
+        assert_eq!(Redaction::new(Vec::<String>::new()), Redaction::default());
+    }
+
+    #[test]
+    fn header_names_are_checked_and_lowercased() {
+        assert_eq!(
+            parse_header_name("X-Shopify-Access-Token"),
+            Ok("x-shopify-access-token".to_owned())
+        );
+        assert_eq!(parse_header_name(" x-key "), Ok("x-key".to_owned()));
+        for bad in ["", "X-Key:", "two words", "x\u{e9}"] {
+            let err = parse_header_name(bad).expect_err(bad);
+            assert!(err.contains("not a header name"), "{err}");
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! Layout (known only to this module): tree `exchanges` maps a 16-byte ULID to
 //! the exchange's JSON; tree `bodies` maps ULID, part (0 request, 1 response)
 //! and chunk number to raw body bytes, written chunk by chunk as they stream
-//! past, so that recording never holds a whole body in memory.
+//! past, so that recording never holds a whole body in memory. Tree `settings`
+//! keeps what commands reading the store without the agent must know of the
+//! agent's configuration: key `redact_headers`, a JSON list of header names.
 
 use std::{
     collections::VecDeque,
@@ -23,6 +25,9 @@ use hookrelay_shared::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use ulid::Ulid;
+
+/// Key of the redacted header names in tree `settings`.
+const REDACT_HEADERS_KEY: &[u8] = b"redact_headers";
 
 /// Default retention by count: enough for weeks of integration work.
 pub const DEFAULT_MAX_EXCHANGES: u64 = 10_000;
@@ -879,6 +884,36 @@ impl History {
         Ok(())
     }
 
+    /// Remembers the header names the agent redacts in exports, so that
+    /// `export` reading this store after the agent stopped redacts them too.
+    /// Replaces what an earlier run stored.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn set_redact_headers(&self, names: &[String]) -> Result<(), HistoryError> {
+        let json = serde_json::to_vec(names).map_err(|e| HistoryError::Storage(e.to_string()))?;
+        self.settings()?
+            .insert(REDACT_HEADERS_KEY, json)
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// The header names stored by [`History::set_redact_headers`]; empty when
+    /// none were (or the stored value is unreadable).
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn redact_headers(&self) -> Result<Vec<String>, HistoryError> {
+        let stored = self.settings()?.get(REDACT_HEADERS_KEY).map_err(storage)?;
+        Ok(stored
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
+    }
+
+    fn settings(&self) -> Result<sled::Tree, HistoryError> {
+        self.tree("settings")
+    }
+
     /// Number of exchanges kept.
     pub fn len(&self) -> usize {
         self.totals
@@ -1189,5 +1224,25 @@ mod tests {
         assert_eq!(h.body(id, Part::Request).expect("body"), b"kept");
         // "kept" is two 3-byte chunks; the orphan's one chunk is gone.
         assert_eq!(h.bodies.len(), 2, "the orphan chunk was removed");
+    }
+
+    #[tokio::test]
+    async fn redacted_header_names_survive_reopening_and_clear() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let h = History::open(dir.path(), Retention::default()).expect("open");
+            assert!(h.redact_headers().expect("read").is_empty());
+            h.set_redact_headers(&["x-shop-token".into(), "x-other".into()])
+                .expect("store");
+            h.clear().expect("clear");
+            h.flush().await.expect("flush");
+        }
+        let h = History::open(dir.path(), Retention::default()).expect("reopen");
+        assert_eq!(
+            h.redact_headers().expect("read"),
+            ["x-shop-token", "x-other"]
+        );
+        h.set_redact_headers(&[]).expect("store");
+        assert!(h.redact_headers().expect("read").is_empty());
     }
 }

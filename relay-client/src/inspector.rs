@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agent::Status,
-    export::{self, ExchangeDetail, Format},
+    export::{self, ExchangeDetail, Format, Redaction},
     history::{ExchangeId, Filter, History, HistoryError},
     metrics::AgentMetrics,
     queued::Outbox,
@@ -53,6 +53,8 @@ pub(crate) struct InspectorState {
     pub settings: TunnelSettings,
     /// Served at `/metrics`.
     pub metrics: Arc<AgentMetrics>,
+    /// Headers exports redact besides the built-in credentials.
+    pub redaction: Redaction,
 }
 
 /// Largest request body the API takes.
@@ -342,6 +344,9 @@ pub(crate) struct ExportQuery {
     /// Keep credentials instead of `[redacted]`.
     #[serde(default)]
     secrets: bool,
+    /// More header names to redact, comma-separated, on top of the agent's.
+    #[serde(default)]
+    redact: Option<String>,
 }
 
 async fn export_one(
@@ -349,6 +354,15 @@ async fn export_one(
     Path(id): Path<String>,
     Query(query): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
+    let extra = query
+        .redact
+        .iter()
+        .flat_map(|names| names.split(','))
+        .filter(|name| !name.trim().is_empty())
+        .map(export::parse_header_name)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::bad)?;
+    let redaction = state.redaction.clone().with(extra);
     let exchange = state.history.get(parse_id(&id)?)?;
     let detail = ExchangeDetail::load(&state.history, exchange)?;
     let (content_type, disposition) = match query.format {
@@ -359,7 +373,7 @@ async fn export_one(
         ),
         Format::Json => ("application/json", None),
     };
-    let mut resp = export::render(&detail, query.format, query.secrets).into_response();
+    let mut resp = export::render(&detail, query.format, query.secrets, &redaction).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     if let Some(d) = disposition.and_then(|d| HeaderValue::from_str(&d).ok()) {

@@ -325,11 +325,11 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 
 async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let backend = backend(&args.common, &[]).await?;
-    let detail = backend.get(args.id.parse()?).await?;
-    println!(
-        "{}",
-        commands::render_export(&detail, args.format, args.show_secrets)
-    );
+    let extra = relay_client::export::Redaction::new(&args.redact_headers);
+    let text = backend
+        .export(args.id.parse()?, args.format, args.show_secrets, &extra)
+        .await?;
+    println!("{text}");
     backend.close().await
 }
 

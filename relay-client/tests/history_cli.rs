@@ -42,6 +42,18 @@ impl AgentProcess {
         cwd: &Path,
         data_dir: &Path,
     ) -> anyhow::Result<AgentProcess> {
+        Self::start_with(relay, app, tunnel, cwd, data_dir, &[]).await
+    }
+
+    /// [`AgentProcess::start`] with more `http` arguments.
+    async fn start_with(
+        relay: &TestRelay,
+        app: &TestApp,
+        tunnel: &str,
+        cwd: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
         let mut child = command(relay_client_bin())
             .current_dir(cwd)
             .args(["http", &app.target(), "--relay"])
@@ -50,6 +62,7 @@ impl AgentProcess {
             .args(["--relay-cert-sha256", &hex::encode(relay.fingerprint())])
             .args(["--inspect", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .spawn()?;
         let stdout = child
             .stdout
@@ -780,5 +793,169 @@ async fn a_data_dir_without_history_is_an_error_not_an_empty_list() -> anyhow::R
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no history in"), "{stderr}");
     assert!(!typo.exists(), "nothing was created at the mistyped path");
+    Ok(())
+}
+
+#[tokio::test]
+async fn configured_secret_headers_are_redacted_in_exports_unless_asked() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("agent");
+    // The agent's own list comes from its config file, in another case.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "redact_headers = [\"X-Shop-TOKEN\"]\n")?;
+    let config = config.to_string_lossy().into_owned();
+    let mut agent = AgentProcess::start_with(
+        &relay,
+        &app,
+        "redacted",
+        dir.path(),
+        &data_dir,
+        &["--config", &config],
+    )
+    .await?;
+    send(
+        Request::post(relay.url("redacted", "/shop"))
+            .header("content-type", "application/json")
+            .header("x-shop-token", "shop-s3cret")
+            .header("x-cli-token", "cli-s3cret")
+            .header("authorization", "Bearer auth-s3cret")
+            .header("stripe-signature", "t=1,v1=00")
+            .header("x-visible", "shown")
+            .body(full(JSON_BODY))?,
+    )
+    .await?;
+    agent.printed("/shop").await?;
+    let through_agent = HistoryCli {
+        data_dir: data_dir.clone(),
+        inspect: Some(agent.inspector),
+    };
+    let page = through_agent.json(&["history", "--json"]).await?;
+    let id = id_of(&exchanges(&page)?[0])?;
+
+    // `NAME: VALUE` as each format writes a header, so that a value's absence
+    // is not just an accident of quoting.
+    let check = |format: &str, text: &str, hidden: &[&str], shown: &[&str]| {
+        for secret in hidden {
+            assert!(!text.contains(secret), "{format} shows {secret}: {text}");
+        }
+        for value in shown {
+            assert!(text.contains(value), "{format} lacks {value}: {text}");
+        }
+    };
+    let formats = ["curl", "har", "json"];
+    let redacted = ["shop-s3cret", "auth-s3cret"];
+    let kept = ["[redacted]", "t=1,v1=00", "shown", "cli-s3cret"];
+    for format in formats {
+        // The CLI, through the running agent.
+        let text = through_agent
+            .ok(&["export", &id, "--format", format])
+            .await?;
+        check(format, &text, &redacted, &kept);
+        let text = through_agent
+            .ok(&[
+                "export",
+                &id,
+                "--format",
+                format,
+                "--redact-header",
+                "X-CLI-Token",
+            ])
+            .await?;
+        check(
+            format,
+            &text,
+            &["shop-s3cret", "cli-s3cret"],
+            &["[redacted]"],
+        );
+        let text = through_agent
+            .ok(&["export", &id, "--format", format, "--show-secrets"])
+            .await?;
+        check(
+            format,
+            &text,
+            &["[redacted]"],
+            &["shop-s3cret", "cli-s3cret", "auth-s3cret"],
+        );
+
+        // The inspector's export, as the web UI's "Copy as curl" and "HAR" fetch it.
+        let url = format!(
+            "http://{}/api/exchanges/{id}/export?format={format}",
+            agent.inspector
+        );
+        let (status, _, body) = send(Request::get(&url).body(full(""))?).await?;
+        assert_eq!(status, StatusCode::OK);
+        check(format, &String::from_utf8_lossy(&body), &redacted, &kept);
+        let (_, _, body) =
+            send(Request::get(format!("{url}&secrets=true")).body(full(""))?).await?;
+        check(
+            format,
+            &String::from_utf8_lossy(&body),
+            &["[redacted]"],
+            &["shop-s3cret"],
+        );
+    }
+    let (status, _, body) = send(
+        Request::get(format!(
+            "http://{}/api/exchanges/{id}/export?format=curl&redact=bad%20name",
+            agent.inspector
+        ))
+        .body(full(""))?,
+    )
+    .await?;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // The agent left its list in the store: exports without it still hide the value.
+    agent.kill_9().await?;
+    let direct = HistoryCli {
+        data_dir,
+        inspect: None,
+    };
+    for format in formats {
+        let text = direct.ok(&["export", &id, "--format", format]).await?;
+        check(format, &text, &redacted, &kept);
+        let text = direct
+            .ok(&[
+                "export",
+                &id,
+                "--format",
+                format,
+                "--redact-header",
+                "x-cli-token",
+            ])
+            .await?;
+        check(
+            format,
+            &text,
+            &["shop-s3cret", "cli-s3cret"],
+            &["[redacted]"],
+        );
+        let text = direct
+            .ok(&["export", &id, "--format", format, "--show-secrets"])
+            .await?;
+        check(
+            format,
+            &text,
+            &["[redacted]"],
+            &["shop-s3cret", "auth-s3cret"],
+        );
+    }
+    let err = direct
+        .fails(&[
+            "export",
+            &id,
+            "--format",
+            "curl",
+            "--redact-header",
+            "X-Key:",
+        ])
+        .await?;
+    assert!(err.contains("not a header name"), "{err}");
     Ok(())
 }

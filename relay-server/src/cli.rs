@@ -22,8 +22,8 @@ use crate::{
     config::{
         parse_duration, parse_size, AcmeSettings, Config, TlsSource, DEFAULT_ACME_DIRECTORY,
         DEFAULT_BODY_LIMIT_BYTES, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT,
-        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MIN_BODY_RATE, DEFAULT_SHUTDOWN_GRACE,
-        DEFAULT_TIMEOUT,
+        DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MIN_BODY_RATE,
+        DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
     },
     policy::{LimitStatus, PolicyConfig, TunnelPolicyConfig},
     queue::{self, QueueLimits},

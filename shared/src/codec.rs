@@ -199,9 +199,21 @@ impl<T, S: Serialize> tokio_util::codec::Encoder<S> for FrameCodec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{AgentReply, Hello, RelayToAgent, RequestHead, ResponseHead};
+    use crate::protocol::{
+        AgentReply, AgentToRelay, DeliveryMode, FailureKind, Hello, HelloVersion, QueueAck,
+        QueueOpen, QueuedDelivery, RejectReason, RelayToAgent, RequestHead, ResponseHead,
+        TunnelGrant, TunnelSettings, WhenOffline,
+    };
     use crate::{DeliveryId, TunnelName};
-    use proptest::prelude::*;
+    use proptest::{collection::vec, prelude::*, sample::Index};
+    use std::{
+        future::Future,
+        net::{IpAddr, SocketAddr},
+        pin::{pin, Pin},
+        task::{Context, Poll, Waker},
+    };
+    use tokio::io::ReadBuf;
+    use ulid::Ulid;
 
     fn head() -> RequestHead {
         RequestHead {
@@ -305,18 +317,6 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            let mut buf = BytesMut::from(&bytes[..]);
-            let _ = decode::<RequestHead>(&mut buf);
-            let mut buf = BytesMut::from(&bytes[..]);
-            let _ = decode::<Hello>(&mut buf);
-            let mut buf = BytesMut::from(&bytes[..]);
-            let _ = decode::<AgentReply>(&mut buf);
-            let mut buf = BytesMut::from(&bytes[..]);
-            let _ = decode::<RelayToAgent>(&mut buf);
-        }
-
-        #[test]
         fn random_payload_behind_a_valid_prefix_never_panics(
             bytes in proptest::collection::vec(any::<u8>(), 0..4096)
         ) {
@@ -345,6 +345,432 @@ mod tests {
             encode(&tunnel, &mut buf).expect("encode");
             let back: TunnelName = decode(&mut buf).expect("decode").expect("complete");
             prop_assert_eq!(back, tunnel);
+        }
+    }
+
+    /// One message of any type that travels in a frame, so that one test can
+    /// mix them the way a connection does.
+    #[derive(Clone, Debug, PartialEq)]
+    enum AnyFrame {
+        Hello(Hello),
+        AgentToRelay(AgentToRelay),
+        RelayToAgent(RelayToAgent),
+        QueueOpen(QueueOpen),
+        QueuedDelivery(QueuedDelivery),
+        QueueAck(QueueAck),
+        RequestHead(RequestHead),
+        AgentReply(AgentReply),
+    }
+
+    /// Applies `$body` to the message inside any variant, with `$decode`
+    /// standing for "decode a frame of this variant's type".
+    macro_rules! each_variant {
+        ($frame:expr, |$msg:ident, $wrap:ident| $body:expr) => {
+            match $frame {
+                AnyFrame::Hello($msg) => {
+                    let $wrap = AnyFrame::Hello;
+                    $body
+                }
+                AnyFrame::AgentToRelay($msg) => {
+                    let $wrap = AnyFrame::AgentToRelay;
+                    $body
+                }
+                AnyFrame::RelayToAgent($msg) => {
+                    let $wrap = AnyFrame::RelayToAgent;
+                    $body
+                }
+                AnyFrame::QueueOpen($msg) => {
+                    let $wrap = AnyFrame::QueueOpen;
+                    $body
+                }
+                AnyFrame::QueuedDelivery($msg) => {
+                    let $wrap = AnyFrame::QueuedDelivery;
+                    $body
+                }
+                AnyFrame::QueueAck($msg) => {
+                    let $wrap = AnyFrame::QueueAck;
+                    $body
+                }
+                AnyFrame::RequestHead($msg) => {
+                    let $wrap = AnyFrame::RequestHead;
+                    $body
+                }
+                AnyFrame::AgentReply($msg) => {
+                    let $wrap = AnyFrame::AgentReply;
+                    $body
+                }
+            }
+        };
+    }
+
+    impl AnyFrame {
+        fn encode(&self, dst: &mut BytesMut) -> Result<(), CodecError> {
+            each_variant!(self, |msg, _wrap| encode(msg, dst))
+        }
+
+        /// Decodes the next frame of `src` as a message of this one's type.
+        fn decode_same(&self, src: &mut BytesMut) -> Result<Option<AnyFrame>, CodecError> {
+            each_variant!(self, |_msg, wrap| Ok(decode(src)?.map(wrap)))
+        }
+
+        /// Reads the next frame of `r` as a message of this one's type.
+        fn read_same<R: AsyncRead + Unpin>(
+            &self,
+            r: &mut R,
+        ) -> Result<Option<AnyFrame>, CodecError> {
+            each_variant!(self, |_msg, wrap| Ok(ready(read_frame(r))?.map(wrap)))
+        }
+    }
+
+    fn tunnel() -> impl Strategy<Value = TunnelName> {
+        "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+            .prop_map(|s| s.parse().expect("generated names are valid"))
+    }
+
+    fn delivery_id() -> impl Strategy<Value = DeliveryId> {
+        any::<u128>().prop_map(|n| DeliveryId(Ulid(n)))
+    }
+
+    fn settings() -> impl Strategy<Value = TunnelSettings> {
+        (any::<bool>(), any::<bool>()).prop_map(|(queue, reject)| TunnelSettings {
+            mode: if queue {
+                DeliveryMode::Queue
+            } else {
+                DeliveryMode::Sync
+            },
+            when_offline: if reject {
+                WhenOffline::Reject
+            } else {
+                WhenOffline::Queue
+            },
+        })
+    }
+
+    fn headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
+        vec((".{0,12}", vec(any::<u8>(), 0..24)), 0..5)
+    }
+
+    fn request_head() -> impl Strategy<Value = RequestHead> {
+        (
+            (delivery_id(), tunnel(), ".{0,8}", ".{0,24}", headers()),
+            (any::<IpAddr>(), any::<u16>(), ".{0,24}"),
+            (any::<u64>(), any::<u64>(), any::<Option<u64>>()),
+        )
+            .prop_map(
+                |(
+                    (delivery_id, tunnel, method, path, headers),
+                    (ip, port, public_url),
+                    (received_at_ms, timeout_ms, body_len),
+                )| RequestHead {
+                    delivery_id,
+                    tunnel,
+                    method,
+                    path,
+                    headers,
+                    // Only IP and port go on the wire (not IPv6 flow info).
+                    remote_addr: SocketAddr::new(ip, port),
+                    public_url,
+                    received_at_ms,
+                    timeout_ms,
+                    body_len,
+                },
+            )
+    }
+
+    fn reject_reason() -> impl Strategy<Value = RejectReason> {
+        prop_oneof![
+            Just(RejectReason::BadToken),
+            any::<u16>().prop_map(|relay_version| RejectReason::VersionMismatch { relay_version }),
+            Just(RejectReason::TunnelNotAllowed),
+            Just(RejectReason::TunnelTaken),
+            Just(RejectReason::InvalidHello),
+            Just(RejectReason::TooManyAttempts),
+        ]
+    }
+
+    fn failure_kind() -> impl Strategy<Value = FailureKind> {
+        prop_oneof![
+            Just(FailureKind::LocalAppUnreachable),
+            Just(FailureKind::LocalAppTimeout),
+            Just(FailureKind::LocalAppError),
+            Just(FailureKind::BadRequest),
+        ]
+    }
+
+    fn provider() -> impl Strategy<Value = crate::signature::Provider> {
+        (0..crate::signature::Provider::ALL.len()).prop_map(|i| crate::signature::Provider::ALL[i])
+    }
+
+    fn policy_request() -> impl Strategy<Value = crate::policy::PolicyRequest> {
+        (
+            vec((provider(), ".{0,16}"), 0..3),
+            vec(".{0,16}", 0..3),
+            proptest::option::of(".{0,8}"),
+            proptest::option::of(".{0,8}"),
+        )
+            .prop_map(|(verify, allow, rate_limit, rate_limit_per_source)| {
+                crate::policy::PolicyRequest {
+                    verify,
+                    allow,
+                    rate_limit,
+                    rate_limit_per_source,
+                }
+            })
+    }
+
+    fn policy_summary() -> impl Strategy<Value = crate::policy::PolicySummary> {
+        (
+            vec(provider(), 0..3),
+            vec(".{0,16}", 0..3),
+            proptest::option::of(".{0,8}"),
+            proptest::option::of(".{0,8}"),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(enforce, allow, rate_limit, rate_limit_per_source, from_relay_config)| {
+                    crate::policy::PolicySummary {
+                        enforce,
+                        allow,
+                        rate_limit,
+                        rate_limit_per_source,
+                        from_relay_config,
+                    }
+                },
+            )
+    }
+
+    /// Every message type, with every variant and field drawn at random.
+    fn any_frame() -> impl Strategy<Value = AnyFrame> {
+        let grant = (
+            tunnel(),
+            vec(".{0,16}", 0..3),
+            settings(),
+            any::<u64>(),
+            policy_summary(),
+        )
+            .prop_map(
+                |(name, public_urls, settings, queued, policy)| TunnelGrant {
+                    name,
+                    public_urls,
+                    settings,
+                    queued,
+                    policy,
+                },
+            );
+        prop_oneof![
+            (
+                any::<u16>(),
+                ".{0,16}",
+                ".{0,16}",
+                vec(tunnel(), 0..3),
+                settings(),
+                policy_request()
+            )
+                .prop_map(|(version, token, agent_id, tunnels, settings, policy)| {
+                    AnyFrame::Hello(Hello {
+                        version,
+                        token,
+                        agent_id,
+                        tunnels,
+                        settings,
+                        policy,
+                    })
+                }),
+            Just(AnyFrame::AgentToRelay(AgentToRelay::Goodbye)),
+            (any::<u16>(), vec(grant, 0..3)).prop_map(|(relay_version, tunnels)| {
+                AnyFrame::RelayToAgent(RelayToAgent::Welcome {
+                    relay_version,
+                    tunnels,
+                })
+            }),
+            (reject_reason(), ".{0,24}").prop_map(|(reason, message)| {
+                AnyFrame::RelayToAgent(RelayToAgent::Rejected { reason, message })
+            }),
+            any::<u32>().prop_map(|window| AnyFrame::QueueOpen(QueueOpen { window })),
+            (request_head(), any::<u64>()).prop_map(|(head, body_len)| {
+                AnyFrame::QueuedDelivery(QueuedDelivery { head, body_len })
+            }),
+            delivery_id().prop_map(|up_to| AnyFrame::QueueAck(QueueAck { up_to })),
+            request_head().prop_map(AnyFrame::RequestHead),
+            (any::<u16>(), headers()).prop_map(|(status, headers)| {
+                AnyFrame::AgentReply(AgentReply::Response(ResponseHead { status, headers }))
+            }),
+            (failure_kind(), ".{0,24}").prop_map(|(kind, message)| {
+                AnyFrame::AgentReply(AgentReply::Failed { kind, message })
+            }),
+        ]
+    }
+
+    /// Decodes `bytes` as `T` and checks that a frame consumed exactly its
+    /// own bytes and that anything else consumed nothing.
+    fn decodes_within_bounds<T: DeserializeOwned>(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let mut buf = BytesMut::from(bytes);
+        match decode::<T>(&mut buf) {
+            Ok(Some(_)) => {
+                let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+                prop_assert!(len <= MAX_FRAME_LEN);
+                prop_assert_eq!(&buf[..], &bytes[LEN_PREFIX + len..]);
+            }
+            Ok(None) | Err(_) => prop_assert_eq!(&buf[..], bytes),
+        }
+        Ok(())
+    }
+
+    /// An `AsyncRead` that hands out its bytes in the given chunk sizes (then
+    /// the rest at once) and never waits, so a test can poll it without a
+    /// runtime.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        sizes: std::vec::IntoIter<usize>,
+    }
+
+    impl AsyncRead for Chunked<'_> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let size = this.sizes.next().unwrap_or(usize::MAX).max(1);
+            let n = size.min(this.data.len()).min(buf.remaining());
+            let (now, later) = this.data.split_at(n);
+            buf.put_slice(now);
+            this.data = later;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Runs a future that never waits (its reader is [`Chunked`]).
+    fn ready<F: Future>(f: F) -> F::Output {
+        match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(out) => out,
+            Poll::Pending => panic!("a Chunked reader never waits"),
+        }
+    }
+
+    /// `bytes` cut at the given positions, in order, empty pieces dropped.
+    fn cut(bytes: &[u8], at: &[Index]) -> Vec<usize> {
+        let mut points: Vec<usize> = at.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        points.push(0);
+        points.push(bytes.len());
+        points.sort_unstable();
+        points.dedup();
+        points.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_nor_read_past_their_frame(
+            bytes in prop_oneof![
+                vec(any::<u8>(), 0..512),
+                // A plausible prefix, so that payloads get decoded too.
+                (0u32..600, vec(any::<u8>(), 0..512)).prop_map(|(len, rest)| {
+                    let mut b = len.to_be_bytes().to_vec();
+                    b.extend(rest);
+                    b
+                }),
+            ]
+        ) {
+            decodes_within_bounds::<Hello>(&bytes)?;
+            decodes_within_bounds::<AgentToRelay>(&bytes)?;
+            decodes_within_bounds::<RelayToAgent>(&bytes)?;
+            decodes_within_bounds::<QueueOpen>(&bytes)?;
+            decodes_within_bounds::<QueuedDelivery>(&bytes)?;
+            decodes_within_bounds::<QueueAck>(&bytes)?;
+            decodes_within_bounds::<RequestHead>(&bytes)?;
+            decodes_within_bounds::<AgentReply>(&bytes)?;
+            decodes_within_bounds::<TunnelName>(&bytes)?;
+            if bytes.len() >= LEN_PREFIX {
+                let _ = decode_prefix::<HelloVersion>(&bytes[LEN_PREFIX..]);
+            }
+        }
+
+        #[test]
+        fn every_frame_type_round_trips(frame in any_frame(), tail in vec(any::<u8>(), 0..32)) {
+            let mut buf = BytesMut::new();
+            frame.encode(&mut buf).expect("small messages encode");
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            prop_assert_eq!(len, buf.len() - LEN_PREFIX);
+            let bytes = buf.to_vec();
+            if let AnyFrame::Hello(hello) = &frame {
+                let version: HelloVersion = decode_prefix(&bytes[LEN_PREFIX..]).expect("a hello's version");
+                prop_assert_eq!(version.version, hello.version);
+            }
+            // Bytes after the frame (a body, the next frame) stay where they are.
+            buf.extend_from_slice(&tail);
+            prop_assert_eq!(frame.decode_same(&mut buf)?, Some(frame.clone()));
+            prop_assert_eq!(&buf[..], &tail[..]);
+            let mut reader = Chunked { data: &bytes, sizes: Vec::new().into_iter() };
+            prop_assert_eq!(frame.read_same(&mut reader)?, Some(frame.clone()));
+            prop_assert!(reader.data.is_empty());
+        }
+
+        #[test]
+        fn frames_split_anywhere_decode_identically(
+            frames in vec(any_frame(), 1..6),
+            at in vec(any::<Index>(), 0..12),
+        ) {
+            let mut stream = BytesMut::new();
+            for f in &frames {
+                f.encode(&mut stream).expect("small messages encode");
+            }
+            let sizes = cut(&stream, &at);
+
+            // Decoder: bytes arrive chunk by chunk; decode whatever is complete.
+            let mut decoded = Vec::new();
+            let mut buf = BytesMut::new();
+            let mut offset = 0;
+            for size in &sizes {
+                buf.extend_from_slice(&stream[offset..offset + size]);
+                offset += size;
+                while let Some(next) = frames.get(decoded.len()) {
+                    match next.decode_same(&mut buf)? {
+                        Some(frame) => decoded.push(frame),
+                        None => break,
+                    }
+                }
+            }
+            prop_assert_eq!(&decoded, &frames);
+            prop_assert!(buf.is_empty());
+            let mut codec = FrameCodec::<AgentToRelay>::new();
+            prop_assert!(tokio_util::codec::Decoder::decode_eof(&mut codec, &mut buf)?.is_none());
+
+            // Reader: the same chunks from a stream, one frame per call.
+            let mut reader = Chunked { data: &stream, sizes: sizes.clone().into_iter() };
+            let mut read = Vec::new();
+            for f in &frames {
+                read.push(f.read_same(&mut reader)?);
+            }
+            prop_assert_eq!(read, frames.iter().cloned().map(Some).collect::<Vec<_>>());
+            prop_assert!(ready(read_payload(&mut reader))?.is_none(), "clean end after the last frame");
+        }
+
+        #[test]
+        fn oversized_length_prefixes_are_refused_without_allocating(
+            len in (MAX_FRAME_LEN as u32 + 1)..=u32::MAX,
+            tail in vec(any::<u8>(), 0..64),
+            at in vec(any::<Index>(), 0..4),
+        ) {
+            let mut bytes = len.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&tail);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let capacity = buf.capacity();
+            let refused = matches!(
+                decode::<RequestHead>(&mut buf),
+                Err(CodecError::TooLarge { len: l }) if l == len as usize
+            );
+            prop_assert!(refused);
+            prop_assert_eq!(buf.capacity(), capacity, "reserved room for the frame");
+            prop_assert_eq!(&buf[..], &bytes[..]);
+
+            // The reader stops at the prefix, however it arrives.
+            let mut reader = Chunked { data: &bytes, sizes: cut(&bytes[..LEN_PREFIX], &at).into_iter() };
+            let refused = matches!(
+                ready(read_payload(&mut reader)),
+                Err(CodecError::TooLarge { len: l }) if l == len as usize
+            );
+            prop_assert!(refused);
+            prop_assert_eq!(reader.data, &tail[..], "read past the length prefix");
         }
     }
 }

@@ -552,3 +552,236 @@ fn set(headers: &mut [(String, Vec<u8>)], name: &str, value: Vec<u8>) -> bool {
         None => false,
     }
 }
+
+/// The header each provider's signature (or GitLab's token) travels in.
+fn signature_header(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Stripe => "Stripe-Signature",
+        Provider::Github => "X-Hub-Signature-256",
+        Provider::Slack => "X-Slack-Signature",
+        Provider::Shopify => "X-Shopify-Hmac-Sha256",
+        Provider::StandardWebhooks => "webhook-signature",
+        Provider::Twilio => "X-Twilio-Signature",
+        Provider::Gitlab => "X-Gitlab-Token",
+        Provider::Twitch => "Twitch-Eventsub-Message-Signature",
+        Provider::Paddle => "Paddle-Signature",
+    }
+}
+
+/// A request as `provider` would send it: `resign` for the seven schemes that
+/// can, by hand for the other two. Twilio signs the URL, so the body is
+/// covered through a `bodySHA256` query parameter; GitLab sends the token.
+struct Signed {
+    headers: Vec<(String, Vec<u8>)>,
+    url: Option<String>,
+}
+
+fn sign(provider: Provider, secret: &str, body: &[u8], ts: i64) -> Signed {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    use sha2::Digest as _;
+    let mut headers = vec![("Content-Type".to_owned(), b"application/json".to_vec())];
+    let mut url = None;
+    match provider {
+        Provider::Twilio => {
+            let u = format!(
+                "https://example.com/twilio?bodySHA256={}",
+                hex::encode(sha2::Sha256::digest(body))
+            );
+            let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes())
+                .expect("HMAC takes any key");
+            mac.update(u.as_bytes());
+            let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+            headers.push((signature_header(provider).to_owned(), sig.into_bytes()));
+            url = Some(u);
+        }
+        Provider::Gitlab => {
+            headers.push((
+                signature_header(provider).to_owned(),
+                secret.as_bytes().to_vec(),
+            ));
+        }
+        _ => {
+            // The message ids that Standard Webhooks and Twitch sign.
+            headers.push((
+                "webhook-id".to_owned(),
+                b"msg_2KWPBgLlAfxdpx2AI54pPJ85f4W".to_vec(),
+            ));
+            headers.push((
+                "Twitch-Eventsub-Message-Id".to_owned(),
+                b"befa7b53-d79d-478f-86b9-120f112b044e".to_vec(),
+            ));
+            resign(provider, secret, &mut headers, body, ts).expect("resign");
+        }
+    }
+    Signed { headers, url }
+}
+
+impl Signed {
+    fn verify(&self, provider: Provider, secrets: &[&str], body: &[u8], now: i64) -> Verdict {
+        let req = SignedRequest {
+            headers: &self.headers,
+            body,
+            url: self.url.as_deref(),
+        };
+        verify(provider, secrets, &req, now, None)
+    }
+}
+
+fn any_provider() -> impl Strategy<Value = Provider> {
+    proptest::sample::select(Provider::ALL.to_vec())
+}
+
+/// A secret in the provider's format: `whsec_<base64>` for Standard Webhooks,
+/// any printable text for the others.
+fn secret_for(provider: Provider) -> BoxedStrategy<String> {
+    use base64::Engine as _;
+    match provider {
+        Provider::StandardWebhooks => proptest::collection::vec(any::<u8>(), 1..40)
+            .prop_map(|key| {
+                format!(
+                    "whsec_{}",
+                    base64::engine::general_purpose::STANDARD.encode(key)
+                )
+            })
+            .boxed(),
+        _ => "[!-~]{1,40}".boxed(),
+    }
+}
+
+/// A provider with two different secrets in its format.
+fn provider_and_secrets() -> impl Strategy<Value = (Provider, String, String)> {
+    any_provider().prop_flat_map(|p| {
+        (Just(p), secret_for(p), secret_for(p))
+            .prop_filter("two different secrets", |(_, a, b)| a != b)
+    })
+}
+
+/// Unix seconds from 1970 to 2100.
+fn timestamp() -> impl Strategy<Value = i64> {
+    0i64..4_102_444_800
+}
+
+/// Whether changing `from` to `to` keeps a hex digit's value (`a` and `A`).
+fn same_hex_digit(from: u8, to: u8) -> bool {
+    from.is_ascii_hexdigit() && from.is_ascii_alphabetic() && from.eq_ignore_ascii_case(&to)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn every_provider_verifies_what_it_signed(
+        (provider, secret, _) in provider_and_secrets(),
+        body in proptest::collection::vec(any::<u8>(), 0..256),
+        ts in timestamp(),
+    ) {
+        let signed = sign(provider, &secret, &body, ts);
+        let verdict = signed.verify(provider, &[&secret], &body, ts);
+        prop_assert_eq!(verdict, Verdict::Valid { provider });
+        // And as the agent checks it: detected, then verified.
+        let mut set = SecretSet::new();
+        set.add(provider, secret.clone()).expect("room for a secret");
+        let req = SignedRequest { headers: &signed.headers, body: &body, url: signed.url.as_deref() };
+        prop_assert_eq!(verify_detected(&set, &req, ts), Verdict::Valid { provider });
+    }
+
+    #[test]
+    fn flipping_any_body_byte_invalidates(
+        (provider, secret, _) in provider_and_secrets(),
+        body in proptest::collection::vec(any::<u8>(), 1..256),
+        ts in timestamp(),
+        at in any::<proptest::sample::Index>(),
+        mask in 1u8..,
+    ) {
+        let signed = sign(provider, &secret, &body, ts);
+        let mut flipped = body.clone();
+        flipped[at.index(body.len())] ^= mask;
+        let verdict = signed.verify(provider, &[&secret], &flipped, ts);
+        if provider == Provider::Gitlab {
+            // A bearer token covers no byte of the body.
+            prop_assert!(verdict.is_valid(), "{:?}", verdict);
+        } else {
+            prop_assert!(matches!(verdict, Verdict::Invalid { .. }), "{:?}", verdict);
+        }
+    }
+
+    #[test]
+    fn flipping_any_signature_byte_invalidates(
+        (provider, secret, _) in provider_and_secrets(),
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+        ts in timestamp(),
+        at in any::<proptest::sample::Index>(),
+        mask in 1u8..,
+    ) {
+        let mut signed = sign(provider, &secret, &body, ts);
+        let name = signature_header(provider);
+        let value = signed
+            .headers
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .expect("the signature header");
+        let i = at.index(value.len());
+        let from = value[i];
+        value[i] ^= mask;
+        // Hex decoding ignores case, so `…ab…` and `…AB…` are one signature.
+        prop_assume!(!same_hex_digit(from, value[i]));
+        let verdict = signed.verify(provider, &[&secret], &body, ts);
+        prop_assert!(matches!(verdict, Verdict::Invalid { .. }), "{:?}", verdict);
+    }
+
+    #[test]
+    fn rotation_accepts_either_secret(
+        (provider, current, previous) in provider_and_secrets(),
+        body in proptest::collection::vec(any::<u8>(), 0..128),
+        ts in timestamp(),
+        with_previous in any::<bool>(),
+    ) {
+        let (used, other) = if with_previous { (&previous, &current) } else { (&current, &previous) };
+        let signed = sign(provider, used, &body, ts);
+        for secrets in [[current.as_str(), previous.as_str()], [previous.as_str(), current.as_str()]] {
+            prop_assert!(signed.verify(provider, &secrets, &body, ts).is_valid());
+        }
+        let verdict = signed.verify(provider, &[other], &body, ts);
+        prop_assert!(matches!(verdict, Verdict::Invalid { .. }), "{:?}", verdict);
+        let mut set = SecretSet::new();
+        set.add(provider, current.clone()).expect("room for the current secret");
+        set.add(provider, previous.clone()).expect("room for the previous secret");
+        let req = SignedRequest { headers: &signed.headers, body: &body, url: signed.url.as_deref() };
+        prop_assert!(verify_detected(&set, &req, ts).is_valid());
+    }
+
+    #[test]
+    fn arbitrary_headers_never_panic_nor_verify(
+        headers in proptest::collection::vec(
+            (
+                prop_oneof![
+                    proptest::sample::select(SIGNATURE_HEADERS.to_vec()).prop_map(str::to_owned),
+                    proptest::sample::select(
+                        Provider::ALL.iter().flat_map(|p| provider_headers(*p).iter().copied()).collect::<Vec<_>>()
+                    ).prop_map(str::to_owned),
+                    ".{0,24}",
+                ],
+                header_value(),
+            ),
+            0..8,
+        ),
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+        now in any::<i64>(),
+        url in proptest::option::of(".{0,40}"),
+    ) {
+        let mut set = SecretSet::new();
+        for p in Provider::ALL {
+            set.add(p, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()).expect("room");
+        }
+        let req = SignedRequest { headers: &headers, body: &body, url: url.as_deref() };
+        let verdict = verify_detected(&set, &req, now);
+        prop_assert!(!verdict.is_valid(), "{:?}", verdict);
+        prop_assert_eq!(verdict.provider(), detect(&headers));
+        for p in Provider::ALL {
+            let v = verify(p, &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "second"], &req, now, None);
+            prop_assert!(!v.is_valid(), "{:?}", v);
+        }
+    }
+}

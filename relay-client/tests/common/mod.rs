@@ -96,6 +96,7 @@ impl TestRelay {
             log_format: relay_client::config::LogFormat::Text,
             max_backoff: Duration::from_millis(500),
             secrets: Default::default(),
+            redaction: Default::default(),
             retention: Default::default(),
             settings: Default::default(),
             retry: Default::default(),

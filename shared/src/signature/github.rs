@@ -19,10 +19,7 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
         }
         return Err(Failure::invalid(format!("missing {HEADER_256} header")));
     };
-    let signature = value
-        .strip_prefix(b"sha256=")
-        .and_then(|hex_sig| hex::decode(hex_sig).ok())
-        .ok_or_else(|| Failure::invalid(format!("{HEADER_256} is not sha256=<hex>")))?;
+    let signature = parse(value)?;
     let matched = util::any_secret(secrets, |secret| {
         util::ct_eq(
             &util::hmac_sha256(secret.as_bytes(), &[req.body]),
@@ -33,6 +30,14 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
         return Err(Failure::invalid("signature does not match"));
     }
     Ok(())
+}
+
+/// Decodes `sha256=<hex>`.
+pub(super) fn parse(value: &[u8]) -> Result<Vec<u8>, Failure> {
+    value
+        .strip_prefix(b"sha256=")
+        .and_then(|hex_sig| hex::decode(hex_sig).ok())
+        .ok_or_else(|| Failure::invalid(format!("{HEADER_256} is not sha256=<hex>")))
 }
 
 /// Writes a fresh `X-Hub-Signature-256`, and `X-Hub-Signature` too when the

@@ -12,6 +12,8 @@ use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod github;
 mod gitlab;
 mod paddle;

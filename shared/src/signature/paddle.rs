@@ -30,7 +30,7 @@ pub(super) fn verify(
 
 /// Splits `ts=…;h1=…` into the raw timestamp, its value and the decoded `h1`s.
 /// Unknown keys and non-hex `h1` values are skipped.
-fn parse(value: &str) -> Result<(&str, i64, Vec<Vec<u8>>), Failure> {
+pub(super) fn parse(value: &str) -> Result<(&str, i64, Vec<Vec<u8>>), Failure> {
     let mut ts = None;
     let mut entries = 0;
     let mut signatures = Vec::new();

@@ -11,8 +11,7 @@ const HEADER: &str = "X-Shopify-Hmac-Sha256";
 /// Checks the base64 MAC; hex or other encodings are refused.
 pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Failure> {
     let value = util::required_text(req.headers, HEADER)?;
-    let signature = util::b64_decode(value)
-        .ok_or_else(|| Failure::invalid(format!("{HEADER} is not base64")))?;
+    let signature = parse(value)?;
     let matched = util::any_secret(secrets, |secret| {
         util::ct_eq(
             &util::hmac_sha256(secret.as_bytes(), &[req.body]),
@@ -23,6 +22,11 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
         return Err(Failure::invalid("signature does not match"));
     }
     Ok(())
+}
+
+/// Decodes the base64 MAC.
+pub(super) fn parse(value: &str) -> Result<Vec<u8>, Failure> {
+    util::b64_decode(value).ok_or_else(|| Failure::invalid(format!("{HEADER} is not base64")))
 }
 
 /// Writes a fresh `X-Shopify-Hmac-Sha256`.

@@ -20,10 +20,7 @@ pub(super) fn verify(
     let raw_ts = util::required_text(req.headers, TIMESTAMP)?;
     let ts = util::parse_unix(raw_ts)
         .ok_or_else(|| Failure::invalid(format!("{TIMESTAMP} is not unix seconds")))?;
-    let signature = value
-        .strip_prefix(b"v0=")
-        .and_then(|hex_sig| hex::decode(hex_sig).ok())
-        .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not v0=<hex>")))?;
+    let signature = parse(value)?;
     let matched = util::any_secret(secrets, |secret| {
         util::ct_eq(&mac(secret, raw_ts, req.body), &signature)
     });
@@ -31,6 +28,14 @@ pub(super) fn verify(
         return Err(Failure::invalid("signature does not match"));
     }
     util::check_window(ts, now, tolerance_s, true)
+}
+
+/// Decodes `v0=<hex>`.
+pub(super) fn parse(value: &[u8]) -> Result<Vec<u8>, Failure> {
+    value
+        .strip_prefix(b"v0=")
+        .and_then(|hex_sig| hex::decode(hex_sig).ok())
+        .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not v0=<hex>")))
 }
 
 fn mac(secret: &str, ts: &str, body: &[u8]) -> [u8; 32] {

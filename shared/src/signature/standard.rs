@@ -64,7 +64,7 @@ pub(super) fn verify(
 
 /// Decodes the space-separated `v1,<base64>` entries. Other versions (`v1a`
 /// ed25519, unknown `v2`) and undecodable values are skipped.
-fn parse(value: &str) -> Result<Vec<Vec<u8>>, Failure> {
+pub(super) fn parse(value: &str) -> Result<Vec<Vec<u8>>, Failure> {
     let mut entries = 0;
     let mut signatures = Vec::new();
     for entry in value.split(' ').filter(|e| !e.is_empty()) {

@@ -30,7 +30,7 @@ pub(super) fn verify(
 
 /// Parses the header the way stripe-go does: every pair must split into exactly
 /// two parts on `=`; only hex `v1` values count; other schemes are skipped.
-fn parse(value: &str) -> Result<(i64, Vec<Vec<u8>>), Failure> {
+pub(super) fn parse(value: &str) -> Result<(i64, Vec<Vec<u8>>), Failure> {
     let malformed = || Failure::invalid("malformed Stripe-Signature header");
     let mut t = None;
     let mut entries = 0;

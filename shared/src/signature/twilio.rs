@@ -25,8 +25,7 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
     let url = req
         .url
         .ok_or_else(|| Failure::invalid("twilio verification needs the public request URL"))?;
-    let signature = util::b64_decode(value)
-        .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not base64")))?;
+    let signature = parse(value)?;
     let sha256 = uses_sha256(req)?;
     let params = signed_params(req, url)?;
     let (without_port, with_port) = url_variants(url);
@@ -49,6 +48,11 @@ pub(super) fn verify(secrets: &[&str], req: &SignedRequest<'_>) -> Result<(), Fa
         return Err(Failure::invalid("signature does not match"));
     }
     Ok(())
+}
+
+/// Decodes the base64 MAC.
+pub(super) fn parse(value: &str) -> Result<Vec<u8>, Failure> {
+    util::b64_decode(value).ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not base64")))
 }
 
 /// `X-Twilio-Webhooks-Signature-Settings: key=…,algorithm=HMAC_SHA256` switches
@@ -113,7 +117,7 @@ fn is_form(req: &SignedRequest<'_>) -> Result<bool, Failure> {
 
 /// Splits `a=1&b=2` into decoded pairs. A name without `=` has an empty value,
 /// and blank values are kept: Twilio signs every parameter it sends.
-fn form_pairs(data: &[u8]) -> Params {
+pub(super) fn form_pairs(data: &[u8]) -> Params {
     data.split(|&b| b == b'&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| match pair.iter().position(|&b| b == b'=') {
@@ -160,7 +164,7 @@ fn hex_value(c: u8) -> Option<u8> {
 /// The URL without its port and with the scheme's default port (443 for https,
 /// 80 otherwise) when it has none, like twilio-python's `remove_port` and
 /// `add_port`. A URL that does not parse is used unchanged for both.
-fn url_variants(url: &str) -> (String, String) {
+pub(super) fn url_variants(url: &str) -> (String, String) {
     let Some(scheme_end) = url.find("://") else {
         return (url.to_owned(), url.to_owned());
     };

@@ -26,10 +26,7 @@ pub(super) fn verify(
     let raw_ts = util::required_text(req.headers, TIMESTAMP)?;
     let ts = parse_rfc3339(raw_ts)
         .ok_or_else(|| Failure::invalid(format!("{TIMESTAMP} is not an RFC 3339 time")))?;
-    let signature = value
-        .strip_prefix(b"sha256=")
-        .and_then(|hex_sig| hex::decode(hex_sig).ok())
-        .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not sha256=<hex>")))?;
+    let signature = parse(value)?;
     let matched = util::any_secret(secrets, |secret| {
         util::ct_eq(&mac(secret, id, raw_ts, req.body), &signature)
     });
@@ -37,6 +34,14 @@ pub(super) fn verify(
         return Err(Failure::invalid("signature does not match"));
     }
     util::check_window(ts, now, tolerance_s, true)
+}
+
+/// Decodes `sha256=<hex>`.
+pub(super) fn parse(value: &[u8]) -> Result<Vec<u8>, Failure> {
+    value
+        .strip_prefix(b"sha256=")
+        .and_then(|hex_sig| hex::decode(hex_sig).ok())
+        .ok_or_else(|| Failure::invalid(format!("{SIGNATURE} is not sha256=<hex>")))
 }
 
 fn mac(secret: &str, id: &[u8], ts: &str, body: &[u8]) -> [u8; 32] {
