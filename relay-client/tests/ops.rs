@@ -202,7 +202,18 @@ async fn both_metrics_endpoints_move_with_the_traffic() -> anyhow::Result<()> {
         1.0
     );
 
-    let a1 = Scrape::of(&agent_metrics).await?;
+    // The agent counts a delivery once its record is on disk, which shares an
+    // fsync with the next few milliseconds of records: wait for all three.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let a1 = loop {
+        let scrape = Scrape::of(&agent_metrics).await?;
+        let counted = scrape.sum("hookrelay_agent_deliveries_total", &[])
+            - a0.sum("hookrelay_agent_deliveries_total", &[]);
+        if counted >= 3.0 || tokio::time::Instant::now() > deadline {
+            break scrape;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let adelta = |name: &str, labels: &[(&str, &str)]| a1.sum(name, labels) - a0.sum(name, labels);
     assert_eq!(
         adelta(
