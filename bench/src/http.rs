@@ -34,7 +34,7 @@ use crate::{
     binaries::Binaries,
     client,
     peers::{self, Peer},
-    process::{command, status_kib, Proc, RssSampler, Stream},
+    process::{command, status_kib, temp_dir, Proc, RssSampler, Stream},
     queue::{create_token, report_problems, Relay},
 };
 
@@ -159,15 +159,7 @@ pub struct Target {
 }
 
 pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow::Result<()> {
-    let dir = match &args.tmp_dir {
-        Some(base) => tempfile::Builder::new()
-            .prefix("hookrelay-bench-")
-            .tempdir_in(base),
-        None => tempfile::Builder::new()
-            .prefix("hookrelay-bench-")
-            .tempdir(),
-    }
-    .context("creating a temporary directory")?;
+    let dir = temp_dir(args.tmp_dir.as_deref())?;
     let app = App::spawn(u64::MAX).await?;
     let (mut relay, mut agent) = start_tunnel(binaries, dir.path(), app.addr()).await?;
     let mut targets = vec![

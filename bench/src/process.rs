@@ -30,6 +30,18 @@ const TAIL_LINES: usize = 40;
 /// Warning and error lines kept for the summary.
 const PROBLEM_LINES: usize = 10;
 
+/// A fresh `hookrelay-bench-*` directory in `base`, or in the system's
+/// temporary directory; deleted when dropped.
+pub fn temp_dir(base: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("hookrelay-bench-");
+    match base {
+        Some(base) => builder.tempdir_in(base),
+        None => builder.tempdir(),
+    }
+    .context("creating a temporary directory")
+}
+
 /// A command for one of the binaries under test: output piped, the
 /// environment's `RUST_LOG` and `HOOKRELAY_*` settings left out (so the
 /// defaults are measured), killed when dropped.

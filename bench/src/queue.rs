@@ -39,7 +39,7 @@ use crate::{
     app::App,
     binaries::Binaries,
     client,
-    process::{command, status_kib, Proc, RssSampler, Stream},
+    process::{command, status_kib, temp_dir, Proc, RssSampler, Stream},
 };
 
 const TUNNEL: &str = "bench";
@@ -101,15 +101,7 @@ struct Results {
 pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::Result<()> {
     let limit = Duration::from_secs(args.timeout);
     // Declared first, so dropped last: after every process is killed.
-    let dir = match &args.tmp_dir {
-        Some(base) => tempfile::Builder::new()
-            .prefix("hookrelay-bench-")
-            .tempdir_in(base),
-        None => tempfile::Builder::new()
-            .prefix("hookrelay-bench-")
-            .tempdir(),
-    }
-    .context("creating a temporary directory")?;
+    let dir = temp_dir(args.tmp_dir.as_deref())?;
     let relay_dir = dir.path().join("relay");
     let agent_dir = dir.path().join("agent");
 

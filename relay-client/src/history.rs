@@ -683,9 +683,8 @@ impl History {
     /// A storage error.
     pub async fn record_lingering(&self, exchange: Exchange) -> Result<(), HistoryError> {
         self.store(&exchange)?;
-        let db = self.db.clone();
         self.commits
-            .flush_lingering(RECORD_LINGER, move || db.flush().map(drop).map_err(storage))
+            .flush_lingering(RECORD_LINGER, self.flush_fn())
             .await?;
         self.announce(exchange);
         Ok(())
@@ -704,10 +703,13 @@ impl History {
     /// # Errors
     /// A storage error.
     pub async fn flush(&self) -> Result<(), HistoryError> {
+        self.commits.flush(self.flush_fn()).await
+    }
+
+    /// One fsync of the store, for [`GroupCommit`] to run.
+    fn flush_fn(&self) -> impl FnOnce() -> Result<(), HistoryError> + Send + 'static {
         let db = self.db.clone();
-        self.commits
-            .flush(move || db.flush().map(drop).map_err(storage))
-            .await
+        move || db.flush().map(drop).map_err(storage)
     }
 
     fn enforce_retention(&self) -> Result<(), HistoryError> {

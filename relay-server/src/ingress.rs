@@ -169,10 +169,8 @@ impl Ingress {
         // Exact for Content-Length bodies and for bodiless requests (0); `None`
         // for chunked ones, which the agent forwards chunked.
         let body_len = http_body::Body::size_hint(&body).exact().or(declared);
-        if body_len.is_some_and(|n| n > self.body_limit_bytes) {
-            return Err(IngressError::BodyTooLarge {
-                limit: self.body_limit_bytes,
-            });
+        if let Some(declared) = body_len {
+            self.within_limit(declared)?;
         }
         let link = self.routes.lookup(&tunnel);
         let settings = self.routes.settings(&tunnel);
@@ -363,25 +361,41 @@ impl Ingress {
         }
     }
 
-    /// Reads a whole request body, within the body limit and the body timeout.
-    async fn read_whole(&self, mut body: Body) -> Result<Bytes, IngressError> {
-        let mut buf = BytesMut::new();
+    /// The next data chunk of a request body (trailers are skipped: neither
+    /// signed nor forwarded nor kept), within the body idle timeout; `None` at
+    /// its end.
+    async fn next_data(&self, body: &mut Body) -> Result<Option<Bytes>, IngressError> {
         loop {
             let frame = tokio::time::timeout(self.body_timeout, body.frame())
                 .await
                 .map_err(|_| IngressError::BodyTimeout {
                     after: self.body_timeout,
                 })?;
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| body_error(e, self.min_body_rate))?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers: not signed, not forwarded
+            let Some(frame) = frame else {
+                return Ok(None);
             };
-            if (buf.len() + data.len()) as u64 > self.body_limit_bytes {
-                return Err(IngressError::BodyTooLarge {
-                    limit: self.body_limit_bytes,
-                });
+            let frame = frame.map_err(|e| body_error(e, self.min_body_rate))?;
+            if let Ok(data) = frame.into_data() {
+                return Ok(Some(data));
             }
+        }
+    }
+
+    /// The body limit's error when `bytes` would exceed it.
+    fn within_limit(&self, bytes: u64) -> Result<(), IngressError> {
+        if bytes > self.body_limit_bytes {
+            return Err(IngressError::BodyTooLarge {
+                limit: self.body_limit_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads a whole request body, within the body limit and the body timeout.
+    async fn read_whole(&self, mut body: Body) -> Result<Bytes, IngressError> {
+        let mut buf = BytesMut::new();
+        while let Some(data) = self.next_data(&mut body).await? {
+            self.within_limit((buf.len() + data.len()) as u64)?;
             buf.extend_from_slice(&data);
         }
         Ok(buf.freeze())
@@ -401,22 +415,8 @@ impl Ingress {
         let mut upload = self.queue.begin(&tunnel, head.body_len)?;
         let mut pending = BytesMut::new();
         let streamed: Result<(), IngressError> = async {
-            loop {
-                let frame = tokio::time::timeout(self.body_timeout, body.frame())
-                    .await
-                    .map_err(|_| IngressError::BodyTimeout {
-                        after: self.body_timeout,
-                    })?;
-                let Some(frame) = frame else { break };
-                let frame = frame.map_err(|e| body_error(e, self.min_body_rate))?;
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers: not kept
-                };
-                if upload.written() + (pending.len() + data.len()) as u64 > self.body_limit_bytes {
-                    return Err(IngressError::BodyTooLarge {
-                        limit: self.body_limit_bytes,
-                    });
-                }
+            while let Some(data) = self.next_data(&mut body).await? {
+                self.within_limit(upload.written() + (pending.len() + data.len()) as u64)?;
                 pending.extend_from_slice(&data);
                 if pending.len() >= QUEUE_CHUNK_BYTES {
                     self.queue.append(&mut upload, &pending.split())?;

@@ -430,19 +430,8 @@ impl Policies {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.rsplit(',').next().unwrap_or(v).trim().to_owned());
         let from_forwarded = || {
-            headers
-                .get_all("forwarded")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>())
-                .last()?
-                .split(';')
-                .find_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    k.trim()
-                        .eq_ignore_ascii_case("proto")
-                        .then(|| v.trim().trim_matches('"').to_owned())
-                })
+            let last = forwarded_elements(headers).into_iter().flatten().last()?;
+            forwarded_param(last, "proto").map(str::to_owned)
         };
         match from_xfp
             .or_else(from_forwarded)?
@@ -548,24 +537,9 @@ impl Policies {
         };
         let text = serde_json::to_string_pretty(requested).map_err(|e| err(io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");
-        write_private(&tmp, text.as_bytes()).map_err(err)?;
+        crate::auth::write_private(&tmp, text.as_bytes()).map_err(err)?;
         fs::rename(&tmp, path).map_err(err)
     }
-}
-
-/// Writes `bytes` to a new file readable by its owner only, and syncs it.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 /// The addresses a request passed through, oldest first, from every
@@ -587,24 +561,39 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     if !xff.is_empty() {
         return xff;
     }
+    // An element without `for=` says nothing about the sender; one that is
+    // not text is unreadable and stops the walk like garbage would.
+    forwarded_elements(headers)
+        .into_iter()
+        .filter_map(|element| match element {
+            Some(element) => forwarded_param(element, "for").map(parse_node),
+            None => Some(None),
+        })
+        .collect()
+}
+
+/// The comma-separated elements of every `Forwarded` line, in order; a line
+/// that is not text counts as one unreadable element (`None`).
+fn forwarded_elements(headers: &HeaderMap) -> Vec<Option<&str>> {
     headers
         .get_all("forwarded")
         .iter()
-        .flat_map(|v| {
-            v.to_str()
-                .unwrap_or("for=\u{0}")
-                .split(',')
-                .filter_map(|element| {
-                    element.split(';').find_map(|pair| {
-                        let (k, v) = pair.split_once('=')?;
-                        k.trim()
-                            .eq_ignore_ascii_case("for")
-                            .then(|| parse_node(v.trim().trim_matches('"')))
-                    })
-                })
-                .collect::<Vec<_>>()
+        .flat_map(|v| match v.to_str() {
+            Ok(text) => text.split(',').map(Some).collect::<Vec<_>>(),
+            Err(_) => vec![None],
         })
         .collect()
+}
+
+/// The value of `key` in one `Forwarded` element (`for=…;proto=…`), trimmed
+/// and unquoted; the key is matched without case.
+fn forwarded_param<'a>(element: &'a str, key: &str) -> Option<&'a str> {
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case(key)
+            .then(|| v.trim().trim_matches('"'))
+    })
 }
 
 /// `192.0.2.7`, `192.0.2.7:4711`, `2001:db8::1`, `[2001:db8::1]:4711`.
