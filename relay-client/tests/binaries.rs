@@ -12,6 +12,24 @@ use tokio::{
     process::{Child, ChildStderr, ChildStdout, Command},
 };
 
+/// The lines a child writes to stderr (spawned with it piped, as `command` does).
+fn stderr_lines(child: &mut Child) -> anyhow::Result<Lines<BufReader<ChildStderr>>> {
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stderr"))?;
+    Ok(BufReader::new(stderr).lines())
+}
+
+/// The lines a child writes to stdout.
+fn stdout_lines(child: &mut Child) -> anyhow::Result<Lines<BufReader<ChildStdout>>> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    Ok(BufReader::new(stdout).lines())
+}
+
 async fn sigterm(child: &Child) -> anyhow::Result<()> {
     let pid = child
         .id()
@@ -86,13 +104,7 @@ async fn readme_flow_with_the_built_binaries() -> anyhow::Result<()> {
             "127.0.0.1:0",
         ])
         .spawn()?;
-    let mut relay_err: Lines<BufReader<ChildStderr>> = BufReader::new(
-        relay
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
-    )
-    .lines();
+    let mut relay_err: Lines<BufReader<ChildStderr>> = stderr_lines(&mut relay)?;
     let listening = line_with(&mut relay_err, "relay listening").await?;
     let quic = field(&listening, "quic_addr")?;
     let admin = field(&listening, "admin_addr")?;
@@ -125,13 +137,7 @@ async fn readme_flow_with_the_built_binaries() -> anyhow::Result<()> {
         .arg("--data-dir")
         .arg(&agent_dir)
         .spawn()?;
-    let mut agent_out: Lines<BufReader<ChildStdout>> = BufReader::new(
-        agent
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
-    )
-    .lines();
+    let mut agent_out: Lines<BufReader<ChildStdout>> = stdout_lines(&mut agent)?;
     let forwarding = line_with(&mut agent_out, "forwarding").await?;
     let url = forwarding
         .split_whitespace()
@@ -230,12 +236,7 @@ async fn demo_serves_the_whole_path_in_one_command() -> anyhow::Result<()> {
             "--no-sample",
         ])
         .spawn()?;
-    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(
-        demo.stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
-    )
-    .lines();
+    let mut out: Lines<BufReader<ChildStdout>> = stdout_lines(&mut demo)?;
     let line = line_with(&mut out, "public URL").await?;
     let url = line
         .split_whitespace()
@@ -269,20 +270,8 @@ async fn log_format_json_prints_one_object_per_line() -> anyhow::Result<()> {
         .arg("--data-dir")
         .arg(dir.path())
         .spawn()?;
-    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(
-        agent
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
-    )
-    .lines();
-    let mut err: Lines<BufReader<ChildStderr>> = BufReader::new(
-        agent
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
-    )
-    .lines();
+    let mut out: Lines<BufReader<ChildStdout>> = stdout_lines(&mut agent)?;
+    let mut err: Lines<BufReader<ChildStderr>> = stderr_lines(&mut agent)?;
 
     let started: serde_json::Value = serde_json::from_str(&line_with(&mut out, "{").await?)?;
     assert_eq!(started["type"], "started");
@@ -420,20 +409,8 @@ async fn a_long_disconnect_is_loud_and_can_end_the_agent() -> anyhow::Result<()>
         .arg("--data-dir")
         .arg(dir.path())
         .spawn()?;
-    let mut out: Lines<BufReader<ChildStdout>> = BufReader::new(
-        agent
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
-    )
-    .lines();
-    let mut err: Lines<BufReader<ChildStderr>> = BufReader::new(
-        agent
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
-    )
-    .lines();
+    let mut out: Lines<BufReader<ChildStdout>> = stdout_lines(&mut agent)?;
+    let mut err: Lines<BufReader<ChildStderr>> = stderr_lines(&mut agent)?;
     line_with(&mut out, "forwarding").await?;
 
     // Connected for longer than both limits: nothing happens.
@@ -505,13 +482,7 @@ async fn relay_logs_json_lines_with_spans_when_asked() -> anyhow::Result<()> {
         .args(["--log-format", "json", "--shutdown-grace", "2s"])
         .env("RUST_LOG", "relay_server=debug")
         .spawn()?;
-    let mut err = BufReader::new(
-        relay
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
-    )
-    .lines();
+    let mut err = stderr_lines(&mut relay)?;
     let line = line_with(&mut err, "relay listening").await?;
     let json: serde_json::Value = serde_json::from_str(&line)?;
     assert_eq!(json["level"], "INFO", "{line}");
@@ -563,13 +534,7 @@ async fn enforcing_agent_is_told_the_policy_and_no_log_shows_the_secret() -> any
         .args(["--admin", "127.0.0.1:0", "--shutdown-grace", "2s"])
         .env("RUST_LOG", "debug")
         .spawn()?;
-    let mut relay_err = BufReader::new(
-        relay
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
-    )
-    .lines();
+    let mut relay_err = stderr_lines(&mut relay)?;
     let listening = line_with(&mut relay_err, "relay listening").await?;
     let quic = field(&listening, "quic_addr")?;
     let http_addr = field(&listening, "http_addr")?;
@@ -586,13 +551,7 @@ async fn enforcing_agent_is_told_the_policy_and_no_log_shows_the_secret() -> any
         .arg(dir.path().join("agent"))
         .env("RUST_LOG", "debug")
         .spawn()?;
-    let mut agent_err = BufReader::new(
-        agent
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stderr"))?,
-    )
-    .lines();
+    let mut agent_err = stderr_lines(&mut agent)?;
     let told = line_with(&mut agent_err, "the relay enforces").await?;
     assert!(
         told.contains("signatures required: stripe")

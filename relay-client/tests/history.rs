@@ -55,18 +55,6 @@ async fn post_json(url: &str, body: Value) -> anyhow::Result<(StatusCode, Value)
     Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
-/// Waits until the agent has recorded `n` exchanges (recording completes just
-/// after the sender has its answer).
-async fn recorded(agent: &Agent, n: usize) -> anyhow::Result<()> {
-    tokio::time::timeout(WAIT, async {
-        while agent.history().len() < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn every_exchange_is_recorded_exactly() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;

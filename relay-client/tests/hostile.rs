@@ -164,6 +164,40 @@ async fn raw(addr: SocketAddr, bytes: Vec<u8>, within: Duration) -> anyhow::Resu
 }
 
 /// [`outcome`] on a read half.
+/// Declares a `content_length` body on `path`, then sends it one byte every
+/// `every`, at most `bytes` of them; what the relay answered, and how long
+/// after the first byte. `Outcome::Open` when the bytes ran out unanswered.
+async fn trickle(
+    addr: SocketAddr,
+    path: &str,
+    content_length: usize,
+    every: Duration,
+    bytes: usize,
+) -> anyhow::Result<(Outcome, Duration)> {
+    let mut s = hostile_connect(addr).await?;
+    s.write_all(&head(
+        path,
+        &format!("Content-Length: {content_length}\r\n"),
+    ))
+    .await?;
+    let (mut rd, mut wr) = s.split();
+    let sending = async {
+        for _ in 0..bytes {
+            if wr.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(every).await;
+        }
+    };
+    let started = Instant::now();
+    let mut reader = ReadHalfOutcome(&mut rd);
+    let got = tokio::select! {
+        () = sending => Outcome::Open,
+        got = reader.outcome(every * bytes as u32 + WAIT) => got,
+    };
+    Ok((got, started.elapsed()))
+}
+
 struct ReadHalfOutcome<'a, 'b>(&'a mut tokio::net::tcp::ReadHalf<'b>);
 
 impl ReadHalfOutcome<'_, '_> {
@@ -293,50 +327,17 @@ async fn slow_senders_are_cut_off() -> anyhow::Result<()> {
             );
 
             // One body byte a second against a 500 ms body timeout: 408.
-            let mut s = hostile_connect(addr).await?;
-            s.write_all(&head("/t/alice/trickle", "Content-Length: 100\r\n"))
-                .await?;
-            let (mut rd, mut wr) = s.split();
-            let trickle = async {
-                for _ in 0..10 {
-                    if wr.write_all(b"x").await.is_err() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            };
-            let started = Instant::now();
-            let mut reader = ReadHalfOutcome(&mut rd);
-            let got = tokio::select! {
-                () = trickle => Outcome::Open,
-                got = reader.outcome(Duration::from_secs(10)) => got,
-            };
+            let (got, took) =
+                trickle(addr, "/t/alice/trickle", 100, Duration::from_secs(1), 10).await?;
             assert_eq!(got, Outcome::Status(408), "a trickled body");
-            assert!(started.elapsed() < Duration::from_secs(3));
+            assert!(took < Duration::from_secs(3));
 
             // A byte every 200 ms never leaves the body idle for 500 ms, but
             // averages 5 bytes/s: cut once the grace (the body timeout) has
             // passed and the bytes so far buy no more time at 1 KiB/s.
-            let mut s = hostile_connect(addr).await?;
-            s.write_all(&head("/t/alice/drip", "Content-Length: 1000\r\n"))
-                .await?;
-            let (mut rd, mut wr) = s.split();
-            let drip = async {
-                for _ in 0..100 {
-                    if wr.write_all(b"x").await.is_err() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            };
-            let started = Instant::now();
-            let mut reader = ReadHalfOutcome(&mut rd);
-            let got = tokio::select! {
-                () = drip => Outcome::Open,
-                got = reader.outcome(Duration::from_secs(20)) => got,
-            };
+            let (got, took) =
+                trickle(addr, "/t/alice/drip", 1000, Duration::from_millis(200), 100).await?;
             assert_eq!(got, Outcome::Status(408), "a dripped body");
-            let took = started.elapsed();
             assert!(
                 took >= Duration::from_millis(400) && took < Duration::from_secs(5),
                 "dripped body cut after {took:?}"

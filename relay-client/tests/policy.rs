@@ -154,14 +154,7 @@ async fn enforced_signatures_refuse_forgeries_with_401_before_forwarding() -> an
         "the chunked body arrived whole"
     );
     // The agent's own verdict agrees.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while agent.history().len() < 2 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "history not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    recorded(&agent, 2).await?;
     let page = agent.history().list(&Filter::default(), None, 10)?;
     assert_eq!(page.exchanges.len(), 2);
     for e in &page.exchanges {
@@ -225,14 +218,10 @@ async fn enforcement_holds_while_the_agent_is_offline_and_across_relay_restarts(
 
     // Back online: exactly the two valid webhooks arrive.
     let _agent = connected_agent(enforcing(&relay, "offline", &app.target())).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app.received().len() < 2 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "queued webhooks not delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(WAIT, "the queued webhooks at the app", || {
+        app.received().len() >= 2
+    })
+    .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.received().len(), 2);
 
@@ -300,14 +289,7 @@ async fn allow_lists_decide_by_the_real_source_and_trust_only_configured_proxies
 
     let received = app.received();
     assert_eq!(received.len(), 2, "refused requests never reached the app");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while agent.history().len() < 2 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "history not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    recorded(&agent, 2).await?;
     let page = agent.history().list(&Filter::default(), None, 10)?;
     let sources: Vec<String> = page
         .exchanges

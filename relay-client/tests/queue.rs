@@ -38,16 +38,6 @@ fn queue_mode() -> TunnelSettings {
     }
 }
 
-/// Polls `check` every 50 ms until it holds or `limit` passes.
-async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 /// Waits until the in-process relay's queue for `tunnel` is empty.
 async fn until_queue_empty(relay: &TestRelay, tunnel: &str) -> anyhow::Result<()> {
     let name = tunnel.parse()?;

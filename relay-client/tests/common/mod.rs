@@ -124,6 +124,35 @@ pub async fn connected_agent(config: AgentConfig) -> anyhow::Result<Agent> {
     Ok(agent)
 }
 
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub async fn until(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Waits until the agent has recorded `n` exchanges (recording completes just
+/// after the sender has its answer).
+pub async fn recorded(agent: &Agent, n: usize) -> anyhow::Result<()> {
+    tokio::time::timeout(WAIT, async {
+        while agent.history().len() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 /// What the local app received.
 #[derive(Clone, Debug)]
 pub struct Received {
