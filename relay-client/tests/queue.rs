@@ -791,13 +791,23 @@ async fn agent_killed_mid_drain_loses_none_and_duplicates_none() -> anyhow::Resu
             max_bytes: u64::MAX,
         },
     )?;
-    let page = history.list(&Filter::default(), None, 5000)?;
-    let interrupted: HashSet<String> = page
-        .exchanges
-        .iter()
-        .filter(|e| e.queued.as_ref().is_some_and(|q| q.interrupted))
-        .filter_map(|e| e.delivery_id.clone())
-        .collect();
+    // Every page: a list answers at most MAX_PAGE (500) exchanges, and the
+    // first kill's interrupted record is among the oldest.
+    let mut interrupted: HashSet<String> = HashSet::new();
+    let mut before = None;
+    loop {
+        let page = history.list(&Filter::default(), before, usize::MAX)?;
+        interrupted.extend(
+            page.exchanges
+                .iter()
+                .filter(|e| e.queued.as_ref().is_some_and(|q| q.interrupted))
+                .filter_map(|e| e.delivery_id.clone()),
+        );
+        match page.next_before {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
     assert!(
         interrupted.len() <= 2,
         "at most one per kill: {interrupted:?}"
