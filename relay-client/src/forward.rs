@@ -10,10 +10,7 @@
 use std::{
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -37,6 +34,7 @@ use crate::{
     dedupe,
     history::{
         self, Durations, Exchange, ExchangeId, History, Part, RequestRecord, ResponseRecord,
+        INLINE_BODY_MAX,
     },
     queued::{QueuedOutcome, RetryPolicy},
     terminal::Terminal,
@@ -253,7 +251,7 @@ impl Forwarder {
         if write_frame(send, &reply).await.is_err() {
             return Outcome::Cancelled;
         }
-        response_tee.append(Part::Response, &body);
+        response_tee.append(&body);
         if !body.is_empty() && send.write_chunk(Bytes::from(body)).await.is_err() {
             return Outcome::Cancelled;
         }
@@ -287,8 +285,8 @@ impl Forwarder {
         let received_at_ms = history::now_ms();
         let started = Instant::now();
         let id = ExchangeId::new();
-        let tee = Tee::new(self.history.clone(), id);
-        let response_tee = Tee::new(self.history.clone(), id);
+        let tee = Tee::new(self.history.clone(), id, Part::Request);
+        let response_tee = Tee::new(self.history.clone(), id, Part::Response);
         let mut forwarded = Forwarded::default();
         let stopped = send.stopped();
         let outcome = tokio::select! {
@@ -346,7 +344,7 @@ impl Forwarder {
         // judge the recorded body now.
         let verdict = forwarded.verdict.or_else(|| {
             judge.then(|| {
-                let body = self.history.body(id, Part::Request).unwrap_or_default();
+                let body = request_tee.body();
                 let verdict = self.verdict(head, &body);
                 if event_id.is_none() && verdict.is_valid() {
                     event_id = provider.and_then(|p| dedupe::event_id(p, &head.headers, &body));
@@ -388,10 +386,23 @@ impl Forwarder {
             duplicate_of: forwarded.duplicate_of,
             queued: forwarded.queued,
         };
+        let (request_body, response_body) = (request_tee.inline(), response_tee.inline());
+        let mut inline = Vec::with_capacity(2);
+        inline.extend(request_body.as_deref().map(|b| (Part::Request, b)));
+        inline.extend(response_body.as_deref().map(|b| (Part::Response, b)));
         let recorded = match durable {
-            Durable::Now => self.history.record(exchange.clone()).await,
-            Durable::Lingering => self.history.record_lingering(exchange.clone()).await,
-            Durable::ByCaller => self.history.store(&exchange),
+            Durable::Now => match self.history.store(&exchange, &inline) {
+                Ok(()) => self.history.flush().await.map(|()| {
+                    self.history.announce(exchange.clone());
+                }),
+                Err(err) => Err(err),
+            },
+            Durable::Lingering => {
+                self.history
+                    .record_lingering(exchange.clone(), &inline)
+                    .await
+            }
+            Durable::ByCaller => self.history.store(&exchange, &inline),
         };
         if let Err(err) = recorded {
             tracing::error!(
@@ -475,7 +486,7 @@ impl Forwarder {
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        response_tee.append(Part::Response, &data);
+                        response_tee.append(&data);
                         if send.write_chunk(data).await.is_err() {
                             return Outcome::Cancelled;
                         }
@@ -509,8 +520,8 @@ impl Forwarder {
         let received_at_ms = history::now_ms();
         let started = Instant::now();
         let id = ExchangeId::new();
-        let request_tee = Tee::new(self.history.clone(), id);
-        let response_tee = Tee::new(self.history.clone(), id);
+        let request_tee = Tee::new(self.history.clone(), id, Part::Request);
+        let response_tee = Tee::new(self.history.clone(), id, Part::Response);
         let mut forwarded = Forwarded::default();
         let (outcome, retry_after) = self
             .attempt_queued(head, body, &request_tee, &response_tee, &mut forwarded)
@@ -582,8 +593,8 @@ impl Forwarder {
         policy: &RetryPolicy,
     ) {
         let id = ExchangeId::new();
-        let tee = Tee::new(self.history.clone(), id);
-        tee.append(Part::Request, body);
+        let tee = Tee::new(self.history.clone(), id, Part::Request);
+        tee.append(body);
         let forwarded = Forwarded {
             queued: Some(history::QueuedAttempt {
                 attempt,
@@ -609,7 +620,7 @@ impl Forwarder {
                 &outcome,
                 forwarded,
                 &tee,
-                &Tee::new(self.history.clone(), id),
+                &Tee::new(self.history.clone(), id, Part::Response),
                 Durable::Now,
             )
             .await;
@@ -624,12 +635,12 @@ impl Forwarder {
         response_tee: &Tee,
         forwarded: &mut Forwarded,
     ) -> (Outcome, Option<Duration>) {
-        request_tee.append(Part::Request, &body);
+        request_tee.append(&body);
         let timeout = Duration::from_millis(head.timeout_ms);
         if let Some(first) = self.queued_duplicate(head, &body, forwarded).await {
             return match self.reuse_answer(&first, forwarded) {
                 Some(answer) => {
-                    response_tee.append(Part::Response, &answer);
+                    response_tee.append(&answer);
                     (Outcome::Responded, None)
                 }
                 None => (
@@ -663,7 +674,7 @@ impl Forwarder {
                 match frame {
                     Ok(frame) => {
                         if let Ok(data) = frame.into_data() {
-                            response_tee.append(Part::Response, &data);
+                            response_tee.append(&data);
                         }
                     }
                     Err(_) => return false,
@@ -834,38 +845,75 @@ fn outcome_of(kind: FailureKind) -> history::Outcome {
     }
 }
 
-/// Copies body chunks into the history as they stream past.
+/// Copies one body into the history as it streams past: kept in memory while
+/// it is small (it then goes inside the exchange's record, one write for
+/// all), written chunk by chunk once it outgrows [`INLINE_BODY_MAX`].
 #[derive(Clone)]
 struct Tee {
     history: History,
     id: ExchangeId,
-    seq: Arc<AtomicU32>,
-    len: Arc<AtomicU64>,
+    part: Part,
+    state: Arc<Mutex<TeeState>>,
+}
+
+#[derive(Default)]
+struct TeeState {
+    /// The body so far, while it is small enough to go inline.
+    small: Vec<u8>,
+    /// Chunks written to the history so far; 0 while the body is inline.
+    written: u32,
+    len: u64,
 }
 
 impl Tee {
-    fn new(history: History, id: ExchangeId) -> Self {
+    fn new(history: History, id: ExchangeId, part: Part) -> Self {
         Tee {
             history,
             id,
-            seq: Arc::default(),
-            len: Arc::default(),
+            part,
+            state: Arc::default(),
         }
     }
 
-    fn append(&self, part: Part, chunk: &[u8]) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.len.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        if let Err(err) = self.history.append_body(self.id, part, seq, chunk) {
-            tracing::error!(
-                error = &err as &dyn std::error::Error,
-                "cannot record a body chunk"
-            );
+    fn append(&self, chunk: &[u8]) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.len += chunk.len() as u64;
+        if state.written == 0 && state.len <= INLINE_BODY_MAX as u64 {
+            state.small.extend_from_slice(chunk);
+            return;
+        }
+        let small = std::mem::take(&mut state.small);
+        for piece in [&small[..], chunk] {
+            if piece.is_empty() {
+                continue;
+            }
+            let seq = state.written;
+            state.written += 1;
+            if let Err(err) = self.history.append_body(self.id, self.part, seq, piece) {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "cannot record a body chunk"
+                );
+            }
         }
     }
 
     fn len(&self) -> u64 {
-        self.len.load(Ordering::Relaxed)
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).len
+    }
+
+    /// The body, when it is small enough to go inside the record.
+    fn inline(&self) -> Option<Vec<u8>> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (state.written == 0).then(|| state.small.clone())
+    }
+
+    /// The whole body as recorded so far.
+    fn body(&self) -> Vec<u8> {
+        match self.inline() {
+            Some(body) => body,
+            None => self.history.body(self.id, self.part).unwrap_or_default(),
+        }
     }
 }
 
@@ -883,7 +931,7 @@ async fn read_whole(recv: &SharedRecv, tee: &Tee, limit: Duration) -> Option<Vec
         loop {
             match recv.read_chunk(MAX_CHUNK_BYTES, true).await {
                 Ok(Some(chunk)) => {
-                    tee.append(Part::Request, &chunk.bytes);
+                    tee.append(&chunk.bytes);
                     body.extend_from_slice(&chunk.bytes);
                 }
                 Ok(None) => return Some(body),
@@ -902,7 +950,7 @@ async fn drain(recv: &SharedRecv, tee: &Tee, limit: Duration) {
     let _ = tokio::time::timeout(limit, async {
         let mut recv = recv.lock().await;
         while let Ok(Some(chunk)) = recv.read_chunk(MAX_CHUNK_BYTES, true).await {
-            tee.append(Part::Request, &chunk.bytes);
+            tee.append(&chunk.bytes);
         }
     })
     .await;
@@ -959,7 +1007,7 @@ impl RelayBody {
                 let read = recv.read_chunk(MAX_CHUNK_BYTES, true).await;
                 match read {
                     Ok(Some(chunk)) => {
-                        tee.append(Part::Request, &chunk.bytes);
+                        tee.append(&chunk.bytes);
                         drop(recv);
                         Some((Ok(Frame::data(chunk.bytes)), Some(shared)))
                     }

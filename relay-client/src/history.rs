@@ -2,11 +2,16 @@
 //! sled and broadcast to live inspector sessions.
 //!
 //! Layout (known only to this module): tree `exchanges` maps a 16-byte ULID to
-//! the exchange's JSON; tree `bodies` maps ULID, part (0 request, 1 response)
-//! and chunk number to raw body bytes, written chunk by chunk as they stream
-//! past, so that recording never holds a whole body in memory. Tree `settings`
-//! keeps what commands reading the store without the agent must know of the
-//! agent's configuration: key `redact_headers`, a JSON list of header names.
+//! the exchange's record: its JSON, then, for bodies of at most
+//! [`INLINE_BODY_MAX`] bytes, a newline and the bodies themselves (per body:
+//! one byte for the part, 0 request or 1 response, its length as u32 BE, the
+//! bytes). Larger bodies go to tree `bodies`, which maps ULID, part and chunk
+//! number to raw bytes, written chunk by chunk as they stream past, so that
+//! recording never holds a large body in memory. A typical webhook is thus one
+//! write and, when retention drops it, one removal. Records from before the
+//! inline bodies are JSON alone and still read. Tree `settings` keeps what
+//! commands reading the store without the agent must know of the agent's
+//! configuration: key `redact_headers`, a JSON list of header names.
 
 use std::{
     collections::VecDeque,
@@ -45,6 +50,10 @@ const EVENT_BUFFER: usize = 1024;
 
 /// Most exchanges one list call returns.
 pub const MAX_PAGE: usize = 500;
+
+/// Bodies up to this size are kept inside the exchange's record instead of
+/// as chunks of their own.
+pub const INLINE_BODY_MAX: usize = 64 * 1024;
 
 /// Identifies one recorded exchange (sortable by time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -472,7 +481,103 @@ impl fmt::Debug for History {
 #[derive(Debug, Default)]
 struct Totals {
     bytes: u64,
-    sizes: VecDeque<(ExchangeId, u64)>,
+    sizes: VecDeque<Kept>,
+}
+
+/// What retention must know of one kept exchange to drop it without reading
+/// it back.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    id: ExchangeId,
+    size: u64,
+    /// It may be indexed in `delivered`.
+    delivered: bool,
+    /// It may have bodies in tree `bodies`.
+    chunked: bool,
+}
+
+/// One stored record, decoded.
+struct Record<'a> {
+    exchange: Exchange,
+    /// Length of the JSON part.
+    json_len: usize,
+    /// Inline bodies (see the module docs); empty when there are none.
+    inline: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    fn decode(value: &'a [u8]) -> Result<Record<'a>, serde_json::Error> {
+        let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<Exchange>();
+        let exchange = stream
+            .next()
+            .unwrap_or_else(|| Err(serde::de::Error::custom("empty record")))?;
+        let json_len = stream.byte_offset();
+        let inline = value.get(json_len + 1..).unwrap_or_default();
+        Ok(Record {
+            exchange,
+            json_len,
+            inline,
+        })
+    }
+
+    /// The inline body of `part`, if it was stored inline.
+    fn body(&self, part: Part) -> Option<&'a [u8]> {
+        let mut rest = self.inline;
+        while let [tag, l0, l1, l2, l3, tail @ ..] = rest {
+            let len = u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize;
+            let bytes = tail.get(..len)?;
+            if *tag == part as u8 {
+                return Some(bytes);
+            }
+            rest = &tail[len..];
+        }
+        None
+    }
+
+    fn kept(&self) -> Kept {
+        let e = &self.exchange;
+        let chunked = (e.request.body_len > 0 && self.body(Part::Request).is_none())
+            || (e.response.as_ref().is_some_and(|r| r.body_len > 0)
+                && self.body(Part::Response).is_none());
+        Kept {
+            id: e.id,
+            size: e.stored_bytes(self.json_len),
+            delivered: delivered_key(e).is_some(),
+            chunked,
+        }
+    }
+}
+
+/// Encodes a record: the exchange's JSON, then its inline bodies.
+fn encode_record(
+    exchange: &Exchange,
+    inline: &[(Part, &[u8])],
+) -> Result<(Vec<u8>, Kept), HistoryError> {
+    let mut value =
+        serde_json::to_vec(exchange).map_err(|e| HistoryError::Storage(e.to_string()))?;
+    let json_len = value.len();
+    let inline: Vec<&(Part, &[u8])> = inline
+        .iter()
+        .filter(|(_, body)| !body.is_empty() && body.len() <= INLINE_BODY_MAX)
+        .collect();
+    if !inline.is_empty() {
+        value.push(b'\n');
+        for (part, body) in &inline {
+            value.push(*part as u8);
+            value.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+            value.extend_from_slice(body);
+        }
+    }
+    let has = |p: Part| inline.iter().any(|(part, _)| *part == p);
+    let chunked = (exchange.request.body_len > 0 && !has(Part::Request))
+        || (exchange.response.as_ref().is_some_and(|r| r.body_len > 0) && !has(Part::Response));
+    let kept = Kept {
+        id: exchange.id,
+        size: exchange.stored_bytes(json_len),
+        delivered: delivered_key(exchange).is_some(),
+        chunked,
+    };
+    Ok((value, kept))
 }
 
 impl History {
@@ -553,12 +658,17 @@ impl History {
             let Some(id) = ExchangeId::from_key(&key) else {
                 continue;
             };
-            let size = match serde_json::from_slice::<Exchange>(&value) {
-                Ok(e) => e.stored_bytes(value.len()),
-                Err(_) => value.len() as u64,
+            let kept = match Record::decode(&value) {
+                Ok(record) => record.kept(),
+                Err(_) => Kept {
+                    id,
+                    size: value.len() as u64,
+                    delivered: true,
+                    chunked: true,
+                },
             };
-            totals.bytes += size;
-            totals.sizes.push_back((id, size));
+            totals.bytes += kept.size;
+            totals.sizes.push_back(kept);
         }
         // Bodies of exchanges that never finished (a crash mid-delivery) would
         // otherwise leak: drop those without a record.
@@ -638,24 +748,28 @@ impl History {
     /// # Errors
     /// A storage error.
     pub async fn record(&self, exchange: Exchange) -> Result<(), HistoryError> {
-        self.store(&exchange)?;
+        self.store(&exchange, &[])?;
         self.flush().await?;
         self.announce(exchange);
         Ok(())
     }
 
-    /// The first half of [`History::record`]: writes the record without
-    /// waiting for the disk. The caller flushes, then [announces](Self::announce)
-    /// it, so that one fsync can cover this and the caller's own writes.
+    /// The first half of [`History::record`]: writes the record, with the
+    /// bodies in `inline` (those not appended as chunks) inside it, without
+    /// waiting for the disk. The caller flushes, then
+    /// [announces](Self::announce) it, so that one fsync can cover this and
+    /// the caller's own writes.
     ///
     /// # Errors
     /// A storage error.
-    pub(crate) fn store(&self, exchange: &Exchange) -> Result<(), HistoryError> {
-        let json =
-            serde_json::to_vec(&exchange).map_err(|e| HistoryError::Storage(e.to_string()))?;
-        let size = exchange.stored_bytes(json.len());
+    pub(crate) fn store(
+        &self,
+        exchange: &Exchange,
+        inline: &[(Part, &[u8])],
+    ) -> Result<(), HistoryError> {
+        let (value, kept) = encode_record(exchange, inline)?;
         self.exchanges
-            .insert(exchange.id.key(), json)
+            .insert(exchange.id.key(), value)
             .map_err(storage)?;
         if let Some(key) = delivered_key(exchange) {
             // First accepted delivery wins; a later one never replaces it.
@@ -666,10 +780,10 @@ impl History {
         }
         {
             let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-            totals.bytes += size;
+            totals.bytes += kept.size;
             // Ids are time-ordered; a replay recorded late still sorts by its start.
-            let pos = totals.sizes.partition_point(|(id, _)| *id < exchange.id);
-            totals.sizes.insert(pos, (exchange.id, size));
+            let pos = totals.sizes.partition_point(|k| k.id < exchange.id);
+            totals.sizes.insert(pos, kept);
         }
         self.enforce_retention()
     }
@@ -681,8 +795,12 @@ impl History {
     ///
     /// # Errors
     /// A storage error.
-    pub async fn record_lingering(&self, exchange: Exchange) -> Result<(), HistoryError> {
-        self.store(&exchange)?;
+    pub async fn record_lingering(
+        &self,
+        exchange: Exchange,
+        inline: &[(Part, &[u8])],
+    ) -> Result<(), HistoryError> {
+        self.store(&exchange, inline)?;
         self.commits
             .flush_lingering(RECORD_LINGER, self.flush_fn())
             .await?;
@@ -721,33 +839,40 @@ impl History {
                 if !over {
                     return Ok(());
                 }
-                let Some((id, size)) = totals.sizes.pop_front() else {
+                let Some(kept) = totals.sizes.pop_front() else {
                     return Ok(());
                 };
-                totals.bytes = totals.bytes.saturating_sub(size);
-                id
+                totals.bytes = totals.bytes.saturating_sub(kept.size);
+                kept
             };
             if self.remove_stored(victim)? {
                 // Live views drop it too.
-                let _ = self.events.send(HistoryEvent::Deleted { id: victim });
+                let _ = self.events.send(HistoryEvent::Deleted { id: victim.id });
             }
         }
     }
 
-    fn remove_stored(&self, id: ExchangeId) -> Result<bool, HistoryError> {
+    /// Removes a record, its `delivered` index entry and its chunked bodies,
+    /// reading back and scanning only what `kept` says may be there.
+    fn remove_stored(&self, kept: Kept) -> Result<bool, HistoryError> {
+        let id = kept.id;
         let removed = self.exchanges.remove(id.key()).map_err(storage)?;
         let existed = removed.is_some();
-        let key = removed
-            .and_then(|v| serde_json::from_slice::<Exchange>(&v).ok())
-            .and_then(|e| delivered_key(&e));
+        let key = removed.filter(|_| kept.delivered).and_then(|v| {
+            Record::decode(&v)
+                .ok()
+                .and_then(|r| delivered_key(&r.exchange))
+        });
         if let Some(key) = key {
             let _ = self
                 .delivered
                 .compare_and_swap(key, Some(&id.key()[..]), None as Option<&[u8]>)
                 .map_err(storage)?;
         }
-        for key in self.bodies.scan_prefix(id.key()).keys() {
-            self.bodies.remove(key.map_err(storage)?).map_err(storage)?;
+        if kept.chunked {
+            for key in self.bodies.scan_prefix(id.key()).keys() {
+                self.bodies.remove(key.map_err(storage)?).map_err(storage)?;
+            }
         }
         Ok(existed)
     }
@@ -790,7 +915,8 @@ impl History {
             .get(id.key())
             .map_err(storage)?
             .ok_or(HistoryError::NotFound(id))?;
-        serde_json::from_slice(&value)
+        Record::decode(&value)
+            .map(|r| r.exchange)
             .map_err(|e| HistoryError::Storage(format!("damaged record {id}: {e}")))
     }
 
@@ -799,6 +925,11 @@ impl History {
     /// # Errors
     /// A storage error.
     pub fn body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
+        if let Some(value) = self.exchanges.get(id.key()).map_err(storage)? {
+            if let Some(body) = Record::decode(&value).ok().and_then(|r| r.body(part)) {
+                return Ok(body.to_vec());
+            }
+        }
         let mut prefix = id.key().to_vec();
         prefix.push(part as u8);
         let mut out = Vec::new();
@@ -828,16 +959,20 @@ impl History {
         let mut next_before = None;
         for item in iter.rev() {
             let (_, value) = item.map_err(storage)?;
-            let Ok(e) = serde_json::from_slice::<Exchange>(&value) else {
+            let Ok(record) = Record::decode(&value) else {
                 continue;
             };
-            if !filter.matches_meta(&e) {
+            if !filter.matches_meta(&record.exchange) {
                 continue;
             }
             if filter.needs_bodies() {
                 let q = filter.q.as_deref().unwrap_or_default().as_bytes();
-                let hit = contains_ci(&self.body(e.id, Part::Request)?, q)
-                    || contains_ci(&self.body(e.id, Part::Response)?, q);
+                let body = |part| match record.body(part) {
+                    Some(inline) => Ok(inline.to_vec()),
+                    None => self.body(record.exchange.id, part),
+                };
+                let hit =
+                    contains_ci(&body(Part::Request)?, q) || contains_ci(&body(Part::Response)?, q);
                 if !hit {
                     continue;
                 }
@@ -846,7 +981,7 @@ impl History {
                 next_before = exchanges.last().map(|x: &Exchange| x.id);
                 break;
             }
-            exchanges.push(e);
+            exchanges.push(record.exchange);
         }
         Ok(Page {
             exchanges,
@@ -859,12 +994,17 @@ impl History {
     /// # Errors
     /// A storage error.
     pub fn delete(&self, id: ExchangeId) -> Result<bool, HistoryError> {
-        let existed = self.remove_stored(id)?;
+        let existed = self.remove_stored(Kept {
+            id,
+            size: 0,
+            delivered: true,
+            chunked: true,
+        })?;
         if existed {
             let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(pos) = totals.sizes.iter().position(|(i, _)| *i == id) {
-                if let Some((_, size)) = totals.sizes.remove(pos) {
-                    totals.bytes = totals.bytes.saturating_sub(size);
+            if let Some(pos) = totals.sizes.iter().position(|k| k.id == id) {
+                if let Some(kept) = totals.sizes.remove(pos) {
+                    totals.bytes = totals.bytes.saturating_sub(kept.size);
                 }
             }
             drop(totals);
@@ -1174,6 +1314,90 @@ mod tests {
         }
         assert!(h.len() <= 2, "{} kept", h.len());
         assert!(h.get(ids[3]).is_ok());
+    }
+
+    /// Small bodies inside the record, a large one in chunks, and a record
+    /// from before inline bodies (JSON alone): all read back, list, search,
+    /// survive reopening, and leave nothing behind when retention drops them.
+    #[tokio::test]
+    async fn inline_chunked_and_legacy_records_read_back_and_retire_cleanly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = vec![b'z'; INLINE_BODY_MAX + 1];
+        let (inline_id, mixed_id, legacy_id) = {
+            let h = History::open(dir.path(), Retention::default()).expect("open");
+            let mut legacy = exchange("POST", "/legacy", Some(200));
+            legacy.request.body_len = 6;
+            let legacy_id = legacy.id;
+            h.append_body(legacy_id, Part::Request, 0, b"old-bo")
+                .expect("append");
+            let json = serde_json::to_vec(&legacy).expect("json");
+            h.exchanges.insert(legacy_id.key(), json).expect("insert");
+
+            let mut small = exchange("POST", "/inline", Some(200));
+            small.request.body_len = 5;
+            if let Some(r) = small.response.as_mut() {
+                r.body_len = 2;
+            }
+            let inline_id = small.id;
+            h.store(
+                &small,
+                &[(Part::Request, b"hello"), (Part::Response, b"ok")],
+            )
+            .expect("store");
+
+            let mut mixed = exchange("POST", "/mixed", Some(200));
+            mixed.request.body_len = big.len() as u64;
+            if let Some(r) = mixed.response.as_mut() {
+                r.body_len = 4;
+            }
+            let mixed_id = mixed.id;
+            h.put_body(mixed_id, Part::Request, &big).expect("put");
+            h.store(&mixed, &[(Part::Response, b"done")])
+                .expect("store");
+            h.db.flush().expect("flush");
+            (inline_id, mixed_id, legacy_id)
+        };
+        let h = History::open(dir.path(), Retention::default()).expect("reopen");
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.body(inline_id, Part::Request).expect("body"), b"hello");
+        assert_eq!(h.body(inline_id, Part::Response).expect("body"), b"ok");
+        assert_eq!(h.body(mixed_id, Part::Request).expect("body"), big);
+        assert_eq!(h.body(mixed_id, Part::Response).expect("body"), b"done");
+        assert_eq!(h.body(legacy_id, Part::Request).expect("body"), b"old-bo");
+        assert_eq!(h.get(inline_id).expect("get").path, "/inline");
+        let search = |q: &str| {
+            let filter = Filter {
+                q: Some(q.into()),
+                ..Filter::default()
+            };
+            let page = h.list(&filter, None, 10).expect("list");
+            page.exchanges.into_iter().map(|e| e.id).collect::<Vec<_>>()
+        };
+        assert_eq!(search("HELLO"), vec![inline_id]);
+        assert_eq!(search("done"), vec![mixed_id]);
+        assert_eq!(search("old-bo"), vec![legacy_id]);
+        assert_eq!(
+            h.list(&Filter::default(), None, 10)
+                .expect("list")
+                .exchanges
+                .len(),
+            3
+        );
+
+        // Retention by count drops them oldest first, chunks and all.
+        let h = History {
+            retention: Retention {
+                max_exchanges: 0,
+                max_bytes: u64::MAX,
+            },
+            ..h
+        };
+        h.enforce_retention().expect("retention");
+        assert!(h.exchanges.is_empty());
+        assert!(
+            h.bodies.is_empty(),
+            "chunked bodies went with their records"
+        );
     }
 
     #[tokio::test]
