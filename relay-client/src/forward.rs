@@ -386,7 +386,7 @@ impl Forwarder {
             duplicate_of: forwarded.duplicate_of,
             queued: forwarded.queued,
         };
-        let (request_body, response_body) = (request_tee.inline(), response_tee.inline());
+        let (request_body, response_body) = (request_tee.finish(), response_tee.finish());
         let mut inline = Vec::with_capacity(2);
         inline.extend(request_body.as_deref().map(|b| (Part::Request, b)));
         inline.extend(response_body.as_deref().map(|b| (Part::Response, b)));
@@ -847,7 +847,10 @@ fn outcome_of(kind: FailureKind) -> history::Outcome {
 
 /// Copies one body into the history as it streams past: kept in memory while
 /// it is small (it then goes inside the exchange's record, one write for
-/// all), written chunk by chunk once it outgrows [`INLINE_BODY_MAX`].
+/// all); once it outgrows [`INLINE_BODY_MAX`], written in pieces of about
+/// [`SPILL_BYTES`], however small the network's chunks (a QUIC read is often
+/// one packet, and a sled write per packet made a 256 KiB upload cost ~200
+/// writes). Call [`Tee::finish`] before the exchange is recorded.
 #[derive(Clone)]
 struct Tee {
     history: History,
@@ -858,12 +861,16 @@ struct Tee {
 
 #[derive(Default)]
 struct TeeState {
-    /// The body so far, while it is small enough to go inline.
-    small: Vec<u8>,
+    /// The body so far while it is small enough to go inline; after that,
+    /// what is not written yet.
+    buf: Vec<u8>,
     /// Chunks written to the history so far; 0 while the body is inline.
     written: u32,
     len: u64,
 }
+
+/// Size of the pieces a large body is written in.
+const SPILL_BYTES: usize = 64 * 1024;
 
 impl Tee {
     fn new(history: History, id: ExchangeId, part: Part) -> Self {
@@ -878,39 +885,50 @@ impl Tee {
     fn append(&self, chunk: &[u8]) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.len += chunk.len() as u64;
-        if state.written == 0 && state.len <= INLINE_BODY_MAX as u64 {
-            state.small.extend_from_slice(chunk);
+        state.buf.extend_from_slice(chunk);
+        let inline = state.written == 0 && state.len <= INLINE_BODY_MAX as u64;
+        if !inline && state.buf.len() >= SPILL_BYTES {
+            self.spill(&mut state);
+        }
+    }
+
+    /// Writes what is buffered as the next chunk.
+    fn spill(&self, state: &mut TeeState) {
+        if state.buf.is_empty() {
             return;
         }
-        let small = std::mem::take(&mut state.small);
-        for piece in [&small[..], chunk] {
-            if piece.is_empty() {
-                continue;
-            }
-            let seq = state.written;
-            state.written += 1;
-            if let Err(err) = self.history.append_body(self.id, self.part, seq, piece) {
-                tracing::error!(
-                    error = &err as &dyn std::error::Error,
-                    "cannot record a body chunk"
-                );
-            }
+        let seq = state.written;
+        state.written += 1;
+        if let Err(err) = self
+            .history
+            .append_body(self.id, self.part, seq, &state.buf)
+        {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "cannot record a body chunk"
+            );
         }
+        state.buf.clear();
     }
 
     fn len(&self) -> u64 {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).len
     }
 
-    /// The body, when it is small enough to go inside the record.
-    fn inline(&self) -> Option<Vec<u8>> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        (state.written == 0).then(|| state.small.clone())
+    /// Ends the body: returns it when it is small enough to go inside the
+    /// record, else writes the rest of it to the history.
+    fn finish(&self) -> Option<Vec<u8>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.written == 0 && state.len <= INLINE_BODY_MAX as u64 {
+            return Some(state.buf.clone());
+        }
+        self.spill(&mut state);
+        None
     }
 
-    /// The whole body as recorded so far.
+    /// The whole body as recorded so far (ends it, see [`Tee::finish`]).
     fn body(&self) -> Vec<u8> {
-        match self.inline() {
+        match self.finish() {
             Some(body) => body,
             None => self.history.body(self.id, self.part).unwrap_or_default(),
         }
@@ -1056,5 +1074,53 @@ impl Body for RelayBody {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Retention;
+
+    fn chunks(history: &History) -> usize {
+        history
+            .tree("bodies")
+            .map(|t| t.len())
+            .unwrap_or(usize::MAX)
+    }
+
+    #[test]
+    fn small_bodies_stay_inline_and_large_ones_are_written_in_few_pieces() {
+        let history = History::temporary(Retention::default()).expect("history");
+        let small = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
+        for _ in 0..64 {
+            small.append(&[b'a'; 1024]);
+        }
+        assert_eq!(small.finish(), Some(vec![b'a'; INLINE_BODY_MAX]));
+        assert_eq!(
+            chunks(&history),
+            0,
+            "an inline body writes nothing of its own"
+        );
+
+        // 256 KiB arriving a QUIC packet at a time.
+        let id = ExchangeId::new();
+        let large = Tee::new(history.clone(), id, Part::Response);
+        let mut sent = Vec::new();
+        for i in 0..220u32 {
+            let packet = vec![u8::try_from(i % 251).expect("byte"); 1200];
+            large.append(&packet);
+            sent.extend_from_slice(&packet);
+        }
+        assert_eq!(large.finish(), None);
+        assert_eq!(large.len(), sent.len() as u64);
+        assert!(
+            chunks(&history) <= sent.len() / SPILL_BYTES + 1,
+            "{} writes for {} bytes",
+            chunks(&history),
+            sent.len()
+        );
+        assert_eq!(history.body(id, Part::Response).expect("body"), sent);
+        assert_eq!(large.body(), sent, "finishing twice changes nothing");
     }
 }
