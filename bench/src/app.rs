@@ -1,5 +1,6 @@
-//! The local app the agent forwards to: answers every request with 200
-//! `{"ok":true}` and counts them.
+//! The local app the agent forwards to: reads each request's body as it
+//! arrives, answers 200 `{"ok":true}` once it is complete, and counts requests
+//! and body bytes.
 
 use std::{
     net::SocketAddr,
@@ -11,11 +12,19 @@ use std::{
 };
 
 use anyhow::Context;
-use axum::{extract::DefaultBodyLimit, extract::State, response::IntoResponse, serve::ListenerExt};
-use bytes::Bytes;
+use axum::{
+    body::Body, extract::DefaultBodyLimit, extract::State, response::IntoResponse,
+    serve::ListenerExt,
+};
+use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
 struct Counts {
+    /// Requests whose head arrived.
+    started: AtomicU64,
+    /// Body bytes received, of every request.
+    body_bytes: AtomicU64,
+    /// Requests answered.
     requests: AtomicU64,
     /// The request count whose arrival time is recorded in `reached_at`.
     target: u64,
@@ -30,7 +39,21 @@ pub struct App {
     task: JoinHandle<()>,
 }
 
-async fn answer(State(counts): State<Arc<Counts>>, _body: Bytes) -> impl IntoResponse {
+async fn answer(State(counts): State<Arc<Counts>>, mut body: Body) -> impl IntoResponse {
+    counts.started.fetch_add(1, Ordering::SeqCst);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    counts
+                        .body_bytes
+                        .fetch_add(data.len() as u64, Ordering::SeqCst);
+                }
+            }
+            // A body cut short: not answered, not counted.
+            Err(_) => return http::StatusCode::BAD_REQUEST.into_response(),
+        }
+    }
     let n = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let now = Instant::now();
     if n == 1 {
@@ -43,6 +66,7 @@ async fn answer(State(counts): State<Arc<Counts>>, _body: Bytes) -> impl IntoRes
         [(http::header::CONTENT_TYPE, "application/json")],
         r#"{"ok":true}"#,
     )
+        .into_response()
 }
 
 impl App {
@@ -54,6 +78,8 @@ impl App {
             .context("binding the local app")?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Counts {
+            started: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             target,
             first_at: OnceLock::new(),
@@ -80,6 +106,16 @@ impl App {
 
     pub fn requests(&self) -> u64 {
         self.counts.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose head arrived, answered or not.
+    pub fn started(&self) -> u64 {
+        self.counts.started.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes received so far, over all requests.
+    pub fn body_bytes(&self) -> u64 {
+        self.counts.body_bytes.load(Ordering::SeqCst)
     }
 
     pub fn first_at(&self) -> Option<Instant> {

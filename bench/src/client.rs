@@ -41,6 +41,18 @@ pub async fn send(
 
 /// `GET http://addr{path}`, expecting 2xx with JSON.
 pub async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    let body = get(addr, path).await?;
+    serde_json::from_slice(&body).with_context(|| format!("GET http://{addr}{path}: not JSON"))
+}
+
+/// `GET http://addr{path}`, expecting 2xx with text (a `/metrics` page).
+pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let body = get(addr, path).await?;
+    String::from_utf8(body.to_vec()).with_context(|| format!("GET http://{addr}{path}: not UTF-8"))
+}
+
+/// `GET http://addr{path}`, expecting 2xx; the body.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
     let fetch = async {
         let mut conn = connect(addr).await?;
         let request = http::Request::get(path)
@@ -58,5 +70,5 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json
         "GET http://{addr}{path}: {status} {}",
         String::from_utf8_lossy(&body)
     );
-    serde_json::from_slice(&body).with_context(|| format!("GET http://{addr}{path}: not JSON"))
+    Ok(body)
 }

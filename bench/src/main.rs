@@ -6,6 +6,7 @@
 //! cargo run --release -p hookrelay-bench -- queue --count 2000 --json
 //! cargo run --release -p hookrelay-bench -- http                  # workloads a-d, 5 s each
 //! cargo run --release -p hookrelay-bench -- http --runs 3 --peers # median of 3, with rathole and bore
+//! cargo run --release -p hookrelay-bench -- memory                # issue 8's four memory targets
 //! ```
 //!
 //! Run it with `--release`: the benchmark itself is the load generator and the
@@ -43,9 +44,11 @@ mod app;
 mod binaries;
 mod client;
 mod http;
+mod memory;
 mod peers;
 mod process;
 mod queue;
+mod quic;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -80,6 +83,9 @@ enum Command {
     /// Throughput, latency, CPU and memory of HTTP workloads a-d through the
     /// tunnel, against going straight to the app (and rathole/bore with --peers)
     Http(http::HttpArgs),
+    /// Relay and agent memory against issue 8's targets: uploads in flight,
+    /// a queue backlog, a long history, many idle agents
+    Memory(memory::MemoryArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match cli.command {
                 Command::Queue(args) => queue::run(&binaries, &args, cli.json).await,
                 Command::Http(args) => http::run(&binaries, &args, cli.json).await,
+                Command::Memory(args) => memory::run(&binaries, &args, cli.json).await,
             }
         };
         // Leaving on Ctrl-C drops `work`, and with it every child process.

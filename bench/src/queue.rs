@@ -58,28 +58,28 @@ const STALL_WARNING: Duration = Duration::from_secs(30);
 pub struct QueueArgs {
     /// Webhooks to queue, then drain
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    count: u64,
+    pub(crate) count: u64,
 
     /// Body size of each webhook in bytes (JSON padded to this size)
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=25 * 1024 * 1024))]
-    body_bytes: u64,
+    pub(crate) body_bytes: u64,
 
     /// Senders posting at once, each over its own keep-alive connection
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    concurrency: u64,
+    pub(crate) concurrency: u64,
 
     /// Most seconds the fill may take, and the drain as well
     #[arg(long, default_value_t = 600, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    timeout: u64,
+    pub(crate) timeout: u64,
 
     /// Where to create the temporary directory for the relay's and the
     /// agent's data [default: the system's temporary directory]
     #[arg(long, value_name = "DIR")]
-    tmp_dir: Option<PathBuf>,
+    pub(crate) tmp_dir: Option<PathBuf>,
 }
 
 /// The figures of one run.
-struct Results {
+pub(crate) struct Results {
     enqueue: Duration,
     latency_us: Latency,
     agent_connected: Duration,
@@ -87,18 +87,32 @@ struct Results {
     drain: Duration,
     /// From the agent's start until the relay's queue was seen empty.
     handed_over: Option<Duration>,
-    app_requests: u64,
-    relay_fill_peak_kib: Option<u64>,
-    relay_idle_kib: Option<u64>,
-    relay_drain_peak_kib: Option<u64>,
-    relay_hwm_kib: Option<u64>,
-    agent_drain_peak_kib: Option<u64>,
-    agent_hwm_kib: Option<u64>,
+    pub(crate) app_requests: u64,
+    /// With the tunnel registered and its agent gone, before the fill.
+    pub(crate) relay_before_fill_kib: Option<u64>,
+    pub(crate) relay_fill_peak_kib: Option<u64>,
+    pub(crate) relay_idle_kib: Option<u64>,
+    pub(crate) relay_drain_peak_kib: Option<u64>,
+    pub(crate) relay_hwm_kib: Option<u64>,
+    pub(crate) agent_drain_peak_kib: Option<u64>,
+    pub(crate) agent_hwm_kib: Option<u64>,
     load_before: Option<f64>,
     load_after: Option<f64>,
 }
 
 pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::Result<()> {
+    let results = measure(binaries, args).await?;
+    if json {
+        println!("{}", to_json(args, &results));
+    } else {
+        print!("{}", table(args, &results));
+    }
+    Ok(())
+}
+
+/// One whole run: fill, idle, drain; the processes stopped, the figures
+/// returned (the `memory` benchmark takes its backlog figures from here).
+pub(crate) async fn measure(binaries: &Binaries, args: &QueueArgs) -> anyhow::Result<Results> {
     let limit = Duration::from_secs(args.timeout);
     // Declared first, so dropped last: after every process is killed.
     let dir = temp_dir(args.tmp_dir.as_deref())?;
@@ -154,8 +168,18 @@ pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::R
         args.count, args.body_bytes, args.concurrency
     );
     let load_before = load_average();
+    let relay_before_fill_kib = status_kib(relay.proc.pid(), "VmRSS");
     relay_rss.take_peak();
-    let filled = tokio::time::timeout(limit, fill(relay.http, relay.proc.pid(), args))
+    let posts = Posts {
+        http: relay.http,
+        count: args.count,
+        body_bytes: usize::try_from(args.body_bytes).context("--body-bytes")?,
+        concurrency: args.concurrency,
+        expect: http::StatusCode::ACCEPTED,
+        label: "fill",
+        watch: vec![("relay", relay.proc.pid())],
+    };
+    let filled = tokio::time::timeout(limit, post_all(&posts))
         .await
         .map_err(|_| anyhow::anyhow!("the fill did not finish within {limit:?}"))??;
     let relay_fill_peak_kib = relay_rss.take_peak();
@@ -288,7 +312,7 @@ pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::R
         report_problems(name, proc);
     }
 
-    let results = Results {
+    Ok(Results {
         enqueue: filled.elapsed,
         latency_us: filled.latency_us,
         agent_connected,
@@ -296,6 +320,7 @@ pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::R
         drain,
         handed_over,
         app_requests,
+        relay_before_fill_kib,
         relay_fill_peak_kib,
         relay_idle_kib,
         relay_drain_peak_kib,
@@ -304,13 +329,7 @@ pub async fn run(binaries: &Binaries, args: &QueueArgs, json: bool) -> anyhow::R
         agent_hwm_kib,
         load_before,
         load_after,
-    };
-    if json {
-        println!("{}", to_json(args, &results));
-    } else {
-        print!("{}", table(args, &results));
-    }
-    Ok(())
+    })
 }
 
 /// `relay-server token create`: the token.
@@ -549,9 +568,24 @@ impl Latency {
     }
 }
 
-struct Filled {
-    elapsed: Duration,
+pub(crate) struct Filled {
+    pub(crate) elapsed: Duration,
     latency_us: Latency,
+}
+
+/// What [`post_all`] sends: `count` webhooks of `body_bytes` to tunnel
+/// `bench` at `http`, from `concurrency` senders.
+pub(crate) struct Posts {
+    pub(crate) http: SocketAddr,
+    pub(crate) count: u64,
+    pub(crate) body_bytes: usize,
+    pub(crate) concurrency: u64,
+    /// The answer every webhook must get.
+    pub(crate) expect: http::StatusCode,
+    /// Names the progress lines on stderr.
+    pub(crate) label: &'static str,
+    /// Processes whose RSS the progress lines show.
+    pub(crate) watch: Vec<(&'static str, u32)>,
 }
 
 /// What the senders share.
@@ -559,6 +593,7 @@ struct FillState {
     http: SocketAddr,
     count: u64,
     body_bytes: usize,
+    expect: http::StatusCode,
     next: AtomicU64,
     done: AtomicU64,
     failures: AtomicU64,
@@ -566,12 +601,13 @@ struct FillState {
     first_failure: OnceLock<String>,
 }
 
-/// Posts every webhook; each must be answered `202`.
-async fn fill(http: SocketAddr, relay_pid: u32, args: &QueueArgs) -> anyhow::Result<Filled> {
+/// Posts every webhook; each must be answered `posts.expect`.
+pub(crate) async fn post_all(posts: &Posts) -> anyhow::Result<Filled> {
     let state = Arc::new(FillState {
-        http,
-        count: args.count,
-        body_bytes: usize::try_from(args.body_bytes).context("--body-bytes")?,
+        http: posts.http,
+        count: posts.count,
+        body_bytes: posts.body_bytes,
+        expect: posts.expect,
         next: AtomicU64::new(0),
         done: AtomicU64::new(0),
         failures: AtomicU64::new(0),
@@ -580,15 +616,16 @@ async fn fill(http: SocketAddr, relay_pid: u32, args: &QueueArgs) -> anyhow::Res
     });
     let start = Instant::now();
     let mut senders = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency {
+    for _ in 0..posts.concurrency {
         senders.spawn(sender(state.clone()));
     }
     // In a set of its own, so that it is aborted if the fill is abandoned.
     let mut reporter = tokio::task::JoinSet::new();
     {
         let state = state.clone();
+        let (label, watch) = (posts.label, posts.watch.clone());
         reporter.spawn(async move {
-            let mut progress = Progress::new("fill", state.count, vec![("relay", relay_pid)]);
+            let mut progress = Progress::new(label, state.count, watch);
             loop {
                 let done = state.done.load(Ordering::Relaxed);
                 progress.update(done, "");
@@ -599,7 +636,7 @@ async fn fill(http: SocketAddr, relay_pid: u32, args: &QueueArgs) -> anyhow::Res
             }
         });
     }
-    let mut latencies = Vec::with_capacity(usize::try_from(args.count).unwrap_or(0));
+    let mut latencies = Vec::with_capacity(usize::try_from(posts.count).unwrap_or(0));
     let mut error = None;
     while let Some(joined) = senders.join_next().await {
         match joined {
@@ -620,22 +657,24 @@ async fn fill(http: SocketAddr, relay_pid: u32, args: &QueueArgs) -> anyhow::Res
     let failures = state.failures.load(Ordering::SeqCst);
     if failures > 0 {
         anyhow::bail!(
-            "{failures} webhook(s) were not answered 202 ({} were); the first: {}",
+            "{failures} webhook(s) were not answered {} ({} were); the first: {}",
+            posts.expect.as_u16(),
             state.done.load(Ordering::SeqCst),
             state.first_failure.get().map(String::as_str).unwrap_or("?")
         );
     }
     if let Some(e) = error {
         return Err(e.context(format!(
-            "the fill stopped after {} webhooks",
+            "the {} stopped after {} webhooks",
+            posts.label,
             state.done.load(Ordering::SeqCst)
         )));
     }
     let done = state.done.load(Ordering::SeqCst);
     anyhow::ensure!(
-        done == args.count,
+        done == posts.count,
         "only {done} of {} webhooks were sent",
-        args.count
+        posts.count
     );
     Ok(Filled {
         elapsed,
@@ -673,7 +712,7 @@ async fn sender(state: Arc<FillState>) -> anyhow::Result<Vec<u64>> {
                 .map_err(|_| anyhow::anyhow!("webhook {i}: no answer within {REQUEST_TIMEOUT:?}"))?
                 .with_context(|| format!("webhook {i}"))?;
         samples.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
-        if status != http::StatusCode::ACCEPTED {
+        if status != state.expect {
             state.failures.fetch_add(1, Ordering::SeqCst);
             state.stop.store(true, Ordering::SeqCst);
             let _ = state.first_failure.set(format!(
@@ -704,11 +743,11 @@ fn body(i: u64, size: usize) -> Bytes {
     Bytes::from(bytes)
 }
 
-fn mib(kib: Option<u64>) -> Option<f64> {
+pub(crate) fn mib(kib: Option<u64>) -> Option<f64> {
     kib.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0)
 }
 
-fn show_mib(kib: Option<u64>) -> String {
+pub(crate) fn show_mib(kib: Option<u64>) -> String {
     mib(kib).map_or_else(|| "n/a".to_owned(), |m| format!("{m:.1} MiB"))
 }
 
@@ -720,7 +759,7 @@ fn rate(n: u64, d: Duration) -> f64 {
     per_sec(n, d.as_secs_f64()).round()
 }
 
-fn cpus() -> usize {
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(0, usize::from)
 }
 

@@ -1,9 +1,10 @@
-//! A CI-sized run of `hookrelay-bench http` against the debug binaries the
-//! test suite builds: workloads a and c for two seconds each. It fails only on
-//! gross regressions (CI machines are noisy and these are debug builds): any
-//! request not answered 200, throughput collapsing to a trickle, a latency of
-//! seconds, or memory far beyond the release targets. The release figures and
-//! their targets are in the README ("Benchmarks").
+//! CI-sized runs of `hookrelay-bench` against the debug binaries the test
+//! suite builds: `http` with workloads a and c for two seconds each, and
+//! `memory` scaled down. They fail only on gross regressions (CI machines are
+//! noisy and these are debug builds): any request not answered 200,
+//! throughput collapsing to a trickle, a latency of seconds, or memory far
+//! beyond the release targets. The release figures and their targets are in
+//! the README ("Benchmarks").
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -11,8 +12,9 @@ fn bench_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hookrelay-bench"))
 }
 
-#[test]
-fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
+/// Runs `hookrelay-bench --bin-dir DIR --json ARGS` against the debug
+/// binaries next to it, within two minutes; its JSON report.
+fn run_bench(args: &[&str]) -> serde_json::Value {
     let exe = bench_exe();
     let bin_dir = exe.parent().expect("the bench binary has a directory");
     for name in ["relay-server", "relay-client"] {
@@ -26,29 +28,34 @@ fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
     let out = Command::new(&exe)
         .arg("--bin-dir")
         .arg(bin_dir)
-        .args([
-            "--json",
-            "http",
-            "--workloads",
-            "a,c",
-            "--duration",
-            "2",
-            "--warmup",
-            "0",
-        ])
+        .arg("--json")
+        .args(args)
         .output()
         .expect("hookrelay-bench runs");
     assert!(
         out.status.success(),
-        "hookrelay-bench failed: {}",
+        "hookrelay-bench {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
         started.elapsed() < Duration::from_secs(120),
-        "the smoke run took {:?}",
+        "the smoke run {args:?} took {:?}",
         started.elapsed()
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
+    let report = run_bench(&[
+        "http",
+        "--workloads",
+        "a,c",
+        "--duration",
+        "2",
+        "--warmup",
+        "0",
+    ]);
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 2, "{report}");
     for w in workloads {
@@ -73,4 +80,55 @@ fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
             );
         }
     }
+}
+
+#[test]
+fn memory_scenarios_stay_far_from_gross_regressions() {
+    // Every upload in flight at once, the queue filled and drained, the
+    // history recorded and listed after a restart, and the agents idle past
+    // the relay's 10 s idle timeout: the benchmark itself fails when any
+    // request is not answered as expected or an agent drops.
+    let report = run_bench(&[
+        "memory",
+        "--uploads",
+        "200",
+        "--backlog",
+        "5000",
+        "--history",
+        "5000",
+        "--agents",
+        "200",
+        "--hold",
+        "1",
+        "--idle",
+        "11",
+    ]);
+    let rows = report["scenarios"].as_array().expect("scenarios");
+    let keys: Vec<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "uploads",
+            "backlog_fill",
+            "backlog_drain",
+            "history_fill",
+            "history_list",
+            "agents"
+        ],
+        "{report}"
+    );
+    for row in rows {
+        let name = row["scenario"].as_str().unwrap_or("?");
+        let peak = row["peak_mib"].as_f64().unwrap_or(f64::MAX);
+        assert!(peak < 256.0, "{name}: peak RSS {peak} MiB: {row}");
+    }
+    let per_agent = rows[5]["per_unit_kib"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        per_agent < 300.0,
+        "{per_agent} KiB per idle agent: {report}"
+    );
+    assert_eq!(
+        rows[4]["describe"], "restarted, 5000 exchanges listed",
+        "the restarted agent lists its whole history: {report}"
+    );
 }
