@@ -93,9 +93,9 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         "--uploads",
         "200",
         "--backlog",
-        "5000",
+        "3000",
         "--history",
-        "5000",
+        "3000",
         "--agents",
         "200",
         "--hold",
@@ -128,7 +128,7 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         "{per_agent} KiB per idle agent: {report}"
     );
     assert_eq!(
-        rows[4]["describe"], "restarted, 5000 exchanges listed",
+        rows[4]["describe"], "restarted, 3000 exchanges listed",
         "the restarted agent lists its whole history: {report}"
     );
 }
