@@ -535,13 +535,21 @@ impl<'a> Record<'a> {
     }
 
     fn kept(&self) -> Kept {
-        let e = &self.exchange;
-        let chunked = (e.request.body_len > 0 && self.body(Part::Request).is_none())
-            || (e.response.as_ref().is_some_and(|r| r.body_len > 0)
-                && self.body(Part::Response).is_none());
+        Kept::of(&self.exchange, self.json_len, |part| {
+            self.body(part).is_some()
+        })
+    }
+}
+
+impl Kept {
+    /// What retention needs of `e`, whose JSON is `json_len` bytes and
+    /// whose bodies for which `inline` holds are inside its record.
+    fn of(e: &Exchange, json_len: usize, inline: impl Fn(Part) -> bool) -> Kept {
+        let chunked = (e.request.body_len > 0 && !inline(Part::Request))
+            || (e.response.as_ref().is_some_and(|r| r.body_len > 0) && !inline(Part::Response));
         Kept {
             id: e.id,
-            size: e.stored_bytes(self.json_len),
+            size: e.stored_bytes(json_len),
             delivered: delivered_key(e).is_some(),
             chunked,
         }
@@ -558,25 +566,20 @@ fn encode_record(
     let json_len = value.len();
     let inline: Vec<&(Part, &[u8])> = inline
         .iter()
-        .filter(|(_, body)| !body.is_empty() && body.len() <= INLINE_BODY_MAX)
+        .filter(|(_, body)| !body.is_empty() && u32::try_from(body.len()).is_ok())
         .collect();
     if !inline.is_empty() {
         value.push(b'\n');
         for (part, body) in &inline {
             value.push(*part as u8);
-            value.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+            let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+            value.extend_from_slice(&len.to_be_bytes());
             value.extend_from_slice(body);
         }
     }
-    let has = |p: Part| inline.iter().any(|(part, _)| *part == p);
-    let chunked = (exchange.request.body_len > 0 && !has(Part::Request))
-        || (exchange.response.as_ref().is_some_and(|r| r.body_len > 0) && !has(Part::Response));
-    let kept = Kept {
-        id: exchange.id,
-        size: exchange.stored_bytes(json_len),
-        delivered: delivered_key(exchange).is_some(),
-        chunked,
-    };
+    let kept = Kept::of(exchange, json_len, |p| {
+        inline.iter().any(|(part, _)| *part == p)
+    });
     Ok((value, kept))
 }
 
