@@ -383,7 +383,7 @@ pub(crate) fn endpoint_for(relay_is_v6: bool) -> std::io::Result<quinn::Endpoint
 }
 
 /// The client configuration with the agent's transport settings.
-pub(crate) fn with_transport(mut config: quinn::ClientConfig) -> quinn::ClientConfig {
+pub fn with_transport(mut config: quinn::ClientConfig) -> quinn::ClientConfig {
     config.transport_config(Arc::new(transport_config()));
     config
 }
