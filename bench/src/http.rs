@@ -34,8 +34,8 @@ use crate::{
     binaries::Binaries,
     client,
     peers::{self, Peer},
-    process::{command, status_kib, temp_dir, Proc, RssSampler, Stream},
-    queue::{create_token, report_problems, Relay},
+    process::{command, status_kib, stop_all, temp_dir, Proc, RssSampler, Stream},
+    queue::{create_token, Relay},
 };
 
 const TUNNEL: &str = "bench";
@@ -223,16 +223,11 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
     }
     let relay_hwm = status_kib(relay.proc.pid(), "VmHWM");
     let agent_hwm = status_kib(agent.pid(), "VmHWM");
-    for (name, proc) in [
+    stop_all(vec![
         ("relay-client", &mut agent),
         ("relay-server", &mut relay.proc),
-    ] {
-        let status = proc.terminate().await?;
-        if !status.success() {
-            eprintln!("warning: {name} exited with {status} after SIGTERM");
-        }
-        report_problems(name, proc);
-    }
+    ])
+    .await?;
     drop(peers);
 
     let medians: Vec<Vec<Figures>> = results

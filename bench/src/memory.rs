@@ -53,8 +53,8 @@ use crate::{
     app::App,
     binaries::Binaries,
     client,
-    process::{command, status_kib, temp_dir, Proc, RssSampler, Stream, PROCESS_WAIT},
-    queue::{self, cpus, create_token, load_average, report_problems, show_mib, Posts, Relay},
+    process::{command, status_kib, stop_all, temp_dir, Proc, RssSampler, Stream, PROCESS_WAIT},
+    queue::{self, cpus, create_token, load_average, show_mib, Posts, Relay},
     quic,
 };
 
@@ -241,18 +241,6 @@ fn agent_command(
         .args(["--quiet", "--data-dir"])
         .arg(data_dir);
     cmd
-}
-
-/// SIGTERM to each, in order; their warnings and errors on stderr.
-async fn stop_all(procs: Vec<(&'static str, &mut Proc)>) -> anyhow::Result<()> {
-    for (name, proc) in procs {
-        let status = proc.terminate().await?;
-        if !status.success() {
-            eprintln!("warning: {name} exited with {status} after SIGTERM");
-        }
-        report_problems(name, proc);
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------

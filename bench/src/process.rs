@@ -335,3 +335,26 @@ impl Drop for RssSampler {
         self.task.abort();
     }
 }
+
+/// SIGTERM to each, in order; their warnings and errors on stderr.
+pub async fn stop_all(procs: Vec<(&'static str, &mut Proc)>) -> anyhow::Result<()> {
+    for (name, proc) in procs {
+        let status = proc.terminate().await?;
+        if !status.success() {
+            eprintln!("warning: {name} exited with {status} after SIGTERM");
+        }
+        report_problems(name, proc);
+    }
+    Ok(())
+}
+
+/// Prints a process's warnings and errors, if any, to stderr.
+pub fn report_problems(name: &str, proc: &Proc) {
+    let (warnings, errors, lines) = proc.log().problems();
+    if warnings + errors > 0 {
+        eprintln!("{name} logged {warnings} warning(s) and {errors} error(s); the first:");
+        for line in lines {
+            eprintln!("  | {line}");
+        }
+    }
+}

@@ -39,7 +39,7 @@ use crate::{
     app::App,
     binaries::Binaries,
     client,
-    process::{command, status_kib, temp_dir, Proc, RssSampler, Stream},
+    process::{command, status_kib, stop_all, temp_dir, Proc, RssSampler, Stream},
 };
 
 const TUNNEL: &str = "bench";
@@ -154,11 +154,7 @@ pub(crate) async fn measure(binaries: &Binaries, args: &QueueArgs) -> anyhow::Re
     )
     .await
     .context("registering the tunnel")?;
-    let status = agent.terminate().await?;
-    if !status.success() {
-        eprintln!("warning: the first agent exited with {status} after SIGTERM");
-    }
-    report_problems("relay-client (registration)", &agent);
+    stop_all(vec![("relay-client (registration)", &mut agent)]).await?;
     drop(agent);
     until_offline(relay.admin).await?;
 
@@ -301,16 +297,11 @@ pub(crate) async fn measure(binaries: &Binaries, args: &QueueArgs) -> anyhow::Re
     // 7. Stop both; report.
     drop(agent_rss);
     drop(relay_rss);
-    for (name, proc) in [
+    stop_all(vec![
         ("relay-client", &mut agent),
         ("relay-server", &mut relay.proc),
-    ] {
-        let status = proc.terminate().await?;
-        if !status.success() {
-            eprintln!("warning: {name} exited with {status} after SIGTERM");
-        }
-        report_problems(name, proc);
-    }
+    ])
+    .await?;
 
     Ok(Results {
         enqueue: filled.elapsed,
@@ -457,17 +448,6 @@ async fn until_offline(admin: SocketAddr) -> anyhow::Result<()> {
             "the relay still shows a tunnel online after the agent exited: {health}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Prints a process's warnings and errors, if any, to stderr.
-pub(crate) fn report_problems(name: &str, proc: &Proc) {
-    let (warnings, errors, lines) = proc.log().problems();
-    if warnings + errors > 0 {
-        eprintln!("{name} logged {warnings} warning(s) and {errors} error(s); the first:");
-        for line in lines {
-            eprintln!("  | {line}");
-        }
     }
 }
 
