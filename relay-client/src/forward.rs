@@ -391,12 +391,7 @@ impl Forwarder {
         inline.extend(request_body.as_deref().map(|b| (Part::Request, b)));
         inline.extend(response_body.as_deref().map(|b| (Part::Response, b)));
         let recorded = match durable {
-            Durable::Now => match self.history.store(&exchange, &inline) {
-                Ok(()) => self.history.flush().await.map(|()| {
-                    self.history.announce(exchange.clone());
-                }),
-                Err(err) => Err(err),
-            },
+            Durable::Now => self.history.record(exchange.clone(), &inline).await,
             Durable::Lingering => {
                 self.history
                     .record_lingering(exchange.clone(), &inline)

@@ -744,14 +744,18 @@ impl History {
         Ok(())
     }
 
-    /// Records a finished exchange (its bodies already appended), applies
-    /// retention, waits until it is on disk, then tells live subscribers: an
-    /// exchange anyone has seen survives a kill -9.
+    /// Records a finished exchange (its bodies already appended as chunks, or
+    /// given in `inline`), applies retention, waits until it is on disk, then
+    /// tells live subscribers: an exchange anyone has seen survives a kill -9.
     ///
     /// # Errors
     /// A storage error.
-    pub async fn record(&self, exchange: Exchange) -> Result<(), HistoryError> {
-        self.store(&exchange, &[])?;
+    pub async fn record(
+        &self,
+        exchange: Exchange,
+        inline: &[(Part, &[u8])],
+    ) -> Result<(), HistoryError> {
+        self.store(&exchange, inline)?;
         self.flush().await?;
         self.announce(exchange);
         Ok(())
@@ -1180,7 +1184,7 @@ mod tests {
             h.append_body(id, Part::Request, i as u32, chunk)
                 .expect("append");
         }
-        h.record(e).await.expect("record");
+        h.record(e, &[]).await.expect("record");
         id
     }
 

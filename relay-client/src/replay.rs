@@ -282,7 +282,7 @@ impl Replayer {
             duplicate_of: None,
             queued: None,
         };
-        self.history.record(exchange.clone()).await?;
+        self.history.record(exchange.clone(), &[]).await?;
         if let Some(terminal) = &self.terminal {
             terminal.exchange(&exchange);
         }

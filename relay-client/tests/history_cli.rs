@@ -750,7 +750,7 @@ async fn direct_mode_commands_keep_history_beyond_the_default_limits() -> anyhow
             };
             // Recorded concurrently so that the flushes are shared.
             let h = history.clone();
-            pending.push(tokio::spawn(async move { h.record(exchange).await }));
+            pending.push(tokio::spawn(async move { h.record(exchange, &[]).await }));
             if pending.len() == 500 {
                 for p in pending.drain(..) {
                     p.await??;
