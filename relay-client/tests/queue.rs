@@ -549,23 +549,6 @@ async fn kill9(child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_token(relay_dir: &Path) -> anyhow::Result<String> {
-    let out = command(relay_server_bin())
-        .arg("token")
-        .arg("create")
-        .arg("--data-dir")
-        .arg(relay_dir)
-        .args(["--name", "t", "--tunnels", "*"])
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-}
-
 /// A `relay-client http` process holding `tunnel`.
 async fn start_agent(
     relay: &RelayProcess,

@@ -159,18 +159,7 @@ impl RelayProcess {
     /// Creates a token in `dir`, then starts the relay there with `args`
     /// (every listener on loopback).
     async fn start(dir: &Path, args: &[&str]) -> anyhow::Result<RelayProcess> {
-        let out = command(relay_server_bin())
-            .args(["token", "create", "--name", "test", "--tunnels", "*"])
-            .arg("--data-dir")
-            .arg(dir)
-            .output()
-            .await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = String::from_utf8(out.stdout)?.trim().to_owned();
+        let token = create_token(dir).await?;
         Self::restart(dir, token, args).await
     }
 

@@ -385,3 +385,22 @@ pub async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
     .map_err(|_| anyhow::anyhow!("no line containing {needle:?} within {WAIT:?}"))??;
     Ok(found)
 }
+
+/// A token for every tunnel, made with `relay-server token create` in
+/// `relay_dir`.
+pub async fn create_token(relay_dir: &std::path::Path) -> anyhow::Result<String> {
+    let out = command(relay_server_bin())
+        .arg("token")
+        .arg("create")
+        .arg("--data-dir")
+        .arg(relay_dir)
+        .args(["--name", "t", "--tunnels", "*"])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
