@@ -16,8 +16,9 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use hookrelay_shared::{
-    codec::{read_frame, write_frame},
+    codec::{self, read_frame, write_frame},
     http::{connection_tokens, is_hop_by_hop},
     protocol::reset,
     signature::{self, SecretSet, SignedRequest},
@@ -470,8 +471,44 @@ impl Forwarder {
         let status = parts.status.as_u16();
         forwarded.response = Some((status, headers.clone()));
         let reply = AgentReply::Response(ResponseHead { status, headers });
-        if write_frame(send, &reply).await.is_err() {
+        // The head goes out with the first body chunk, and the stream's end
+        // with it when that was all: a small answer is one QUIC packet to the
+        // relay instead of three (each one a send, a receive and a wake-up on
+        // both sides). A body not ready yet is not waited for.
+        let mut first = match codec::frame(&reply) {
+            Ok(frame) => vec![frame],
+            Err(err) => {
+                let _ = send.reset(reset::BODY_ABORTED.into());
+                return Outcome::Failed(
+                    FailureKind::LocalAppError,
+                    format!("the local app's answer cannot be relayed: {err}"),
+                );
+            }
+        };
+        let mut ended = false;
+        while let Some(frame) = body.frame().now_or_never() {
+            match frame {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        response_tee.append(&data);
+                        first.push(data);
+                        break;
+                    }
+                }
+                Some(Err(_)) => break, // reported by the loop below
+            }
+        }
+        ended = ended || body.is_end_stream();
+        if send.write_all_chunks(&mut first).await.is_err() {
             return Outcome::Cancelled;
+        }
+        if ended {
+            let _ = send.finish();
+            return Outcome::Responded;
         }
         loop {
             match body.frame().await {

@@ -21,8 +21,9 @@ use axum::{
     Json, Router,
 };
 use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
 use hookrelay_shared::{
-    codec::{read_frame, write_frame},
+    codec::{self, read_frame},
     http::{connection_tokens, is_hop_by_hop},
     protocol::reset,
     signature::{SignedRequest, Verdict},
@@ -258,27 +259,80 @@ impl Ingress {
         // has not touched the body yet: queue instead when the tunnel queues
         // while offline.
         let queue_if_lost = settings.is_some_and(|s| s.when_offline == WhenOffline::Queue);
+        // The head goes out with the first body chunk, and the stream's end
+        // with it when that was the whole body (most webhooks: hyper has read
+        // it with the head): one QUIC packet, and no pump task. A body not
+        // here yet is not waited for.
+        let mut body = body;
+        let mut counted_in = Counted::new(self.metrics.clone(), label.clone(), Direction::In);
+        let (first, ended) = match body.frame().now_or_never() {
+            None => (None, false),
+            Some(None) => (None, true),
+            Some(Some(Ok(frame))) => (
+                frame.into_data().ok(),
+                http_body::Body::is_end_stream(&body),
+            ),
+            Some(Some(Err(err))) => {
+                return Err(match pump_error(err) {
+                    PumpEnd::TooSlow => IngressError::BodyTooSlow {
+                        rate: self.min_body_rate,
+                    },
+                    _ => IngressError::SenderAborted,
+                })
+            }
+        };
+        let sent = first.as_ref().map_or(0, |data| data.len() as u64);
+        if sent > self.body_limit_bytes {
+            return Err(IngressError::BodyTooLarge {
+                limit: self.body_limit_bytes,
+            });
+        }
+        // Not forwarded after all (agent gone): the queue gets the whole body.
+        let unsent = |first: Option<Bytes>, body: Body| match first {
+            None => body,
+            Some(data) => Body::from_stream(
+                futures_util::stream::iter([Ok::<_, axum::Error>(data)])
+                    .chain(body.into_data_stream()),
+            ),
+        };
         let (mut send, mut recv) = match link.connection.open_bi().await {
             Ok(streams) => streams,
-            Err(_) if queue_if_lost => return self.enqueue(head, body, label).await,
+            Err(_) if queue_if_lost => return self.enqueue(head, unsent(first, body), label).await,
             Err(_) => return Err(IngressError::AgentOffline(tunnel)),
         };
-        if write_frame(&mut send, &head).await.is_err() {
+        let mut chunks = match codec::frame(&head) {
+            Ok(frame) => vec![frame],
+            Err(_) => {
+                let _ = send.reset(reset::CANCELLED.into());
+                return Err(IngressError::AgentLost(tunnel));
+            }
+        };
+        chunks.extend(first.clone());
+        if send.write_all_chunks(&mut chunks).await.is_err() {
             if queue_if_lost {
-                return self.enqueue(head, body, label).await;
+                return self.enqueue(head, unsent(first, body), label).await;
             }
             return Err(IngressError::AgentLost(tunnel));
         }
+        counted_in.add(sent as usize);
 
         let cancel = CancellationToken::new();
-        let mut pump = tokio::spawn(pump_body(
-            body,
-            send,
-            self.body_limit_bytes,
-            self.body_timeout,
-            cancel.clone(),
-            Counted::new(self.metrics.clone(), label.clone(), Direction::In),
-        ));
+        let mut pump = if ended {
+            let _ = send.finish();
+            None
+        } else {
+            Some(tokio::spawn(pump_body(
+                body,
+                send,
+                Pumped {
+                    sent,
+                    limit: self.body_limit_bytes,
+                    idle: self.body_timeout,
+                },
+                cancel.clone(),
+                counted_in,
+            )))
+        };
         let _cancel_on_exit = cancel.clone().drop_guard();
         let deadline = tokio::time::sleep(self.timeout + REPLY_GRACE);
         tokio::pin!(deadline);
@@ -286,12 +340,16 @@ impl Ingress {
         let reply = {
             let reading = read_frame::<AgentReply, _>(&mut recv);
             tokio::pin!(reading);
-            let mut pump_done = false;
             loop {
                 tokio::select! {
                     reply = &mut reading => break reply,
-                    end = &mut pump, if !pump_done => {
-                        pump_done = true;
+                    end = async {
+                        match pump.as_mut() {
+                            Some(pump) => pump.await,
+                            None => std::future::pending().await,
+                        }
+                    }, if pump.is_some() => {
+                        pump = None;
                         match end {
                             Ok(PumpEnd::TooLarge) => {
                                 return Err(IngressError::BodyTooLarge { limit: self.body_limit_bytes });
@@ -603,6 +661,23 @@ fn body_error(err: axum::Error, min_rate: u64) -> IngressError {
     }
 }
 
+/// Where [`pump_body`] starts: bytes already sent with the head, the body
+/// limit, and the idle timeout between body frames.
+struct Pumped {
+    sent: u64,
+    limit: u64,
+    idle: Duration,
+}
+
+/// How a broken sender body ends a delivery.
+fn pump_error(err: axum::Error) -> PumpEnd {
+    if is_too_slow(err) {
+        PumpEnd::TooSlow
+    } else {
+        PumpEnd::SenderAborted
+    }
+}
+
 /// Copies the sender's body to the delivery stream chunk by chunk, enforcing the
 /// body limit on what actually arrives (chunked bodies declare no length) and
 /// the idle timeout between body frames. An early end is signalled with a
@@ -610,12 +685,15 @@ fn body_error(err: axum::Error, min_rate: u64) -> IngressError {
 async fn pump_body(
     mut body: Body,
     mut send: quinn::SendStream,
-    limit: u64,
-    idle: Duration,
+    pumped: Pumped,
     cancel: CancellationToken,
     mut counted: Counted,
 ) -> PumpEnd {
-    let mut sent: u64 = 0;
+    let Pumped {
+        mut sent,
+        limit,
+        idle,
+    } = pumped;
     loop {
         let frame = tokio::select! {
             () = cancel.cancelled() => {
@@ -637,11 +715,7 @@ async fn pump_body(
             }
             Some(Err(e)) => {
                 let _ = send.reset(reset::BODY_ABORTED.into());
-                return if is_too_slow(e) {
-                    PumpEnd::TooSlow
-                } else {
-                    PumpEnd::SenderAborted
-                };
+                return pump_error(e);
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => data,

@@ -6,7 +6,7 @@
 
 use std::{io, marker::PhantomData};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -44,6 +44,17 @@ pub fn encode<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecErro
     dst.put_u32(payload.len() as u32);
     dst.put_slice(&payload);
     Ok(())
+}
+
+/// One whole frame as bytes, for writing together with what follows it (a
+/// head and the first body chunk in one stream write, so one packet).
+///
+/// # Errors
+/// As [`encode`].
+pub fn frame<T: Serialize>(msg: &T) -> Result<Bytes, CodecError> {
+    let mut buf = BytesMut::new();
+    encode(msg, &mut buf)?;
+    Ok(buf.freeze())
 }
 
 /// Decodes one frame from the front of `src` when it is complete; `Ok(None)` asks
