@@ -290,7 +290,7 @@ impl Agent {
             // It stops between webhooks; one in the app's hands finishes first.
             let _ = tokio::time::timeout(Duration::from_secs(35), worker).await;
         }
-        if let Err(err) = self.history.flush().await {
+        if let Err(err) = self.history.close().await {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
                 "cannot flush history"

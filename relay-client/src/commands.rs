@@ -254,14 +254,14 @@ impl Backend {
         }
     }
 
-    /// Flushes the store (direct mode), so a short-lived command leaves its
-    /// replays on disk.
+    /// Closes the store (direct mode): its replays on disk and the retention
+    /// index saved for the agent's next start.
     ///
     /// # Errors
     /// Storage errors.
     pub async fn close(self) -> anyhow::Result<()> {
         if let Backend::Direct { history, .. } = self {
-            history.flush().await?;
+            history.close().await?;
         }
         Ok(())
     }
