@@ -456,13 +456,22 @@ async fn header_floods_get_431_or_a_closed_connection() -> anyhow::Result<()> {
             // Small enough to be read whole: hyper's answer is exactly 431.
             let got = raw(addr, head("/t/alice/flood", &just_over), WAIT).await?;
             assert_eq!(got, Outcome::Status(431), "101 headers");
+            // The head limit (16 KiB): a 12 KiB header goes through, 17 KiB not.
+            let fits = format!("X-Big: {}\r\n", "a".repeat(12 * 1024));
+            let got = raw(addr, head("/t/alice/fits", &fits), WAIT).await?;
+            assert_eq!(got, Outcome::Status(200), "12 KiB head");
+            let over = format!("X-Big: {}\r\n", "a".repeat(17 * 1024));
+            let got = raw(addr, head("/t/alice/flood", &over), WAIT).await?;
+            assert!(
+                got == Outcome::Status(431) || got == Outcome::Closed,
+                "17 KiB head: {got:?}"
+            );
             Ok(())
         })
         .await?;
-    assert!(!setup
-        .received_paths()
-        .iter()
-        .any(|p| p.starts_with("/flood")));
+    let paths = setup.received_paths();
+    assert!(!paths.iter().any(|p| p.starts_with("/flood")));
+    assert!(paths.iter().any(|p| p == "/fits"), "{paths:?}");
     Ok(())
 }
 
