@@ -122,6 +122,14 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         let peak = row["peak_mib"].as_f64().unwrap_or(f64::MAX);
         assert!(peak < 256.0, "{name}: peak RSS {peak} MiB: {row}");
     }
+    // hyper buffers up to the request head limit per connection while a body
+    // streams in: at a 64 KiB limit these debug binaries took 203 KiB per
+    // upload, at 16 KiB 129-135 KiB.
+    let per_upload = rows[0]["per_unit_kib"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        per_upload < 175.0,
+        "{per_upload} KiB per upload in flight: {report}"
+    );
     let per_agent = rows[5]["per_unit_kib"].as_f64().unwrap_or(f64::MAX);
     assert!(
         per_agent < 300.0,
