@@ -16,6 +16,13 @@ use relay_client::{
     Agent,
 };
 
+/// jemalloc instead of glibc's malloc (configured in `.cargo/config.toml`):
+/// about a fifth less CPU per request through the tunnel, and freed memory
+/// goes back to the system instead of staying in glibc's per-thread arenas
+/// (README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
