@@ -485,13 +485,11 @@ impl Forwarder {
                 );
             }
         };
-        let mut ended = false;
+        // The body's end or its breaking off, when polled here: the loop
+        // below handles it as if it had polled it itself.
+        let mut polled = None;
         while let Some(frame) = body.frame().now_or_never() {
             match frame {
-                None => {
-                    ended = true;
-                    break;
-                }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         response_tee.append(&data);
@@ -499,19 +497,22 @@ impl Forwarder {
                         break;
                     }
                 }
-                Some(Err(_)) => break, // reported by the loop below
+                end_or_error => {
+                    polled = Some(end_or_error);
+                    break;
+                }
             }
         }
-        ended = ended || body.is_end_stream();
         if send.write_all_chunks(&mut first).await.is_err() {
             return Outcome::Cancelled;
         }
-        if ended {
-            let _ = send.finish();
-            return Outcome::Responded;
-        }
         loop {
-            match body.frame().await {
+            let frame = match polled.take() {
+                Some(frame) => frame,
+                // Ready at once when the first chunk was all of it.
+                None => body.frame().await,
+            };
+            match frame {
                 None => {
                     let _ = send.finish();
                     return Outcome::Responded;

@@ -1150,3 +1150,42 @@ async fn exports_redact_credentials_unless_asked() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An app whose answer breaks off after its head (it promised 100 bytes and
+/// closed): the sender never gets a complete-looking answer, and the history
+/// records a local app error, not a delivered exchange.
+#[tokio::test]
+async fn an_answer_that_breaks_off_is_recorded_as_an_app_error() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target = format!("http://{}", listener.local_addr()?);
+    let app = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "the request ended before its head");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+            .await?;
+        anyhow::Ok(())
+    });
+    let relay = TestRelay::spawn().await?;
+    let agent = inspected_agent(&relay, "cut", &target).await?;
+    match post(&relay.url("cut", "/hook"), "").await {
+        Ok((status, _, body)) => assert!(
+            status != StatusCode::OK || body.len() < 100,
+            "a cut answer looked whole: {status} {} bytes",
+            body.len()
+        ),
+        Err(_) => {} // the connection was cut: what a broken answer should look like
+    }
+    tokio::time::timeout(WAIT, app).await???;
+    recorded(&agent, 1).await?;
+    let page = get_json(&api(&agent, "/api/exchanges")).await?;
+    let e = &page["exchanges"][0];
+    assert_eq!(e["outcome"], "local_app_error", "{e}");
+    Ok(())
+}
