@@ -272,21 +272,10 @@ impl Ingress {
                 frame.into_data().ok(),
                 http_body::Body::is_end_stream(&body),
             ),
-            Some(Some(Err(err))) => {
-                return Err(match pump_error(err) {
-                    PumpEnd::TooSlow => IngressError::BodyTooSlow {
-                        rate: self.min_body_rate,
-                    },
-                    _ => IngressError::SenderAborted,
-                })
-            }
+            Some(Some(Err(err))) => return Err(body_error(err, self.min_body_rate)),
         };
         let sent = first.as_ref().map_or(0, |data| data.len() as u64);
-        if sent > self.body_limit_bytes {
-            return Err(IngressError::BodyTooLarge {
-                limit: self.body_limit_bytes,
-            });
-        }
+        self.within_limit(sent)?;
         // Not forwarded after all (agent gone): the queue gets the whole body.
         let unsent = |first: Option<Bytes>, body: Body| match first {
             None => body,
@@ -669,15 +658,6 @@ struct Pumped {
     idle: Duration,
 }
 
-/// How a broken sender body ends a delivery.
-fn pump_error(err: axum::Error) -> PumpEnd {
-    if is_too_slow(err) {
-        PumpEnd::TooSlow
-    } else {
-        PumpEnd::SenderAborted
-    }
-}
-
 /// Copies the sender's body to the delivery stream chunk by chunk, enforcing the
 /// body limit on what actually arrives (chunked bodies declare no length) and
 /// the idle timeout between body frames. An early end is signalled with a
@@ -715,7 +695,11 @@ async fn pump_body(
             }
             Some(Err(e)) => {
                 let _ = send.reset(reset::BODY_ABORTED.into());
-                return pump_error(e);
+                return if is_too_slow(e) {
+                    PumpEnd::TooSlow
+                } else {
+                    PumpEnd::SenderAborted
+                };
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => data,

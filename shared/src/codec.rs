@@ -90,9 +90,7 @@ where
     T: Serialize,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::new();
-    encode(msg, &mut buf)?;
-    w.write_all(&buf).await?;
+    w.write_all(&frame(msg)?).await?;
     Ok(())
 }
 
