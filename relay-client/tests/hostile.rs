@@ -132,6 +132,21 @@ fn status_of(buf: &[u8]) -> Option<u16> {
     line.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
+/// The status codes of every response read until the peer closes (or
+/// `within` passes).
+async fn statuses_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u16> {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(within, stream.read_to_end(&mut buf)).await;
+    let mut statuses = Vec::new();
+    let mut rest = &buf[..];
+    while let Some(at) = rest.windows(9).position(|w| w == b"HTTP/1.1 ") {
+        rest = &rest[at..];
+        statuses.extend(status_of(rest));
+        rest = &rest[9..];
+    }
+    statuses
+}
+
 /// Whether the peer closes the connection within `within` (whatever it sends first).
 async fn closes(stream: &mut TcpStream, within: Duration) -> bool {
     tokio::time::timeout(within, async {
@@ -511,6 +526,21 @@ async fn ambiguous_framing_is_refused_and_never_smuggled() -> anyhow::Result<()>
                     ),
                     ("Content-Length list", "Content-Length: 5, 6\r\n", "hello!"),
                     ("negative Content-Length", "Content-Length: -5\r\n", ""),
+                    (
+                        "Content-Length, then chunked",
+                        "Content-Length: 60\r\nTransfer-Encoding: chunked\r\n",
+                        "0\r\n\r\n",
+                    ),
+                    (
+                        "chunked, then Content-Length",
+                        "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+                        "0\r\n\r\n",
+                    ),
+                    (
+                        "chunked, then Content-Length 0",
+                        "transfer-encoding: chunked\r\ncontent-length: 0\r\n",
+                        "5\r\nhello\r\n0\r\n\r\n",
+                    ),
                 ] {
                     let mut bytes = head("/t/alice/refused", extra);
                     bytes.extend_from_slice(body.as_bytes());
@@ -541,20 +571,22 @@ async fn ambiguous_framing_is_refused_and_never_smuggled() -> anyhow::Result<()>
                     .await;
                 assert_eq!(outcome(&mut s, WAIT).await, Outcome::Status(400), "TE on 1.0");
 
-                // Content-Length and Transfer-Encoding together: hyper frames
-                // by Transfer-Encoding alone (RFC 9112 §6.1) and closes the
-                // connection after the answer, so the bytes after the chunked
-                // body are never read as a request.
-                let mut bytes = head(
-                    "/t/alice/cl-te",
-                    "Content-Length: 60\r\nTransfer-Encoding: chunked\r\n",
-                );
+                // An ambiguous request behind well-framed ones on the same
+                // connection: those are served, it is refused, and the
+                // connection ends there.
+                let mut bytes = head("/t/alice/first", "Transfer-Encoding: chunked\r\n");
+                bytes.extend_from_slice(b"5\r\nhello\r\n0\r\n\r\n");
+                bytes.extend_from_slice(&head("/t/alice/second", "Content-Length: 2\r\n"));
+                bytes.extend_from_slice(b"hi");
+                bytes.extend_from_slice(&head(
+                    "/t/alice/refused",
+                    "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+                ));
                 bytes.extend_from_slice(b"0\r\n\r\n");
                 bytes.extend_from_slice(smuggled.as_bytes());
                 let mut s = hostile_connect(addr).await?;
-                s.write_all(&bytes).await?;
-                assert_eq!(outcome(&mut s, WAIT).await, Outcome::Status(200), "CL+TE");
-                assert!(closes(&mut s, WAIT).await, "CL+TE: closed after the answer");
+                let _ = s.write_all(&bytes).await;
+                assert_eq!(statuses_until_closed(&mut s, WAIT).await, [200, 200, 400]);
             }
             Ok(())
         })
@@ -570,8 +602,15 @@ async fn ambiguous_framing_is_refused_and_never_smuggled() -> anyhow::Result<()>
         if r.uri == "/te-tab" {
             assert_eq!(&r.body[..], b"hello", "chunked\\t framed as chunked");
         }
-        if r.uri == "/cl-te" {
-            assert!(r.body.is_empty(), "CL+TE body framed by chunked: {r:?}");
+        if r.uri == "/first" {
+            assert_eq!(
+                &r.body[..],
+                b"hello",
+                "chunked before the ambiguous request"
+            );
+        }
+        if r.uri == "/second" {
+            assert_eq!(&r.body[..], b"hi", "sized before the ambiguous request");
         }
     }
     Ok(())

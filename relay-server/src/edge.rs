@@ -15,6 +15,9 @@
 //!   closed;
 //! - an HTTP/1 request head not complete within `header_timeout` (counted
 //!   again for every request on a kept-alive connection): closed by hyper;
+//! - an HTTP/1 request with both `Content-Length` and `Transfer-Encoding`:
+//!   marked by [`crate::framing`] on its way in, refused with `400` by the
+//!   ingress, and the connection closed;
 //! - a request head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`]
 //!   header lines: `431` from hyper, then closed;
 //! - more than [`MAX_CONCURRENT_STREAMS`] HTTP/2 streams at once: the limit is
@@ -45,7 +48,10 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
-use crate::tls::ACME_TLS_ALPN;
+use crate::{
+    framing::{Ambiguity, AmbiguousFraming, Watched},
+    tls::ACME_TLS_ALPN,
+};
 
 /// Largest HTTP/1 request head (request line and headers) and largest HTTP/2
 /// header list, in bytes. For HTTP/1 it is also the most hyper buffers per
@@ -239,7 +245,7 @@ async fn connection(
             debug!(%remote, "connection closed before its first request");
             return;
         }
-        serve_http(TokioIo::new(tcp), remote, app, &builder, stop).await;
+        serve_http(tcp, remote, app, &builder, stop).await;
         return;
     };
     // The handshake and the first bytes of HTTP share the header timeout, so a
@@ -250,7 +256,7 @@ async fn connection(
     };
     match opened {
         Ok(Ok(Opened::Http(stream))) => {
-            serve_http(TokioIo::new(stream), remote, app, &builder, stop).await;
+            serve_http(stream, remote, app, &builder, stop).await;
         }
         Ok(Ok(Opened::AcmeChallenge)) => debug!(%remote, "answered an ACME TLS-ALPN-01 challenge"),
         Ok(Err(err)) => {
@@ -260,18 +266,23 @@ async fn connection(
     }
 }
 
-async fn serve_http<I>(
-    io: I,
+async fn serve_http<S>(
+    stream: S,
     remote: SocketAddr,
     app: Router,
     builder: &auto::Builder<TokioExecutor>,
     stop: CancellationToken,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let ambiguity = Arc::new(Ambiguity::default());
+    let io = TokioIo::new(Watched::new(stream, ambiguity.clone()));
     let service = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(remote));
+        if req.version() < http::Version::HTTP_2 && ambiguity.next_request_is_ambiguous() {
+            req.extensions_mut().insert(AmbiguousFraming);
+        }
         hyper::service::Service::call(&service, req)
     });
     let conn = builder.serve_connection(io, service);

@@ -155,6 +155,15 @@ impl Ingress {
         let received_at_ms = crate::now_ms();
         let (parts, body) = req.into_parts();
         let body = RateGuarded::wrap(body, self.body_timeout, self.min_body_rate);
+        if parts
+            .extensions
+            .get::<crate::framing::AmbiguousFraming>()
+            .is_some()
+        {
+            return Err(IngressError::BadRequest(
+                "both Content-Length and Transfer-Encoding (ambiguous framing)",
+            ));
+        }
         check_head(&parts.headers, &parts.uri)?;
         let client = self.policies.client_ip(remote.ip(), &parts.headers);
         self.policies.admit_source(client)?;

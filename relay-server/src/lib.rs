@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 mod drain;
 mod edge;
+mod framing;
 mod guard;
 pub mod ingress;
 pub mod metrics;
