@@ -44,6 +44,12 @@ use crate::{
 /// Time the relay gets to send a delivery's head after opening its stream.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest response body taken from the local app: relayed to the sender,
+/// recorded, or read back for a replay. Above it the answer is cut off (the
+/// sender sees the response break) and the exchange is a local app error.
+/// The relay's default request body limit; webhook answers are a few bytes.
+pub(crate) const MAX_RESPONSE_BYTES: u64 = 25 * 1024 * 1024;
+
 /// Largest chunk read from a QUIC stream at once.
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
@@ -488,10 +494,17 @@ impl Forwarder {
         // The body's end or its breaking off, when polled here: the loop
         // below handles it as if it had polled it itself.
         let mut polled = None;
+        // Bytes of the answer so far, and what is left of the time the app
+        // gets to produce its body (time spent waiting on the sender is not
+        // the app's).
+        let mut relayed: u64 = 0;
+        let mut budget = timeout;
         while let Some(frame) = body.frame().now_or_never() {
             match frame {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        // One read of hyper's is far below the limit.
+                        relayed += data.len() as u64;
                         response_tee.append(&data);
                         first.push(data);
                         break;
@@ -510,7 +523,25 @@ impl Forwarder {
             let frame = match polled.take() {
                 Some(frame) => frame,
                 // Ready at once when the first chunk was all of it.
-                None => body.frame().await,
+                None => {
+                    let waiting = Instant::now();
+                    match tokio::time::timeout(budget, body.frame()).await {
+                        Ok(frame) => {
+                            budget = budget.saturating_sub(waiting.elapsed());
+                            frame
+                        }
+                        Err(_) => {
+                            let _ = send.reset(reset::BODY_ABORTED.into());
+                            return Outcome::Failed(
+                                FailureKind::LocalAppTimeout,
+                                format!(
+                                    "the local app's response body did not end within {:.1}s; cut off",
+                                    timeout.as_secs_f32()
+                                ),
+                            );
+                        }
+                    }
+                }
             };
             match frame {
                 None => {
@@ -519,6 +550,11 @@ impl Forwarder {
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        relayed += data.len() as u64;
+                        if relayed > MAX_RESPONSE_BYTES {
+                            let _ = send.reset(reset::BODY_ABORTED.into());
+                            return Outcome::Failed(FailureKind::LocalAppError, over_limit());
+                        }
                         response_tee.append(&data);
                         if send.write_chunk(data).await.is_err() {
                             return Outcome::Cancelled;
@@ -703,25 +739,37 @@ impl Forwarder {
             .collect();
         forwarded.response = Some((parts.status.as_u16(), headers));
         let read = tokio::time::timeout(timeout, async {
+            let mut read: u64 = 0;
             while let Some(frame) = body.frame().await {
                 match frame {
                     Ok(frame) => {
                         if let Ok(data) = frame.into_data() {
+                            read += data.len() as u64;
+                            if read > MAX_RESPONSE_BYTES {
+                                return Err(over_limit());
+                            }
                             response_tee.append(&data);
                         }
                     }
-                    Err(_) => return false,
+                    Err(_) => return Err("the local app's response body broke off".into()),
                 }
             }
-            true
+            Ok(())
         })
         .await;
         match read {
-            Ok(true) => (Outcome::Responded, retry_after),
-            _ => (
+            Ok(Ok(())) => (Outcome::Responded, retry_after),
+            Ok(Err(message)) => (
+                Outcome::Failed(FailureKind::LocalAppError, message),
+                retry_after,
+            ),
+            Err(_) => (
                 Outcome::Failed(
-                    FailureKind::LocalAppError,
-                    "the local app's response body broke off".into(),
+                    FailureKind::LocalAppTimeout,
+                    format!(
+                        "the local app's response body did not end within {:.1}s",
+                        timeout.as_secs_f32()
+                    ),
                 ),
                 retry_after,
             ),
@@ -977,6 +1025,14 @@ impl Tee {
 /// the app and [`drain`]. Chunks are recorded while the lock is held, so the
 /// history keeps them in order whoever reads them.
 type SharedRecv = Arc<tokio::sync::Mutex<quinn::RecvStream>>;
+
+/// Why an answer over [`MAX_RESPONSE_BYTES`] was cut off.
+fn over_limit() -> String {
+    format!(
+        "the local app's response body is over {} MiB; cut off",
+        MAX_RESPONSE_BYTES >> 20
+    )
+}
 
 /// Reads and records the whole request body, within `limit`; `None` when it
 /// broke off or took too long.

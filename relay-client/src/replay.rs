@@ -205,7 +205,9 @@ impl Replayer {
             let resp = self.client.request(request).await?;
             let app_ms = started.elapsed().as_millis() as u64;
             let (parts, body) = resp.into_parts();
-            Ok::<_, hyper_util::client::legacy::Error>((parts, body.collect().await, app_ms))
+            let limited =
+                http_body_util::Limited::new(body, crate::forward::MAX_RESPONSE_BYTES as usize);
+            Ok::<_, hyper_util::client::legacy::Error>((parts, limited.collect().await, app_ms))
         })
         .await;
         let (response, outcome, error, app_ms) = match answer {
@@ -240,7 +242,14 @@ impl Replayer {
                 Err(e) => (
                     None,
                     Outcome::LocalAppError,
-                    Some(format!("response body broke: {e}")),
+                    Some(if e.is::<http_body_util::LengthLimitError>() {
+                        format!(
+                            "the response body is over {} MiB; not kept",
+                            crate::forward::MAX_RESPONSE_BYTES >> 20
+                        )
+                    } else {
+                        format!("response body broke: {e}")
+                    }),
                     Some(app_ms),
                 ),
             },

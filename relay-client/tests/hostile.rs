@@ -1,4 +1,5 @@
-//! Hostile senders at the public HTTP ingress (SECURITY.md §3.3). Every case
+//! Hostile senders at the public HTTP ingress, and hostile answers from the
+//! local app behind the tunnel (SECURITY.md §3.3). Every case
 //! is a bounded loop on loopback with a named outcome (a status code or a
 //! closed connection), and while it runs a well-formed webhook through a real
 //! agent to a real local app still gets its 200 in good time.
@@ -794,6 +795,234 @@ async fn http2_streams_beyond_the_limit_wait() -> anyhow::Result<()> {
     eprintln!("h2: {ok} served, {refused} refused, peak {peak} at once");
     // The relay still serves HTTP/1.
     let (status, _, _) = post(&relay.url("alice", "/after"), "{}").await?;
+    assert_eq!(status, StatusCode::OK);
+    Ok(())
+}
+
+/// A local app behind the tunnel that answers every request the same
+/// hostile way (SECURITY.md §3.3, "local app → relay response abuse"), on raw
+/// TCP so nothing tames it (except `POST /next`, answered plainly). Each
+/// connection's writing is bounded in bytes and time; it stops when the agent
+/// stops reading.
+async fn hostile_app(
+    answer: fn() -> (&'static str, Vec<u8>, Duration, usize),
+) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if seen.starts_with(b"POST /next ") {
+                    // The webhook after the attack gets a plain answer.
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let (head, piece, pause, pieces) = answer();
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..pieces {
+                    if conn.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(target)
+}
+
+/// 64 KiB chunks of `x`, in chunked encoding.
+fn chunk_of_64k() -> Vec<u8> {
+    let mut piece = b"10000\r\n".to_vec();
+    piece.extend(std::iter::repeat_n(b'x', 65_536));
+    piece.extend_from_slice(b"\r\n");
+    piece
+}
+
+/// The newest exchange the agent recorded, once there is one.
+async fn newest(agent: &Agent) -> anyhow::Result<relay_client::history::Exchange> {
+    recorded(agent, 1).await?;
+    let page = agent
+        .history()
+        .list(&relay_client::history::Filter::default(), None, 1)?;
+    page.exchanges
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("nothing recorded"))
+}
+
+/// Reads a response until it ends or breaks (or `within` passes): the
+/// status, whether it ended cleanly and how many bytes came.
+async fn read_answer(url: &str, within: Duration) -> anyhow::Result<(StatusCode, bool, u64)> {
+    use http_body_util::BodyExt;
+    let req = Request::post(url).body(full("{}"))?;
+    let resp = tokio::time::timeout(within, client().request(req)).await??;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    let read = tokio::time::timeout(within, async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => got += frame.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => return false,
+            }
+        }
+        true
+    })
+    .await;
+    Ok((status, matches!(read, Ok(true)), got))
+}
+
+/// 7a. An app streaming an endless answer: cut off at the response limit; the
+/// sender's response breaks, the exchange is an app error, and the history
+/// keeps no more than the limit.
+#[tokio::test]
+async fn an_endless_answer_is_cut_off_at_the_limit() -> anyhow::Result<()> {
+    // 40 MiB at most, well past the 25 MiB limit.
+    let target = hostile_app(|| {
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            chunk_of_64k(),
+            Duration::ZERO,
+            640,
+        )
+    })
+    .await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = relay.agent("alice", &target).await?;
+    let (status, whole, got) = read_answer(&relay.url("alice", "/endless"), WAIT * 4).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !whole,
+        "the cut answer must not look complete ({got} bytes)"
+    );
+    let limit = 25 << 20;
+    assert!(got <= limit, "{got} bytes relayed");
+    let e = newest(&agent).await?;
+    assert_eq!(
+        e.outcome,
+        relay_client::history::Outcome::LocalAppError,
+        "{e:?}"
+    );
+    assert!(
+        e.error
+            .as_deref()
+            .is_some_and(|m| m.contains("over 25 MiB")),
+        "{e:?}"
+    );
+    let kept = agent
+        .history()
+        .body(e.id, relay_client::history::Part::Response)?;
+    assert!(kept.len() as u64 <= limit, "{} bytes kept", kept.len());
+    // A replay reads the whole answer back: it stops at the limit too.
+    let replayer = relay_client::replay::Replayer::new(
+        agent.history().clone(),
+        None,
+        std::sync::Arc::default(),
+    );
+    let replayed = replayer.replay(e.id, &Default::default()).await?;
+    assert_eq!(
+        replayed.outcome,
+        relay_client::history::Outcome::LocalAppError,
+        "{replayed:?}"
+    );
+    assert!(
+        replayed
+            .error
+            .as_deref()
+            .is_some_and(|m| m.contains("over 25 MiB")),
+        "{replayed:?}"
+    );
+    // The relay still serves the next webhook.
+    let (status, _, _) = post(&relay.url("alice", "/next"), "{}").await?;
+    assert_eq!(status, StatusCode::OK);
+    Ok(())
+}
+
+/// 7b. An app that drips its answer forever: cut off once it has taken the
+/// delivery timeout to produce the body.
+#[tokio::test]
+async fn a_dripping_answer_is_cut_off_after_the_timeout() -> anyhow::Result<()> {
+    // A byte every 100 ms for up to 30 s.
+    let target = hostile_app(|| {
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"1\r\nx\r\n".to_vec(),
+            Duration::from_millis(100),
+            300,
+        )
+    })
+    .await?;
+    let relay = TestRelay::spawn_with(|c| c.timeout = Duration::from_secs(1)).await?;
+    let agent = relay.agent("alice", &target).await?;
+    let started = Instant::now();
+    let (status, whole, got) = read_answer(&relay.url("alice", "/drip"), WAIT * 2).await?;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !whole,
+        "the cut answer must not look complete ({got} bytes)"
+    );
+    assert!(took < Duration::from_secs(10), "cut off after {took:?}");
+    let e = newest(&agent).await?;
+    assert_eq!(
+        e.outcome,
+        relay_client::history::Outcome::LocalAppTimeout,
+        "{e:?}"
+    );
+    Ok(())
+}
+
+/// 7c. A sender that never reads a large answer: the relay closes its
+/// connection once writes have been blocked for the body timeout, which
+/// stops the delivery; it does not hold the answer (or the app) forever.
+#[tokio::test]
+async fn a_sender_that_does_not_read_its_answer_is_cut_off() -> anyhow::Result<()> {
+    const SIZE: usize = 20 << 20;
+    let target = hostile_app(|| {
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 20971520\r\n\r\n",
+            vec![b'y'; 1 << 20],
+            Duration::ZERO,
+            20,
+        )
+    })
+    .await?;
+    let relay = TestRelay::spawn_with(|c| c.body_timeout = Duration::from_secs(1)).await?;
+    let agent = relay.agent("alice", &target).await?;
+    let mut s = TcpStream::connect(relay.http_addr()).await?;
+    s.write_all(b"POST /t/alice/big HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 0\r\n\r\n")
+        .await?;
+    // Not reading: the answer fills the socket buffers and the relay's writes
+    // block. The agent records the delivery as given up once the relay stops it.
+    let e = newest(&agent).await?;
+    assert_eq!(
+        e.outcome,
+        relay_client::history::Outcome::Cancelled,
+        "{e:?}"
+    );
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+    assert!(
+        got.len() < SIZE,
+        "{} bytes: the whole answer came",
+        got.len()
+    );
+    let (status, _, _) = post(&relay.url("alice", "/next"), "{}").await?;
     assert_eq!(status, StatusCode::OK);
     Ok(())
 }

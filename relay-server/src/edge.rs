@@ -20,6 +20,9 @@
 //!   ingress, and the connection closed;
 //! - a request head over [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`]
 //!   header lines: `431` from hyper, then closed;
+//! - a sender that stops reading its answer (HTTP/1: its socket's buffers
+//!   full) for `write_timeout`: the connection is closed, which stops the
+//!   delivery's stream and frees the agent's connection to the local app;
 //! - more than [`MAX_CONCURRENT_STREAMS`] HTTP/2 streams at once: the limit is
 //!   advertised in SETTINGS; streams beyond it are refused (`REFUSED_STREAM`).
 
@@ -77,6 +80,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct EdgeLimits {
     pub header_timeout: Duration,
+    /// Longest a write to the sender may stay blocked (the body timeout).
+    pub write_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
 }
@@ -211,7 +216,7 @@ impl Edge {
                 remote,
                 app.clone(),
                 self.builder.clone(),
-                self.limits.header_timeout,
+                self.limits,
                 tls.clone(),
                 stop.clone(),
                 slot,
@@ -229,11 +234,12 @@ async fn connection(
     remote: SocketAddr,
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    header_timeout: Duration,
+    limits: EdgeLimits,
     tls: Option<TlsAcceptor>,
     stop: CancellationToken,
     _slot: Slot,
 ) {
+    let header_timeout = limits.header_timeout;
     let Some(tls) = tls else {
         // hyper's header timeout starts once it knows the protocol; until then
         // (nothing sent, or a partial HTTP/2 preface) this one applies.
@@ -245,7 +251,7 @@ async fn connection(
             debug!(%remote, "connection closed before its first request");
             return;
         }
-        serve_http(tcp, remote, app, &builder, stop).await;
+        serve_http(tcp, remote, app, &builder, limits, stop).await;
         return;
     };
     // The handshake and the first bytes of HTTP share the header timeout, so a
@@ -256,7 +262,7 @@ async fn connection(
     };
     match opened {
         Ok(Ok(Opened::Http(stream))) => {
-            serve_http(stream, remote, app, &builder, stop).await;
+            serve_http(stream, remote, app, &builder, limits, stop).await;
         }
         Ok(Ok(Opened::AcmeChallenge)) => debug!(%remote, "answered an ACME TLS-ALPN-01 challenge"),
         Ok(Err(err)) => {
@@ -271,11 +277,17 @@ async fn serve_http<S>(
     remote: SocketAddr,
     app: Router,
     builder: &auto::Builder<TokioExecutor>,
+    limits: EdgeLimits,
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ambiguity = Arc::new(Ambiguity::default());
+    let stream = WriteDeadline {
+        inner: stream,
+        limit: limits.write_timeout,
+        blocked: None,
+    };
     let io = TokioIo::new(Watched::new(stream, ambiguity.clone()));
     let service = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
@@ -393,6 +405,87 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+/// A connection whose writes may stay blocked for `limit` at most (a sender
+/// that does not read its answer); then they fail, and hyper drops the
+/// connection with the answer's body, whose stream to the agent stops.
+struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Since when writes have been blocked (allocated only then).
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    /// Passes `polled` on, and keeps count of how long writes are blocked.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        use std::future::Future;
+        if polled.is_ready() {
+            self.blocked = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.blocked = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the sender read nothing of its answer for the write timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, polled)
+    }
+}
+
 /// Waits until the peer has sent enough to tell HTTP/1 from HTTP/2: one byte
 /// that is not the start of the HTTP/2 preface, or the whole preface. `false`
 /// when the peer closes first.
@@ -437,6 +530,7 @@ mod tests {
         let counts = Arc::new(Counts {
             limits: EdgeLimits {
                 header_timeout: Duration::from_secs(1),
+                write_timeout: Duration::from_secs(1),
                 max_connections: 3,
                 max_connections_per_ip: 2,
             },

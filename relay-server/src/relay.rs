@@ -121,6 +121,7 @@ impl Relay {
         };
         let edge = Edge::new(EdgeLimits {
             header_timeout: config.header_timeout,
+            write_timeout: config.body_timeout,
             max_connections: config.max_connections,
             max_connections_per_ip: config.max_connections_per_ip,
         });
