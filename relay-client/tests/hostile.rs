@@ -1026,3 +1026,55 @@ async fn a_sender_that_does_not_read_its_answer_is_cut_off() -> anyhow::Result<(
     assert_eq!(status, StatusCode::OK);
     Ok(())
 }
+
+/// 9. HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once,
+/// in a loop, on one connection. The relay (h2's reset-stream accounting)
+/// ends the connection; next to nothing reaches the app.
+#[tokio::test]
+async fn http2_rapid_reset_is_cut_off() -> anyhow::Result<()> {
+    const STREAMS: usize = 10_000;
+    let setup = Setup::new(|_| {}).await?;
+    let addr = setup.addr();
+    let (opened, end) = setup
+        .while_attacked(async move {
+            let tcp = hostile_connect(addr).await?;
+            let (mut client, connection) = h2::client::handshake(tcp).await?;
+            let driver = tokio::spawn(connection);
+            let mut opened = 0;
+            let mut held = None;
+            for _ in 0..STREAMS {
+                let Ok(ready) = client.ready().await else {
+                    break;
+                };
+                client = ready;
+                let req = Request::post("http://relay.test/t/alice/reset").body(())?;
+                let Ok((_resp, mut stream)) = client.send_request(req, false) else {
+                    break;
+                };
+                stream.send_reset(h2::Reason::CANCEL);
+                opened += 1;
+                if opened == STREAMS {
+                    held = Some(client);
+                    break;
+                }
+            }
+            // The connection must end from the relay's side (the client
+            // handle is still held when every stream went out), not linger.
+            let end = tokio::time::timeout(WAIT, driver).await;
+            drop(held);
+            Ok((opened, end))
+        })
+        .await?;
+    let reached = setup
+        .received_paths()
+        .iter()
+        .filter(|p| p.as_str() == "/reset")
+        .count();
+    eprintln!("rapid reset: {opened} streams opened and reset, connection end {end:?}, {reached} reached the app");
+    assert!(
+        matches!(end, Ok(Ok(Err(_)))),
+        "the relay did not end the connection: {end:?}"
+    );
+    assert!(reached < 100, "{reached} reset streams reached the app");
+    Ok(())
+}

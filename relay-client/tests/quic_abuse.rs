@@ -62,16 +62,53 @@ async fn hello(
 
 /// The relay's value of the counter `name{reason="reason"}`.
 async fn auth_failures(relay: &TestRelay, reason: &str) -> anyhow::Result<f64> {
+    metric(
+        relay,
+        &format!("hookrelay_relay_auth_failures_total{{reason=\"{reason}\"}}"),
+    )
+    .await
+}
+
+/// The relay's value of the metric line starting with `name` (0 when absent).
+async fn metric(relay: &TestRelay, name: &str) -> anyhow::Result<f64> {
     let url = format!("http://{}/metrics", relay.relay.admin_addr());
     let (status, _, body) = send(http::Request::get(url).body(full(""))?).await?;
     assert_eq!(status, StatusCode::OK);
     let text = String::from_utf8_lossy(&body);
-    let prefix = format!("hookrelay_relay_auth_failures_total{{reason=\"{reason}\"}} ");
+    let prefix = format!("{name} ");
     Ok(text
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
+}
+
+/// QUIC amplification (SECURITY.md §3.3): a new connection is answered with a
+/// Retry before any handshake, so only a client that receives at its source
+/// address gets the relay's certificates or any connection state; a real
+/// agent follows the Retry and is served.
+#[tokio::test]
+async fn new_connections_prove_their_address_before_the_handshake() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    assert_eq!(
+        metric(&relay, "hookrelay_relay_quic_retries_total").await?,
+        0.0
+    );
+    let _agent = relay.agent("alice", &app.target()).await?;
+    assert!(metric(&relay, "hookrelay_relay_quic_retries_total").await? >= 1.0);
+    let (status, _, _) = post(&relay.url("alice", "/after-retry"), "{}").await?;
+    assert_eq!(status, StatusCode::OK);
+    // A raw client too: the Retry is part of every new connection.
+    let before = metric(&relay, "hookrelay_relay_quic_retries_total").await?;
+    let endpoint = endpoint(&relay, "127.0.0.1:0")?;
+    let (answer, _conn, _control) = hello(&endpoint, &relay, "not-a-token", "bob").await?;
+    assert!(
+        matches!(answer, RelayToAgent::Rejected { .. }),
+        "{answer:?}"
+    );
+    assert!(metric(&relay, "hookrelay_relay_quic_retries_total").await? > before);
+    Ok(())
 }
 
 #[tokio::test]

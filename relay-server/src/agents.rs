@@ -207,6 +207,24 @@ pub(crate) async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        // Address validation first (RFC 9000 §8.1): a client that has not
+        // yet echoed a Retry token gets one, which costs the relay one small
+        // packet and no state. Only a client that owns its source address
+        // then gets a handshake (certificates, up to three times what it sent:
+        // a reflector's gain with a spoofed source) and a connection's state.
+        // Agents connect rarely and stay: the round trip it adds is paid once
+        // per connection.
+        let incoming = if !incoming.remote_address_validated() && incoming.may_retry() {
+            match incoming.retry() {
+                Ok(()) => {
+                    agents.metrics.quic_retry();
+                    continue;
+                }
+                Err(err) => err.into_incoming(),
+            }
+        } else {
+            incoming
+        };
         let agents = agents.clone();
         let shutdown = close_sessions.clone();
         tracker.spawn(

@@ -65,6 +65,7 @@ pub struct RelayMetrics {
     response_bytes: Family<TunnelLabel, Counter>,
     agents_connected: Gauge,
     auth_failures: Family<ReasonLabel, Counter>,
+    quic_retries: Counter,
     queue_depth: Family<TunnelLabel, Gauge>,
     queue_bytes: Family<TunnelLabel, Gauge>,
     queue_oldest: Family<TunnelLabel, Gauge>,
@@ -121,6 +122,12 @@ impl RelayMetrics {
             "Agents refused, by reason",
             auth_failures.clone(),
         );
+        let quic_retries = Counter::default();
+        registry.register(
+            "hookrelay_relay_quic_retries",
+            "New agent connections asked to prove their address (QUIC Retry)",
+            quic_retries.clone(),
+        );
         let queue_depth = Family::<TunnelLabel, Gauge>::default();
         registry.register(
             "hookrelay_relay_queue_depth",
@@ -153,6 +160,7 @@ impl RelayMetrics {
             response_bytes,
             agents_connected,
             auth_failures,
+            quic_retries,
             queue_depth,
             queue_bytes,
             queue_oldest,
@@ -229,6 +237,11 @@ impl RelayMetrics {
         self.auth_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// A new agent connection was answered with a QUIC Retry.
+    pub fn quic_retry(&self) {
+        self.quic_retries.inc();
     }
 
     /// A queued webhook of `tunnel` was acknowledged by its agent.
