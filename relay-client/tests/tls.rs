@@ -318,6 +318,21 @@ async fn https(
     roots: rustls::RootCertStore,
     alpn: &[&[u8]],
 ) -> anyhow::Result<HttpsAnswer> {
+    https_as(addr, host, host, method, path, body, roots, alpn).await
+}
+
+/// [`https`] with a TLS server name (SNI) of its own, apart from the Host.
+#[allow(clippy::too_many_arguments)]
+async fn https_as(
+    addr: SocketAddr,
+    sni: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: &'static str,
+    roots: rustls::RootCertStore,
+    alpn: &[&[u8]],
+) -> anyhow::Result<HttpsAnswer> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -328,7 +343,7 @@ async fn https(
     let answer = tokio::time::timeout(WAIT, async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let tls = connector
-            .connect(ServerName::try_from(host.to_owned())?, tcp)
+            .connect(ServerName::try_from(sni.to_owned())?, tcp)
             .await?;
         let (_, session) = tls.get_ref();
         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
@@ -338,7 +353,11 @@ async fn https(
             .context("no server certificate")?
             .clone()
             .into_owned();
-        let authority = format!("{host}:{}", addr.port());
+        let authority = if host.contains(':') {
+            host.to_owned()
+        } else {
+            format!("{host}:{}", addr.port())
+        };
         let io = hyper_util::rt::TokioIo::new(tls);
         let request = |uri: String| {
             http::Request::builder()
@@ -481,6 +500,43 @@ async fn wildcard_certificate_from_files_serves_https_and_quic_without_a_fingerp
             format!("https://{host}:{port}/github?via=https")
         );
     }
+
+    // A connection opened for alice that asks for bob (Host ≠ SNI, which the
+    // wildcard certificate would allow) is refused with 421 and never routed.
+    let before = app.received().len();
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let answer = https_as(
+            relay.https,
+            &host,
+            &format!("bob.{DOMAIN}"),
+            "POST",
+            "/fronted",
+            "{}",
+            roots(&ca_file)?,
+            &[alpn],
+        )
+        .await?;
+        assert_eq!(answer.status, StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(error_code(&answer.body), "misdirected_request");
+    }
+    // Case, port and a trailing dot are not a mismatch.
+    let answer = https_as(
+        relay.https,
+        &host,
+        &format!("ALICE.{DOMAIN}.:{port}"),
+        "POST",
+        "/same-host",
+        "{}",
+        roots(&ca_file)?,
+        &[b"http/1.1"],
+    )
+    .await?;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        app.received().len(),
+        before + 1,
+        "only the matching request"
+    );
 
     // Plain HTTP still works, and says so.
     let (status, _, _) = post(&format!("http://{http}/t/alice/plain"), "{}").await?;

@@ -53,6 +53,7 @@ use tracing::{debug, warn};
 
 use crate::{
     framing::{Ambiguity, AmbiguousFraming, Watched},
+    ingress::ServerName,
     tls::ACME_TLS_ALPN,
 };
 
@@ -251,7 +252,7 @@ async fn connection(
             debug!(%remote, "connection closed before its first request");
             return;
         }
-        serve_http(tcp, remote, app, &builder, limits, stop).await;
+        serve_http(tcp, remote, None, app, &builder, limits, stop).await;
         return;
     };
     // The handshake and the first bytes of HTTP share the header timeout, so a
@@ -262,7 +263,8 @@ async fn connection(
     };
     match opened {
         Ok(Ok(Opened::Http(stream))) => {
-            serve_http(stream, remote, app, &builder, limits, stop).await;
+            let sni = stream.inner.get_ref().1.server_name().map(Arc::from);
+            serve_http(stream, remote, sni, app, &builder, limits, stop).await;
         }
         Ok(Ok(Opened::AcmeChallenge)) => debug!(%remote, "answered an ACME TLS-ALPN-01 challenge"),
         Ok(Err(err)) => {
@@ -272,9 +274,11 @@ async fn connection(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<S>(
     stream: S,
     remote: SocketAddr,
+    sni: Option<Arc<str>>,
     app: Router,
     builder: &auto::Builder<TokioExecutor>,
     limits: EdgeLimits,
@@ -292,6 +296,9 @@ async fn serve_http<S>(
     let service = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(remote));
+        if let Some(sni) = &sni {
+            req.extensions_mut().insert(ServerName(sni.clone()));
+        }
         if req.version() < http::Version::HTTP_2 && ambiguity.next_request_is_ambiguous() {
             req.extensions_mut().insert(AmbiguousFraming);
         }

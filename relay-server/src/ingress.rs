@@ -138,6 +138,11 @@ async fn handle_in_span(
     resp
 }
 
+/// The server name (SNI) a TLS connection was opened for, on each of its
+/// requests.
+#[derive(Clone, Debug)]
+pub(crate) struct ServerName(pub(crate) Arc<str>);
+
 /// Marks a `202` of the queue, as opposed to an app's own `202`.
 #[derive(Clone, Copy)]
 struct QueuedMarker;
@@ -168,6 +173,18 @@ impl Ingress {
         let client = self.policies.client_ip(remote.ip(), &parts.headers);
         self.policies.admit_source(client)?;
         let host = host_of(&parts.headers, &parts.uri);
+        if let (Some(ServerName(sni)), Some(host)) = (parts.extensions.get(), &host) {
+            // Over TLS the certificate vouched for the name the client asked
+            // for; a request for another host (an h2 connection reused across
+            // a wildcard's names, or a fronting trick) must not be routed by
+            // Host alone. 421 makes a client retry on a connection of its own.
+            if normalise_host(host) != normalise_host(sni) {
+                return Err(IngressError::Misdirected {
+                    host: host.clone(),
+                    sni: sni.to_string(),
+                });
+            }
+        }
         let (tunnel, path) = self.route(host.as_deref(), &parts.uri)?;
         tracing::Span::current().record("tunnel", tunnel.as_str());
         let policy = self.policies.tunnel(&tunnel);
@@ -997,6 +1014,8 @@ pub enum IngressError {
     BodyTimeout { after: Duration },
     #[error("more than 100 header lines")]
     TooManyHeaders,
+    #[error("the Host header ({host}) names another host than the TLS connection was opened for ({sni})")]
+    Misdirected { host: String, sni: String },
     #[error("the request body arrived slower than {rate} bytes/s on average")]
     BodyTooSlow { rate: u64 },
     #[error("the local app behind tunnel {tunnel} is unreachable: {message}")]
@@ -1123,6 +1142,7 @@ impl IngressError {
                 "request_timeout"
             }
             IngressError::TooManyHeaders => "headers_too_large",
+            IngressError::Misdirected { .. } => "misdirected_request",
             IngressError::LocalAppUnreachable { .. } => "local_app_unreachable",
             IngressError::LocalAppTimeout { .. } => "local_app_timeout",
             IngressError::LocalAppError { .. } => "local_app_error",
@@ -1152,6 +1172,7 @@ impl IngressError {
                 StatusCode::REQUEST_TIMEOUT
             }
             IngressError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            IngressError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             IngressError::SourceNotAllowed(_) => StatusCode::FORBIDDEN,
             IngressError::RateLimited { status, .. } => *status,
             IngressError::Signature { .. } => StatusCode::UNAUTHORIZED,
@@ -1169,6 +1190,7 @@ impl IngressError {
                 | IngressError::BodyTooSlow { .. }
                 | IngressError::BodyTooLarge { .. }
                 | IngressError::TooManyHeaders
+                | IngressError::Misdirected { .. }
         )
     }
 }
