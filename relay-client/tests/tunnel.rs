@@ -521,3 +521,41 @@ async fn subdomains_of_the_relay_domain_name_tunnels() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A compression bomb (SECURITY.md §3.3): 10 MiB of zeros gzipped to ~10 KiB.
+/// Nothing on the way inflates it: the app gets the bytes as sent, with their
+/// `Content-Encoding`, and the history keeps those ~10 KiB, not 10 MiB.
+#[tokio::test]
+async fn a_compressed_body_is_forwarded_and_kept_as_sent() -> anyhow::Result<()> {
+    const BOMB: &[u8] = include_bytes!("data/zeros-10mib.gz");
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = relay.agent("gz", &app.target()).await?;
+    let req = Request::post(relay.url("gz", "/bomb"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(full(BOMB))?;
+    let (status, _, _) = send(req).await?;
+    assert_eq!(status, StatusCode::OK);
+    let got = app.received();
+    let r = got
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("the app got nothing"))?;
+    assert_eq!(
+        &r.body[..],
+        BOMB,
+        "the body arrives compressed, byte for byte"
+    );
+    assert_eq!(r.header("content-encoding"), [&b"gzip"[..]]);
+    recorded(&agent, 1).await?;
+    let page = agent.history().list(&Default::default(), None, 1)?;
+    let e = page
+        .exchanges
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("not recorded"))?;
+    let kept = agent
+        .history()
+        .body(e.id, relay_client::history::Part::Request)?;
+    assert_eq!(kept, BOMB, "the history keeps what was sent");
+    Ok(())
+}
