@@ -1033,7 +1033,9 @@ async fn a_sender_that_does_not_read_its_answer_is_cut_off() -> anyhow::Result<(
 #[tokio::test]
 async fn http2_rapid_reset_is_cut_off() -> anyhow::Result<()> {
     const STREAMS: usize = 10_000;
-    let setup = Setup::new(|_| {}).await?;
+    // A header timeout longer than the wait below: the connection's end must
+    // come from the reset accounting, not from the idle cut-off.
+    let setup = Setup::new(|c| c.header_timeout = WAIT * 2).await?;
     let addr = setup.addr();
     let (opened, end) = setup
         .while_attacked(async move {
@@ -1076,5 +1078,48 @@ async fn http2_rapid_reset_is_cut_off() -> anyhow::Result<()> {
         "the relay did not end the connection: {end:?}"
     );
     assert!(reached < 100, "{reached} reset streams reached the app");
+    Ok(())
+}
+
+/// 10. Idle HTTP/2 connections: hyper's header timeout does not cover them,
+/// the relay closes them after it; a connection whose request is still
+/// being answered stays.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_busy_ones_kept() -> anyhow::Result<()> {
+    let setup = Setup::new(|c| c.header_timeout = Duration::from_secs(1)).await?;
+    let addr = setup.addr();
+    setup
+        .while_attacked(async move {
+            // 50 connections that open and then say nothing.
+            let mut idle = Vec::new();
+            for _ in 0..50 {
+                let tcp = hostile_connect(addr).await?;
+                let (client, connection) = h2::client::handshake(tcp).await?;
+                idle.push((client, tokio::spawn(connection)));
+            }
+            let started = Instant::now();
+            for (client, driver) in idle {
+                let end = tokio::time::timeout(WAIT, driver).await;
+                assert!(end.is_ok(), "an idle h2 connection stayed open");
+                drop(client);
+            }
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(15), "closed after {took:?}");
+
+            // A request the app takes 3 s to answer outlives the 1 s limit.
+            let tcp = hostile_connect(addr).await?;
+            let (client, connection) = h2::client::handshake(tcp).await?;
+            let driver = tokio::spawn(connection);
+            let mut client = client.ready().await?;
+            let req = Request::post("http://relay.test/t/alice/slow").body(())?;
+            let (resp, _) = client.send_request(req, true)?;
+            let resp = tokio::time::timeout(WAIT, resp).await??;
+            assert_eq!(resp.status(), StatusCode::OK, "the slow request on h2");
+            drop(client);
+            let _ = tokio::time::timeout(WAIT, driver).await;
+            Ok(())
+        })
+        .await?;
+    assert!(setup.received_paths().iter().any(|p| p == "/slow"));
     Ok(())
 }

@@ -15,6 +15,8 @@
 //!   closed;
 //! - an HTTP/1 request head not complete within `header_timeout` (counted
 //!   again for every request on a kept-alive connection): closed by hyper;
+//! - an HTTP/2 connection with no request in progress for `header_timeout`:
+//!   closed (`GOAWAY`), as hyper does not time those out;
 //! - an HTTP/1 request with both `Content-Length` and `Transfer-Encoding`:
 //!   marked by [`crate::framing`] on its way in, refused with `400` by the
 //!   ingress, and the connection closed;
@@ -31,7 +33,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering, Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -293,6 +295,8 @@ async fn serve_http<S>(
         blocked: None,
     };
     let io = TokioIo::new(Watched::new(stream, ambiguity.clone()));
+    let idle = Arc::new(Idle::new());
+    let in_service = idle.clone();
     let service = TowerToHyperService::new(app);
     let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(remote));
@@ -302,7 +306,13 @@ async fn serve_http<S>(
         if req.version() < http::Version::HTTP_2 && ambiguity.next_request_is_ambiguous() {
             req.extensions_mut().insert(AmbiguousFraming);
         }
-        hyper::service::Service::call(&service, req)
+        // Open from here until hyper drops the answer's body (sent or not).
+        let open = in_service.open();
+        let answered = hyper::service::Service::call(&service, req);
+        async move {
+            let resp = answered.await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Held { body, _open: open }))
+        }
     });
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
@@ -312,9 +322,94 @@ async fn serve_http<S>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        // HTTP/1 connections idle between requests are closed by hyper's
+        // header timeout; HTTP/2 ones have no such limit of their own and
+        // would hold a connection slot for ever.
+        () = idle.for_longer_than(limits.header_timeout) => {
+            debug!(%remote, "connection idle for the header timeout; closed");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     };
     if let Err(err) = served {
         debug!(%remote, error = %err, "connection ended with an error");
+    }
+}
+
+/// A connection's requests in progress, and since when it has had none.
+struct Idle {
+    started: std::time::Instant,
+    open: std::sync::atomic::AtomicUsize,
+    /// When the last request ended, in ms after `started`.
+    quiet_since_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Idle {
+    fn new() -> Self {
+        Idle {
+            started: std::time::Instant::now(),
+            open: 0.into(),
+            quiet_since_ms: 0.into(),
+        }
+    }
+
+    fn open(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Open(self.clone())
+    }
+
+    /// Returns once the connection has had no request in progress for `limit`.
+    async fn for_longer_than(&self, limit: Duration) {
+        loop {
+            let wait = if self.open.load(Ordering::Acquire) > 0 {
+                limit
+            } else {
+                let since = Duration::from_millis(self.quiet_since_ms.load(Ordering::Acquire));
+                let quiet = self.started.elapsed().saturating_sub(since);
+                match limit.checked_sub(quiet) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// One request in progress on a connection.
+struct Open(Arc<Idle>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let now = self.0.started.elapsed().as_millis() as u64;
+        self.0.quiet_since_ms.store(now, Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body that keeps its request counted as open.
+struct Held<B> {
+    body: B,
+    _open: Open,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
