@@ -929,9 +929,9 @@ fn outcome_of(kind: FailureKind) -> history::Outcome {
 /// Copies one body into the history as it streams past: kept in memory while
 /// it is small (it then goes inside the exchange's record, one write for
 /// all); once it outgrows [`INLINE_BODY_MAX`], written in pieces of about
-/// [`SPILL_BYTES`], however small the network's chunks (a QUIC read is often
-/// one packet, and a sled write per packet made a 256 KiB upload cost ~200
-/// writes). Call [`Tee::finish`] before the exchange is recorded.
+/// [`History::piece_bytes`], however small the network's chunks (a QUIC read
+/// is often one packet, and a write per packet made a 256 KiB upload cost
+/// ~200 writes). Call [`Tee::finish`] before the exchange is recorded.
 #[derive(Clone)]
 struct Tee {
     history: History,
@@ -950,14 +950,6 @@ struct TeeState {
     len: u64,
 }
 
-/// Size of the pieces a large body is written in. Kept small on purpose: a
-/// sled leaf holds up to 16 values and is rewritten whole, and once it is
-/// over a quarter of a segment (128 KiB) it becomes a blob file that sled
-/// keeps in memory. 64 KiB pieces cut the agent's CPU for 256 KiB uploads by
-/// 60 % but tripled its RSS (~400 MiB); 8 KiB pieces keep it where per-packet
-/// writes had it. Large bodies belong in files beside the store.
-const SPILL_BYTES: usize = 8 * 1024;
-
 impl Tee {
     fn new(history: History, id: ExchangeId, part: Part) -> Self {
         Tee {
@@ -973,7 +965,7 @@ impl Tee {
         state.len += chunk.len() as u64;
         state.buf.extend_from_slice(chunk);
         let inline = state.written == 0 && state.len <= INLINE_BODY_MAX as u64;
-        if !inline && state.buf.len() >= SPILL_BYTES {
+        if !inline && state.buf.len() >= self.history.piece_bytes() {
             self.spill(&mut state);
         }
     }
@@ -1209,7 +1201,7 @@ mod tests {
         assert_eq!(large.finish(), None);
         assert_eq!(large.len(), sent.len() as u64);
         assert!(
-            chunks(&history) <= sent.len() / SPILL_BYTES + 1,
+            chunks(&history) <= sent.len() / history.piece_bytes() + 1,
             "{} writes for {} bytes",
             chunks(&history),
             sent.len()
