@@ -54,7 +54,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    framing::{Ambiguity, AmbiguousFraming, Watched},
+    framing::{Ambiguity, AmbiguousFraming, Scanner},
     ingress::ServerName,
     tls::ACME_TLS_ALPN,
 };
@@ -289,12 +289,12 @@ async fn serve_http<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ambiguity = Arc::new(Ambiguity::default());
-    let stream = WriteDeadline {
+    let io = TokioIo::new(Guarded {
         inner: stream,
-        limit: limits.write_timeout,
+        scanner: Scanner::new(ambiguity.clone()),
+        write_limit: limits.write_timeout,
         blocked: None,
-    };
-    let io = TokioIo::new(Watched::new(stream, ambiguity.clone()));
+    });
     let idle = Arc::new(Idle::new());
     let in_service = idle.clone();
     let service = TowerToHyperService::new(app);
@@ -507,17 +507,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// A connection whose writes may stay blocked for `limit` at most (a sender
-/// that does not read its answer); then they fail, and hyper drops the
-/// connection with the answer's body, whose stream to the agent stops.
-struct WriteDeadline<S> {
+/// A connection as hyper sees it: what it reads also goes through the
+/// framing [`Scanner`], and its writes may stay blocked for `write_limit` at
+/// most (a sender that does not read its answer); then they fail, and hyper
+/// drops the connection with the answer's body, whose stream to the agent
+/// stops.
+struct Guarded<S> {
     inner: S,
-    limit: Duration,
+    scanner: Scanner,
+    write_limit: Duration,
     /// Since when writes have been blocked (allocated only then).
     blocked: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<S> WriteDeadline<S> {
+impl<S> Guarded<S> {
     /// Passes `polled` on, and keeps count of how long writes are blocked.
     fn watch<T>(
         &mut self,
@@ -529,7 +532,7 @@ impl<S> WriteDeadline<S> {
             self.blocked = None;
             return polled;
         }
-        let limit = self.limit;
+        let limit = self.write_limit;
         let sleep = self
             .blocked
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -544,17 +547,23 @@ impl<S> WriteDeadline<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.scanner.feed(&buf.filled()[before..]);
+        }
+        polled
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -6,8 +6,9 @@
 //! `chunked`, drops the `Content-Length` before the request reaches the
 //! service and closes the connection after the answer. That is safe for the
 //! relay itself, but a proxy in front of it may have framed the same bytes by
-//! length, and the request leaves no trace of the dropped header. So
-//! [`Watched`] follows request boundaries on its own: it parses each request
+//! length, and the request leaves no trace of the dropped header. So a
+//! [`Scanner`] on the connection's incoming bytes (the edge feeds it what
+//! hyper reads) follows request boundaries on its own: it parses each request
 //! head with httparse, then skips the body by its length or by its chunks
 //! (the chunk grammar is hyper's, byte for byte). The first ambiguous head's
 //! number on the connection is recorded in [`Ambiguity`]; the service counts
@@ -19,24 +20,17 @@
 //! HTTP/2, an upgrade, a head over the size limit) it stops looking, and every
 //! later request goes through as hyper framed it.
 
-use std::{
-    io,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    task::{Context, Poll},
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
 };
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::edge::{MAX_HEADERS, MAX_HEAD_BYTES};
 
 /// No ambiguous head seen.
 const NONE: u64 = u64::MAX;
 
-/// Shared by a connection's [`Watched`] stream and its service: the number
+/// Shared by a connection's [`Scanner`] and its service: the number
 /// (from 0) of the first request on the connection whose head had both
 /// `Content-Length` and `Transfer-Encoding`, and how many requests the service
 /// has taken so far.
@@ -93,9 +87,10 @@ enum State {
     Lost,
 }
 
-/// The framing scanner of one connection.
+/// The framing scanner of one connection: fed every byte hyper reads, in
+/// order.
 #[derive(Debug)]
-struct Scanner {
+pub(crate) struct Scanner {
     state: State,
     /// Heads parsed so far.
     heads: u64,
@@ -109,7 +104,7 @@ enum Next {
 }
 
 impl Scanner {
-    fn new(ambiguity: Arc<Ambiguity>) -> Self {
+    pub(crate) fn new(ambiguity: Arc<Ambiguity>) -> Self {
         Scanner {
             state: State::Head(Vec::new()),
             heads: 0,
@@ -118,7 +113,7 @@ impl Scanner {
     }
 
     /// Follows `data`, the next bytes of the connection.
-    fn feed(&mut self, mut data: &[u8]) {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match &mut self.state {
                 State::Lost => return,
@@ -294,68 +289,6 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// A connection whose incoming bytes the framing scanner follows on their way
-/// to hyper. Writes pass straight through.
-pub(crate) struct Watched<S> {
-    inner: S,
-    scanner: Scanner,
-}
-
-impl<S> Watched<S> {
-    pub(crate) fn new(inner: S, ambiguity: Arc<Ambiguity>) -> Self {
-        Watched {
-            inner,
-            scanner: Scanner::new(ambiguity),
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            this.scanner.feed(&buf.filled()[before..]);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
