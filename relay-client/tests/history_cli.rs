@@ -698,6 +698,41 @@ async fn history_survives_kill_9_and_commands_work_without_an_agent() -> anyhow:
     Ok(())
 }
 
+/// A large body (a file beside the store, not a sled value) survives SIGKILL
+/// right after its exchange was printed, both ways, byte for byte.
+#[tokio::test]
+async fn large_bodies_survive_kill_9_whole() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("agent");
+    let mut agent = AgentProcess::start(&relay, &app, "big", dir.path(), &data_dir).await?;
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (status, _, echoed) = send(
+        Request::post(relay.url("big", "/echo/big"))
+            .header("content-type", "application/octet-stream")
+            .body(full(big.clone()))?,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echoed.len(), big.len());
+    agent.printed("/echo/big").await?;
+    agent.kill_9().await?;
+
+    let direct = HistoryCli {
+        data_dir: data_dir.clone(),
+        inspect: None,
+    };
+    let page = direct.json(&["history", "--json"]).await?;
+    let id = id_of(&exchanges(&page)?[0])?;
+    let shown = direct.json(&["show", &id, "--json"]).await?;
+    assert_eq!(base64_of(&shown["request_body"])?, big, "request body");
+    assert_eq!(base64_of(&shown["response_body"])?, big, "response body");
+    let files = std::fs::read_dir(data_dir.join("history-bodies"))?.count();
+    assert_eq!(files, 2, "one file per large body");
+    Ok(())
+}
+
 /// Reading history without an agent never prunes it: the agent may keep more
 /// than the default limits (`--max-exchanges`), and `history` is a read.
 #[tokio::test]
