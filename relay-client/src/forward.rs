@@ -26,7 +26,7 @@ use hookrelay_shared::{
 };
 use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tracing::{debug, warn};
 
@@ -494,17 +494,13 @@ impl Forwarder {
         // The body's end or its breaking off, when polled here: the loop
         // below handles it as if it had polled it itself.
         let mut polled = None;
-        // Bytes of the answer so far, and what is left of the time the app
-        // gets to produce its body (time spent waiting on the sender is not
-        // the app's).
-        let mut relayed: u64 = 0;
+        // What is left of the time the app gets to produce its body (time
+        // spent waiting on the sender is not the app's).
         let mut budget = timeout;
         while let Some(frame) = body.frame().now_or_never() {
             match frame {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        // One read of hyper's is far below the limit.
-                        relayed += data.len() as u64;
                         response_tee.append(&data);
                         first.push(data);
                         break;
@@ -550,11 +546,6 @@ impl Forwarder {
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        relayed += data.len() as u64;
-                        if relayed > MAX_RESPONSE_BYTES {
-                            let _ = send.reset(reset::BODY_ABORTED.into());
-                            return Outcome::Failed(FailureKind::LocalAppError, over_limit());
-                        }
                         response_tee.append(&data);
                         if send.write_chunk(data).await.is_err() {
                             return Outcome::Cancelled;
@@ -564,10 +555,7 @@ impl Forwarder {
                 Some(Err(err)) => {
                     debug!(error = %err, "local app response body broke");
                     let _ = send.reset(reset::BODY_ABORTED.into());
-                    return Outcome::Failed(
-                        FailureKind::LocalAppError,
-                        "the local app's response body broke off".into(),
-                    );
+                    return Outcome::Failed(FailureKind::LocalAppError, answer_failure(&*err));
                 }
             }
         }
@@ -739,19 +727,14 @@ impl Forwarder {
             .collect();
         forwarded.response = Some((parts.status.as_u16(), headers));
         let read = tokio::time::timeout(timeout, async {
-            let mut read: u64 = 0;
             while let Some(frame) = body.frame().await {
                 match frame {
                     Ok(frame) => {
                         if let Ok(data) = frame.into_data() {
-                            read += data.len() as u64;
-                            if read > MAX_RESPONSE_BYTES {
-                                return Err(over_limit());
-                            }
                             response_tee.append(&data);
                         }
                     }
-                    Err(_) => return Err("the local app's response body broke off".into()),
+                    Err(err) => return Err(answer_failure(&*err)),
                 }
             }
             Ok(())
@@ -830,14 +813,15 @@ impl Forwarder {
     }
 
     /// Sends `request` to the app and waits up to `timeout` for its response
-    /// head, noting the app's time in `forwarded`. A failure comes back as the
+    /// head, noting the app's time in `forwarded`. The answer's body fails
+    /// past [`MAX_RESPONSE_BYTES`] (see [`answer_failure`]). A failure comes back as the
     /// kind the relay reports and a message naming the target.
     async fn send_to_app(
         &self,
         request: Request<RelayBody>,
         timeout: Duration,
         forwarded: &mut Forwarded,
-    ) -> Result<http::Response<hyper::body::Incoming>, (FailureKind, String)> {
+    ) -> Result<http::Response<Limited<hyper::body::Incoming>>, (FailureKind, String)> {
         let sent_at = Instant::now();
         let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => response,
@@ -865,7 +849,7 @@ impl Forwarder {
             }
         };
         forwarded.app_ms = Some(u64::try_from(sent_at.elapsed().as_millis()).unwrap_or(u64::MAX));
-        Ok(response)
+        Ok(response.map(|body| Limited::new(body, MAX_RESPONSE_BYTES as usize)))
     }
 
     fn build_request(
@@ -1018,12 +1002,16 @@ impl Tee {
 /// history keeps them in order whoever reads them.
 type SharedRecv = Arc<tokio::sync::Mutex<quinn::RecvStream>>;
 
-/// Why an answer over [`MAX_RESPONSE_BYTES`] was cut off.
-fn over_limit() -> String {
-    format!(
-        "the local app's response body is over {} MiB; cut off",
-        MAX_RESPONSE_BYTES >> 20
-    )
+/// Why reading the app's answer, limited to [`MAX_RESPONSE_BYTES`], failed.
+pub(crate) fn answer_failure(err: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+    if err.is::<LengthLimitError>() {
+        format!(
+            "the local app's response body is over {} MiB; cut off",
+            MAX_RESPONSE_BYTES >> 20
+        )
+    } else {
+        format!("the local app's response body broke off: {err}")
+    }
 }
 
 /// Reads and records the whole request body, within `limit`; `None` when it

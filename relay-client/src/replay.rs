@@ -242,14 +242,7 @@ impl Replayer {
                 Err(e) => (
                     None,
                     Outcome::LocalAppError,
-                    Some(if e.is::<http_body_util::LengthLimitError>() {
-                        format!(
-                            "the response body is over {} MiB; not kept",
-                            crate::forward::MAX_RESPONSE_BYTES >> 20
-                        )
-                    } else {
-                        format!("response body broke: {e}")
-                    }),
+                    Some(crate::forward::answer_failure(&*e)),
                     Some(app_ms),
                 ),
             },
