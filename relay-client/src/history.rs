@@ -15,8 +15,8 @@
 //! uploads, and its RSS tripled with larger pieces. Stores written before
 //! keep theirs in tree `bodies` (ULID, part and chunk number to raw bytes),
 //! which is still read, and is what an in-memory store uses. A typical
-//! webhook is thus one write and, when retention drops it, one removal. Records from before the
-//! inline bodies are JSON alone and still read. Tree `settings` keeps what
+//! webhook is thus one write and, when retention drops it, one removal.
+//! Records from before the inline bodies are JSON alone and still read. Tree `settings` keeps what
 //! commands reading the store without the agent must know of the agent's
 //! configuration: key `redact_headers`, a JSON list of header names; and key
 //! `kept_index`, what retention knows of every record, saved by a clean close
@@ -602,6 +602,23 @@ impl BodyFiles {
         Ok(())
     }
 
+    /// Removes the body files of the exchanges `gone` says so of; other
+    /// files in the directory are left alone.
+    fn remove_where(
+        &self,
+        mut gone: impl FnMut(ExchangeId) -> Result<bool, HistoryError>,
+    ) -> Result<(), HistoryError> {
+        for entry in std::fs::read_dir(&self.dir).map_err(file_error)? {
+            let entry = entry.map_err(file_error)?;
+            if let Some(id) = Self::owner(&entry.file_name()) {
+                if gone(id)? {
+                    std::fs::remove_file(entry.path()).map_err(file_error)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The exchange a file in the directory belongs to (`None`: not ours).
     fn owner(name: &std::ffi::OsStr) -> Option<ExchangeId> {
         let (hex_id, part) = name.to_str()?.split_once('.')?;
@@ -891,19 +908,14 @@ impl History {
             .open_tree("settings")
             .and_then(|settings| settings.remove(KEPT_INDEX_KEY))
             .map_err(storage)?;
-        let totals = match index.as_deref().and_then(Totals::decode) {
-            Some((mut totals, newest)) => {
-                // Written after the index (none, as it is taken out on open).
-                let after = newest.map(|id| sled::IVec::from(&id.key()[..]));
-                totals.scan(walk(&exchanges, after, Direction::OldestFirst))?;
-                totals
-            }
-            None => {
-                let mut totals = Totals::default();
-                totals.scan(walk(&exchanges, None, Direction::OldestFirst))?;
-                totals
-            }
-        };
+        // Without an index every record is scanned; with one, those written
+        // after it (none normally, as it is taken out on open).
+        let (mut totals, newest) = index
+            .as_deref()
+            .and_then(Totals::decode)
+            .unwrap_or_default();
+        let after = newest.map(|id| sled::IVec::from(&id.key()[..]));
+        totals.scan(walk(&exchanges, after, Direction::OldestFirst))?;
         // Bodies of exchanges that never finished (a crash mid-delivery) would
         // otherwise leak: drop those without a record.
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -941,17 +953,12 @@ impl History {
             }
         }
         if let Some(files) = &self.files {
-            for entry in std::fs::read_dir(&files.dir).map_err(file_error)? {
-                let entry = entry.map_err(file_error)?;
-                let orphan = match BodyFiles::owner(&entry.file_name()) {
-                    Some(id) => !self.exchanges.contains_key(id.key()).map_err(storage)?,
-                    // Not a body file; left alone.
-                    None => false,
-                };
-                if orphan {
-                    std::fs::remove_file(entry.path()).map_err(file_error)?;
-                }
-            }
+            files.remove_where(|id| {
+                self.exchanges
+                    .contains_key(id.key())
+                    .map(|kept| !kept)
+                    .map_err(storage)
+            })?;
         }
         Ok(())
     }
@@ -982,9 +989,10 @@ impl History {
         }
     }
 
-    /// How much of a large body is gathered before each append: pieces of
-    /// a file can be large; sled rewrites a whole leaf (up to 16 values) per
-    /// insert, and over 128 KiB a value becomes a blob it keeps in memory.
+    /// How much of a large body is gathered before each append. A file
+    /// takes large pieces; the sled tree (in-memory stores) small ones, as
+    /// sled rewrites a whole leaf (up to 16 values) per insert and keeps a
+    /// value over 128 KiB in memory as a blob.
     pub(crate) fn piece_bytes(&self) -> usize {
         if self.files.is_some() {
             64 * 1024
@@ -1321,12 +1329,7 @@ impl History {
         self.bodies.clear().map_err(storage)?;
         self.delivered.clear().map_err(storage)?;
         if let Some(files) = &self.files {
-            for entry in std::fs::read_dir(&files.dir).map_err(file_error)? {
-                let entry = entry.map_err(file_error)?;
-                if BodyFiles::owner(&entry.file_name()).is_some() {
-                    std::fs::remove_file(entry.path()).map_err(file_error)?;
-                }
-            }
+            files.remove_where(|_| Ok(true))?;
         }
         *self.totals.lock().unwrap_or_else(|p| p.into_inner()) = Totals::default();
         let _ = self.events.send(HistoryEvent::Cleared);
@@ -1940,6 +1943,11 @@ mod tests {
                 h.bodies.scan_prefix(gone.key()).count(),
                 0,
                 "with their bodies"
+            );
+            let file = format!("{}.0", hex::encode(gone.key()));
+            assert!(
+                !body_files(dir.path()).contains(&file),
+                "with their body files"
             );
         }
     }
