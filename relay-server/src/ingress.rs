@@ -160,16 +160,7 @@ impl Ingress {
         let received_at_ms = crate::now_ms();
         let (parts, body) = req.into_parts();
         let body = RateGuarded::wrap(body, self.body_timeout, self.min_body_rate);
-        if parts
-            .extensions
-            .get::<crate::framing::AmbiguousFraming>()
-            .is_some()
-        {
-            return Err(IngressError::BadRequest(
-                "both Content-Length and Transfer-Encoding (ambiguous framing)",
-            ));
-        }
-        check_head(&parts.headers, &parts.uri)?;
+        check_head(&parts)?;
         let client = self.policies.client_ip(remote.ip(), &parts.headers);
         self.policies.admit_source(client)?;
         let host = host_of(&parts.headers, &parts.uri);
@@ -888,12 +879,23 @@ fn normalise_host(host: &str) -> String {
 }
 
 /// Refuses, before routing, what a well-formed webhook never carries and what
-/// could confuse the app behind the tunnel: a `Transfer-Encoding` other than a
-/// single plain `chunked`, more header lines than HTTP/1 allows (HTTP/2 has no
+/// could confuse the app behind the tunnel: an HTTP/1 head with both
+/// `Content-Length` and `Transfer-Encoding` (marked by the edge's framing
+/// scanner), a `Transfer-Encoding` other than a single plain `chunked`, more header lines than HTTP/1 allows (HTTP/2 has no
 /// such cap of its own), and paths that climb (`..` segments, also when
 /// percent-encoded, double-encoded or hidden behind an encoded `/` or `\`) or
 /// carry NUL.
-fn check_head(headers: &HeaderMap, uri: &Uri) -> Result<(), IngressError> {
+fn check_head(parts: &http::request::Parts) -> Result<(), IngressError> {
+    let (headers, uri) = (&parts.headers, &parts.uri);
+    if parts
+        .extensions
+        .get::<crate::framing::AmbiguousFraming>()
+        .is_some()
+    {
+        return Err(IngressError::BadRequest(
+            "both Content-Length and Transfer-Encoding (ambiguous framing)",
+        ));
+    }
     if headers.len() > crate::edge::MAX_HEADERS {
         return Err(IngressError::TooManyHeaders);
     }
@@ -1285,13 +1287,18 @@ mod tests {
 
     #[test]
     fn only_plain_chunked_transfer_encoding_passes() {
-        let uri: Uri = "/t/x/".parse().expect("uri");
         let te = |values: &[&'static str]| {
-            let mut h = HeaderMap::new();
+            let (mut parts, ()) = http::Request::builder()
+                .uri("/t/x/")
+                .body(())
+                .expect("request")
+                .into_parts();
             for v in values {
-                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+                parts
+                    .headers
+                    .append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
             }
-            check_head(&h, &uri).is_ok()
+            check_head(&parts).is_ok()
         };
         assert!(te(&[]));
         assert!(te(&["chunked"]));
