@@ -97,12 +97,6 @@ pub(crate) struct Scanner {
     ambiguity: Arc<Ambiguity>,
 }
 
-/// What a complete head tells about what follows it.
-enum Next {
-    Body(State),
-    Lost,
-}
-
 impl Scanner {
     pub(crate) fn new(ambiguity: Arc<Ambiguity>) -> Self {
         Scanner {
@@ -210,45 +204,34 @@ impl Scanner {
             self.state = State::Lost;
             return Some(len);
         }
-        let next = if upgrade || req.method == Some("CONNECT") {
-            Next::Lost
+        // What follows the head.
+        self.state = if upgrade || req.method == Some("CONNECT") {
+            State::Lost
         } else if let Some(te) = te {
             if req.version == Some(1) && is_chunked(te) {
-                Next::Body(State::Size(0))
+                State::Size(0)
             } else {
-                Next::Lost
+                State::Lost
             }
         } else if let Some(cl) = cl {
             match parse_length(cl) {
-                Some(0) => Next::Body(State::Head(Vec::new())),
-                Some(n) if cl_count == 1 => Next::Body(State::Fixed(n)),
-                _ => Next::Lost,
+                Some(0) => State::Head(Vec::new()),
+                Some(n) if cl_count == 1 => State::Fixed(n),
+                _ => State::Lost,
             }
         } else {
-            Next::Body(State::Head(Vec::new()))
-        };
-        self.state = match next {
-            Next::Body(state) => state,
-            Next::Lost => State::Lost,
+            State::Head(Vec::new())
         };
         Some(len)
     }
 
     /// One byte of a chunked body outside chunk data, as hyper reads it.
     fn chunk_byte(&mut self, b: u8) {
-        fn digit(size: u64, d: u8) -> Option<u64> {
-            size.checked_mul(16)?.checked_add(u64::from(d))
-        }
         self.state = match (&self.state, b) {
-            (State::Size(size), b'0'..=b'9') => {
-                digit(*size, b - b'0').map_or(State::Lost, State::Size)
-            }
-            (State::Size(size), b'a'..=b'f') => {
-                digit(*size, b + 10 - b'a').map_or(State::Lost, State::Size)
-            }
-            (State::Size(size), b'A'..=b'F') => {
-                digit(*size, b + 10 - b'A').map_or(State::Lost, State::Size)
-            }
+            (State::Size(size), _) if b.is_ascii_hexdigit() => (b as char)
+                .to_digit(16)
+                .and_then(|d| size.checked_mul(16)?.checked_add(u64::from(d)))
+                .map_or(State::Lost, State::Size),
             (State::Size(size) | State::SizeLws(size), b'\t' | b' ') => State::SizeLws(*size),
             (State::Size(size) | State::SizeLws(size) | State::Extension(size), b';') => {
                 State::Extension(*size)
