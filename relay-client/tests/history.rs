@@ -1156,18 +1156,12 @@ async fn exports_redact_credentials_unless_asked() -> anyhow::Result<()> {
 /// records a local app error, not a delivered exchange.
 #[tokio::test]
 async fn an_answer_that_breaks_off_is_recorded_as_an_app_error() -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let target = format!("http://{}", listener.local_addr()?);
     let app = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await?;
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = conn.read(&mut buf).await?;
-            anyhow::ensure!(n > 0, "the request ended before its head");
-            seen.extend_from_slice(&buf[..n]);
-        }
+        read_head(&mut conn).await?;
         conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
             .await?;
         anyhow::Ok(())

@@ -812,14 +812,9 @@ async fn hostile_app(
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Ok(seen) = read_head(&mut conn).await else {
+                    return;
+                };
                 if seen.starts_with(b"POST /next ") {
                     // The webhook after the attack gets a plain answer.
                     let _ = conn

@@ -404,3 +404,17 @@ pub async fn create_token(relay_dir: &std::path::Path) -> anyhow::Result<String>
     );
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
+
+/// Reads from `conn` until a whole request head has arrived: the bytes so
+/// far (for raw-TCP apps that answer however a test needs).
+pub async fn read_head(conn: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "the request ended before its head");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(seen)
+}
