@@ -166,7 +166,7 @@ impl Agent {
                         target: config.target.to_string(),
                         outbox: outbox.clone(),
                         settings: config.settings,
-                        metrics,
+                        metrics: metrics.clone(),
                         redaction: config.redaction.clone(),
                     },
                     shutdown.clone(),
@@ -195,8 +195,11 @@ impl Agent {
         let run = run(
             dialer,
             first,
-            forwarder,
-            outbox,
+            Serving {
+                forwarder,
+                outbox,
+                metrics,
+            },
             status_tx,
             shutdown.clone(),
             config.max_backoff,
@@ -306,25 +309,23 @@ impl Drop for Agent {
     }
 }
 
+/// What each session serves deliveries with.
+struct Serving {
+    forwarder: Forwarder,
+    outbox: Outbox,
+    metrics: Arc<AgentMetrics>,
+}
+
 async fn run(
     dialer: Dialer,
     first: Option<Session>,
-    forwarder: Forwarder,
-    outbox: Outbox,
+    serving: Serving,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
     max_backoff: Duration,
 ) -> Result<(), AgentError> {
-    let result = run_inner(
-        &dialer,
-        first,
-        forwarder,
-        outbox,
-        &status,
-        &shutdown,
-        max_backoff,
-    )
-    .await;
+    let result = run_inner(&dialer, first, &serving, &status, &shutdown, max_backoff).await;
+    serving.metrics.set_link(None);
     status.send_replace(Status::Stopped);
     dialer.endpoint.close(0u32.into(), b"agent stopped");
     result
@@ -333,8 +334,7 @@ async fn run(
 async fn run_inner(
     dialer: &Dialer,
     mut session: Option<Session>,
-    forwarder: Forwarder,
-    outbox: Outbox,
+    serving: &Serving,
     status: &watch::Sender<Status>,
     shutdown: &CancellationToken,
     max_backoff: Duration,
@@ -349,9 +349,15 @@ async fn run_inner(
                 .flat_map(|t| t.public_urls.clone())
                 .collect();
             status.send_replace(Status::Connected { public_urls });
+            serving.metrics.set_link(Some(s.connection.clone()));
             let end = s
-                .serve(forwarder.clone(), outbox.clone(), shutdown.clone())
+                .serve(
+                    serving.forwarder.clone(),
+                    serving.outbox.clone(),
+                    shutdown.clone(),
+                )
                 .await;
+            serving.metrics.set_link(None);
             let why = match end {
                 LinkEnd::Shutdown => return Ok(()),
                 LinkEnd::Replaced => return Err(AgentError::Replaced),

@@ -43,6 +43,18 @@ pub struct AgentMetrics {
     duplicates: Counter,
     connected: Gauge,
     queued_waiting: Gauge,
+    link: Link,
+}
+
+/// The QUIC connection to the relay while there is one, and gauges read off
+/// its statistics at each scrape: a slow or lossy path shows here.
+struct Link {
+    connection: std::sync::Mutex<Option<quinn::Connection>>,
+    rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
+    sent: Gauge,
+    received: Gauge,
+    lost: Gauge,
+    mtu: Gauge,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -127,6 +139,39 @@ impl AgentMetrics {
             "Queued webhooks in the agent's outbox, waiting for the app",
             queued_waiting.clone(),
         );
+        let link = Link {
+            connection: std::sync::Mutex::new(None),
+            rtt: Gauge::default(),
+            sent: Gauge::default(),
+            received: Gauge::default(),
+            lost: Gauge::default(),
+            mtu: Gauge::default(),
+        };
+        r.register(
+            "hookrelay_agent_link_rtt_seconds",
+            "Round-trip time to the relay, as QUIC estimates it (0 while disconnected)",
+            link.rtt.clone(),
+        );
+        r.register(
+            "hookrelay_agent_link_sent_packets",
+            "UDP datagrams sent to the relay on the current link",
+            link.sent.clone(),
+        );
+        r.register(
+            "hookrelay_agent_link_received_packets",
+            "UDP datagrams received from the relay on the current link",
+            link.received.clone(),
+        );
+        r.register(
+            "hookrelay_agent_link_lost_packets",
+            "Packets to the relay QUIC declared lost on the current link",
+            link.lost.clone(),
+        );
+        r.register(
+            "hookrelay_agent_link_mtu_bytes",
+            "Largest UDP payload the current link carries, as path MTU discovery found it",
+            link.mtu.clone(),
+        );
         AgentMetrics {
             registry: r,
             deliveries,
@@ -140,7 +185,18 @@ impl AgentMetrics {
             duplicates,
             connected,
             queued_waiting,
+            link,
         }
+    }
+
+    /// The link to the relay the `hookrelay_agent_link_*` gauges describe,
+    /// or none while disconnected.
+    pub fn set_link(&self, connection: Option<quinn::Connection>) {
+        *self
+            .link
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = connection;
     }
 
     /// Counts one recorded exchange.
@@ -199,6 +255,25 @@ impl AgentMetrics {
         self.connected.set(i64::from(connected));
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));
+        let stats = self
+            .link
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(quinn::Connection::stats);
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let link = &self.link;
+        link.rtt
+            .set(stats.as_ref().map_or(0.0, |s| s.path.rtt.as_secs_f64()));
+        link.sent
+            .set(stats.as_ref().map_or(0, |s| count(s.udp_tx.datagrams)));
+        link.received
+            .set(stats.as_ref().map_or(0, |s| count(s.udp_rx.datagrams)));
+        link.lost
+            .set(stats.as_ref().map_or(0, |s| count(s.path.lost_packets)));
+        link.mtu
+            .set(stats.as_ref().map_or(0, |s| i64::from(s.path.current_mtu)));
         encode_text(&self.registry)
     }
 }

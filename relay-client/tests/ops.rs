@@ -285,6 +285,48 @@ async fn both_metrics_endpoints_move_with_the_traffic() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A small delivery costs one packet each way on the link: the request with
+/// its stream's end, then the answer with its end and the ACK. Each side reads
+/// the other's stream to its end even when hyper stops at the declared length,
+/// so neither drops a stream early and sends a STOP_SENDING the other must
+/// answer (it was two packets each way, every packet a send, a receive and
+/// wake-ups on both sides). Also: the link gauges describe a live link.
+#[tokio::test]
+async fn a_small_delivery_is_one_packet_each_way() -> anyhow::Result<()> {
+    const N: usize = 100;
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let agent = relay.inspected_agent("packets", &app.target()).await?;
+    let metrics = inspector(&agent, "/metrics")?;
+    let body: &'static str = "x".repeat(1024).leak();
+    assert_eq!(
+        post(&relay.url("packets", "/"), body).await?.0,
+        StatusCode::OK
+    );
+    let before = Scrape::of(&metrics).await?;
+    for _ in 0..N {
+        assert_eq!(
+            post(&relay.url("packets", "/"), body).await?.0,
+            StatusCode::OK
+        );
+    }
+    let after = Scrape::of(&metrics).await?;
+    let delta = |name: &str| after.get(name) - before.get(name);
+    let sent = delta("hookrelay_agent_link_sent_packets");
+    let received = delta("hookrelay_agent_link_received_packets");
+    // Delayed ACKs that miss the next packet (a stall of 25 ms) add a few.
+    let most = 1.5 * N as f64;
+    assert!(
+        (N as f64..=most).contains(&sent) && (N as f64..=most).contains(&received),
+        "{N} deliveries: {sent} packets sent, {received} received (at most {most} each)"
+    );
+    assert!(after.get("hookrelay_agent_link_rtt_seconds") > 0.0);
+    assert!(after.get("hookrelay_agent_link_mtu_bytes") >= 1200.0);
+    assert_eq!(after.get("hookrelay_agent_connected"), 1.0);
+    agent.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn tunnel_labels_stay_bounded_whatever_names_senders_use() -> anyhow::Result<()> {
     let relay = TestRelay::spawn().await?;
