@@ -30,6 +30,7 @@ pub mod policy;
 pub mod queue;
 pub mod relay;
 pub mod routing;
+pub mod sled_walk;
 pub mod tls;
 
 pub use config::{Config, TlsSource};

@@ -52,7 +52,10 @@ use sled::{transaction::TransactionError, Transactional};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::now_ms;
+use crate::{
+    now_ms,
+    sled_walk::{walk, Direction},
+};
 
 /// Default bound on the items queued per tunnel.
 pub const DEFAULT_MAX_COUNT: u64 = 100_000;
@@ -468,19 +471,20 @@ impl Queue for SledQueue {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<QueuedItem>, QueueError> {
-        let start = match after {
+        // Exclusive: no head key is the bare prefix.
+        let from = match after {
             None => tunnel_prefix(tunnel),
-            Some(seq) => match seq.checked_add(1) {
-                Some(next) => head_key(tunnel, next),
-                None => return Ok(Vec::new()),
-            },
+            Some(seq) => head_key(tunnel, seq),
         };
+        // Point reads, not a range iterator: see `walk` (a drain reads every
+        // head of a backlog once).
+        let end = tunnel_end(tunnel);
         let mut items = Vec::new();
-        for entry in self.inner.heads.range(start..tunnel_end(tunnel)) {
-            if items.len() >= limit {
+        for entry in walk(&self.inner.heads, Some(from.into()), Direction::OldestFirst) {
+            let (key, value) = entry.map_err(storage)?;
+            if items.len() >= limit || key.as_ref() >= end.as_slice() {
                 break;
             }
-            let (key, value) = entry.map_err(storage)?;
             if let Some(item) = decode_head(&key, &value) {
                 items.push(item);
             }
