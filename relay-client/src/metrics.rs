@@ -152,26 +152,30 @@ impl AgentMetrics {
             "Round-trip time to the relay, as QUIC estimates it (0 while disconnected)",
             link.rtt.clone(),
         );
-        r.register(
-            "hookrelay_agent_link_sent_packets",
-            "UDP datagrams sent to the relay on the current link",
-            link.sent.clone(),
-        );
-        r.register(
-            "hookrelay_agent_link_received_packets",
-            "UDP datagrams received from the relay on the current link",
-            link.received.clone(),
-        );
-        r.register(
-            "hookrelay_agent_link_lost_packets",
-            "Packets to the relay QUIC declared lost on the current link",
-            link.lost.clone(),
-        );
-        r.register(
-            "hookrelay_agent_link_mtu_bytes",
-            "Largest UDP payload the current link carries, as path MTU discovery found it",
-            link.mtu.clone(),
-        );
+        for (name, help, gauge) in [
+            (
+                "hookrelay_agent_link_sent_packets",
+                "UDP datagrams sent to the relay on the current link",
+                &link.sent,
+            ),
+            (
+                "hookrelay_agent_link_received_packets",
+                "UDP datagrams received from the relay on the current link",
+                &link.received,
+            ),
+            (
+                "hookrelay_agent_link_lost_packets",
+                "Packets to the relay QUIC declared lost on the current link",
+                &link.lost,
+            ),
+            (
+                "hookrelay_agent_link_mtu_bytes",
+                "Largest UDP payload the current link carries, as path MTU discovery found it",
+                &link.mtu,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
         AgentMetrics {
             registry: r,
             deliveries,
