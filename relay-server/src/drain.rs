@@ -36,6 +36,9 @@ const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Items read from the store per query.
 const BATCH: usize = 64;
 
+/// Acknowledged deliveries removed between two flushes of the queue.
+const SYNC_EVERY: usize = 256;
+
 /// Sent and not yet acknowledged, in stream order.
 type InFlight = Arc<Mutex<VecDeque<(TunnelName, u64, DeliveryId)>>>;
 
@@ -184,6 +187,7 @@ async fn read_acks(
     permits: Arc<Semaphore>,
     metrics: Arc<RelayMetrics>,
 ) -> Result<(), DrainError> {
+    let mut removed = 0usize;
     loop {
         let ack: QueueAck = match read_frame(&mut recv).await {
             Ok(Some(ack)) => ack,
@@ -202,10 +206,18 @@ async fn read_acks(
             if queue.remove(&tunnel, seq)? {
                 metrics.queue_delivered(tunnel.as_str());
             }
+            removed += 1;
             permits.add_permits(1);
             if id == ack.up_to {
                 break;
             }
+        }
+        if removed >= SYNC_EVERY {
+            // Bounds what sled holds unflushed: without it, removing a backlog
+            // as fast as the agent acknowledges took the relay from 50 MiB to
+            // 68-315 MiB (13 runs of the memory benchmark); with it, flat.
+            queue.sync().await?;
+            removed = 0;
         }
     }
 }
