@@ -479,10 +479,12 @@ impl Queue for SledQueue {
         // Point reads, not a range iterator: see `walk` (a drain reads every
         // head of a backlog once).
         let end = tunnel_end(tunnel);
+        let mut entries = walk(&self.inner.heads, Some(from.into()), Direction::OldestFirst);
         let mut items = Vec::new();
-        for entry in walk(&self.inner.heads, Some(from.into()), Direction::OldestFirst) {
+        while items.len() < limit {
+            let Some(entry) = entries.next() else { break };
             let (key, value) = entry.map_err(storage)?;
-            if items.len() >= limit || key.as_ref() >= end.as_slice() {
+            if key.as_ref() >= end.as_slice() {
                 break;
             }
             if let Some(item) = decode_head(&key, &value) {
