@@ -325,7 +325,6 @@ async fn run(
     max_backoff: Duration,
 ) -> Result<(), AgentError> {
     let result = run_inner(&dialer, first, &serving, &status, &shutdown, max_backoff).await;
-    serving.metrics.set_link(None);
     status.send_replace(Status::Stopped);
     dialer.endpoint.close(0u32.into(), b"agent stopped");
     result
