@@ -894,10 +894,10 @@ fn normalise_host(host: &str) -> String {
 /// Refuses, before routing, what a well-formed webhook never carries and what
 /// could confuse the app behind the tunnel: an HTTP/1 head with both
 /// `Content-Length` and `Transfer-Encoding` (marked by the edge's framing
-/// scanner), a `Transfer-Encoding` other than a single plain `chunked`, more header lines than HTTP/1 allows (HTTP/2 has no
-/// such cap of its own), and paths that climb (`..` segments, also when
-/// percent-encoded, double-encoded or hidden behind an encoded `/` or `\`) or
-/// carry NUL.
+/// scanner), a `Transfer-Encoding` other than a single plain `chunked`, more
+/// header lines than HTTP/1 allows (HTTP/2 has no such cap of its own), and
+/// paths that climb (`..` segments, also when percent-encoded, double-encoded
+/// or hidden behind an encoded `/` or `\`) or carry NUL.
 fn check_head(parts: &http::request::Parts) -> Result<(), IngressError> {
     let (headers, uri) = (&parts.headers, &parts.uri);
     if parts
