@@ -379,7 +379,7 @@ async fn down_app_gets_everything_when_back_and_failures_are_retried_then_marked
     );
     let app =
         ScriptedApp::spawn_on(tokio::net::TcpListener::bind(("127.0.0.1", port)).await?).await;
-    until(WAIT, "every webhook settled", || recorded(&agent) >= 8).await?;
+    until(WAIT, "every webhook settled", || recorded(&agent) >= 9).await?;
     // In order: /a, /flaky/3 three times (503, 503, 200), /always-500 three
     // times, /gone once (410 is final), /b.
     assert_eq!(
