@@ -812,6 +812,10 @@ async fn idle_agents(
         "after {} s idle the relay's hookrelay_relay_agents_connected is {gauge}, not {n}",
         args.idle
     );
+    // Datagrams the kernel dropped from the relay's full receive buffer
+    // (Linux): each one an Initial or handshake packet waited out by a
+    // retransmission while the agents connected.
+    let drops = metric_sum(&metrics, "hookrelay_relay_quic_receive_drops_total");
     let peak = sampler.take_peak();
     let end_kib = status_kib(pid, "VmRSS");
     drop(sampler);
@@ -832,7 +836,7 @@ async fn idle_agents(
         Target::PerUnit(TARGET_PER_AGENT_BYTES),
     ));
     report.notes.push(format!(
-        "agents: {n} QUIC connections from the benchmark, each with its own tunnel, hello, welcome and queue stream, connected in {:.1} s; after {} s idle all {n} still online (/healthz and hookrelay_relay_agents_connected); relay RSS {} with none, {} once connected, {} at the end",
+        "agents: {n} QUIC connections from the benchmark, each with its own tunnel, hello, welcome and queue stream, connected in {:.1} s ({drops} datagrams dropped from the relay's full UDP receive buffer); after {} s idle all {n} still online (/healthz and hookrelay_relay_agents_connected); relay RSS {} with none, {} once connected, {} at the end",
         connected_in.as_secs_f64(),
         args.idle,
         show_mib(baseline),

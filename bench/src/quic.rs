@@ -30,8 +30,11 @@ pub fn endpoint(fingerprint: &str) -> anyhow::Result<quinn::Endpoint> {
     // The agent's own TLS and transport settings.
     let (config, _refusal) =
         client_config(&Trust::Pinned(pinned)).context("a QUIC client configuration")?;
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .context("binding a QUIC client endpoint on 127.0.0.1")?;
+    // The agent's socket buffers too: this one endpoint carries every idle
+    // agent's handshake, a burst the kernel's default buffer would drop from.
+    let (mut endpoint, _) =
+        relay_server::udp::quic_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .context("binding a QUIC client endpoint on 127.0.0.1")?;
     endpoint.set_default_client_config(with_transport(config));
     Ok(endpoint)
 }
@@ -110,6 +113,6 @@ pub async fn connect(
     };
     tokio::time::timeout(CONNECT_TIMEOUT, attempt)
         .await
-        .map_err(|_| anyhow::anyhow!("no welcome within {CONNECT_TIMEOUT:?}"))?
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no welcome within {CONNECT_TIMEOUT:?}")))
         .with_context(|| format!("agent for tunnel {tunnel}"))
 }

@@ -379,7 +379,7 @@ pub(crate) fn endpoint_for(relay_is_v6: bool) -> std::io::Result<quinn::Endpoint
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    quinn::Endpoint::client(bind)
+    relay_server::udp::quic_endpoint(bind, None).map(|(endpoint, _)| endpoint)
 }
 
 /// The client configuration with the agent's transport settings.

@@ -14,6 +14,7 @@
 //! - [`routing`]: the [`Routes`] table of tunnel holders.
 //! - [`auth`]: hashed agent tokens.
 //! - [`tls`]: certificate files or a persisted self-signed certificate.
+//! - [`udp`]: UDP sockets for QUIC with buffers sized for bursts.
 
 pub mod admin;
 mod agents;
@@ -32,6 +33,7 @@ pub mod relay;
 pub mod routing;
 pub mod sled_walk;
 pub mod tls;
+pub mod udp;
 
 pub use config::{Config, TlsSource};
 pub use ingress::IngressError;

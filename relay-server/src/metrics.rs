@@ -8,7 +8,10 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU16, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -66,6 +69,11 @@ pub struct RelayMetrics {
     agents_connected: Gauge,
     auth_failures: Family<ReasonLabel, Counter>,
     quic_retries: Counter,
+    quic_receive_buffer: Gauge,
+    /// Follows the kernel's own count, read at each scrape.
+    quic_receive_drops: Counter,
+    /// Local port of the QUIC socket (0 until it is bound).
+    quic_port: AtomicU16,
     queue_depth: Family<TunnelLabel, Gauge>,
     queue_bytes: Family<TunnelLabel, Gauge>,
     queue_oldest: Family<TunnelLabel, Gauge>,
@@ -128,6 +136,18 @@ impl RelayMetrics {
             "New agent connections asked to prove their address (QUIC Retry)",
             quic_retries.clone(),
         );
+        let quic_receive_buffer = Gauge::default();
+        registry.register(
+            "hookrelay_relay_quic_receive_buffer_bytes",
+            "Receive buffer the kernel granted the QUIC socket, as it reports it (Linux: twice the granted size)",
+            quic_receive_buffer.clone(),
+        );
+        let quic_receive_drops = Counter::default();
+        registry.register(
+            "hookrelay_relay_quic_receive_drops",
+            "Datagrams the kernel dropped from the QUIC socket's full receive buffer since it was bound (Linux)",
+            quic_receive_drops.clone(),
+        );
         let queue_depth = Family::<TunnelLabel, Gauge>::default();
         registry.register(
             "hookrelay_relay_queue_depth",
@@ -161,6 +181,9 @@ impl RelayMetrics {
             agents_connected,
             auth_failures,
             quic_retries,
+            quic_receive_buffer,
+            quic_receive_drops,
+            quic_port: AtomicU16::new(0),
             queue_depth,
             queue_bytes,
             queue_oldest,
@@ -252,8 +275,25 @@ impl RelayMetrics {
             .inc();
     }
 
-    /// The exposition text, with the queue gauges read now.
+    /// The QUIC socket is bound to local `port` with `receive_buffer` bytes
+    /// of receive buffer; its drops are read at each scrape.
+    pub fn quic_socket(&self, port: u16, receive_buffer: usize) {
+        self.quic_receive_buffer
+            .set(i64::try_from(receive_buffer).unwrap_or(i64::MAX));
+        self.quic_port.store(port, Ordering::Relaxed);
+    }
+
+    /// The exposition text, with the queue gauges and the QUIC socket's
+    /// drops read now.
     pub fn render(&self) -> String {
+        let port = self.quic_port.load(Ordering::Relaxed);
+        if port != 0 {
+            if let Some(drops) = crate::udp::receive_drops(port) {
+                let counted = self.quic_receive_drops.get();
+                self.quic_receive_drops
+                    .inc_by(drops.saturating_sub(counted));
+            }
+        }
         self.queue_depth.clear();
         self.queue_bytes.clear();
         self.queue_oldest.clear();

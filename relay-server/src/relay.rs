@@ -86,8 +86,9 @@ impl Relay {
         let admin = TcpListener::bind(config.admin)
             .await
             .map_err(bind_err("admin", config.admin))?;
-        let endpoint = quinn::Endpoint::server(certs.quic_server_config()?, config.quic)
-            .map_err(bind_err("quic", config.quic))?;
+        let (endpoint, quic_buffer) =
+            crate::udp::quic_endpoint(config.quic, Some(certs.quic_server_config()?))
+                .map_err(bind_err("quic", config.quic))?;
         let http_addr = http.as_ref().map(|(_, addr)| *addr);
         let https_addr = https.as_ref().map(|(_, addr)| *addr);
         let admin_addr = admin
@@ -96,6 +97,7 @@ impl Relay {
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", config.quic))?;
+        metrics.quic_socket(quic_addr.port(), quic_buffer);
 
         let shutdown = CancellationToken::new();
         let close_sessions = CancellationToken::new();
