@@ -203,9 +203,11 @@ async fn list(
         .filter(|b| !b.is_empty())
         .map(parse_id)
         .transpose()?;
-    let page = state
-        .history
-        .list(&filter, before, query.limit.unwrap_or(DEFAULT_PAGE))?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    let page = off_runtime(&state, move |history| {
+        Ok(history.list(&filter, before, limit)?)
+    })
+    .await?;
     Ok(Json(page).into_response())
 }
 
@@ -213,8 +215,12 @@ async fn show(
     State(state): State<InspectorState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let exchange = state.history.get(parse_id(&id)?)?;
-    Ok(Json(ExchangeDetail::load(&state.history, exchange)?).into_response())
+    let id = parse_id(&id)?;
+    let detail = off_runtime(&state, move |history| {
+        Ok(ExchangeDetail::load(history, history.get(id)?)?)
+    })
+    .await?;
+    Ok(Json(detail).into_response())
 }
 
 async fn delete(
@@ -222,14 +228,14 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if !state.history.delete(id)? {
+    if !off_runtime(&state, move |history| Ok(history.delete(id)?)).await? {
         return Err(HistoryError::NotFound(id).into());
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn clear(State(state): State<InspectorState>) -> Result<Response, ApiError> {
-    state.history.clear()?;
+    off_runtime(&state, |history| Ok(history.clear()?)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -363,8 +369,11 @@ async fn export_one(
         .collect::<Result<Vec<_>, _>>()
         .map_err(ApiError::bad)?;
     let redaction = state.redaction.clone().with(extra);
-    let exchange = state.history.get(parse_id(&id)?)?;
-    let detail = ExchangeDetail::load(&state.history, exchange)?;
+    let exchange_id = parse_id(&id)?;
+    let detail = off_runtime(&state, move |history| {
+        Ok(ExchangeDetail::load(history, history.get(exchange_id)?)?)
+    })
+    .await?;
     let (content_type, disposition) = match query.format {
         Format::Curl => ("text/plain; charset=utf-8", None),
         Format::Har => (
@@ -426,6 +435,23 @@ async fn live_session(mut socket: WebSocket, state: InspectorState) {
             break;
         }
     }
+}
+
+/// Runs `read` (sled reads and writes, body files) on tokio's blocking pool:
+/// a listing of 500 exchanges or a large body's file read must not hold a
+/// runtime thread that deliveries are waiting for.
+async fn off_runtime<T: Send + 'static>(
+    state: &InspectorState,
+    read: impl FnOnce(&History) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let history = state.history.clone();
+    tokio::task::spawn_blocking(move || read(&history))
+        .await
+        .map_err(|err| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: format!("the history read failed: {err}"),
+        })?
 }
 
 /// An API failure as JSON.

@@ -301,21 +301,29 @@ impl Replayer {
         filter: &Filter,
         options: &ReplayOptions,
     ) -> Result<Vec<Result<Exchange, ReplayError>>, ReplayError> {
-        let mut ids = Vec::new();
-        let mut before = None;
-        loop {
-            let page = self.history.list(filter, before, history::MAX_PAGE)?;
-            ids.extend(
-                page.exchanges
-                    .iter()
-                    .filter(|e| e.replay_of.is_none())
-                    .map(|e| e.id),
-            );
-            match page.next_before {
-                Some(b) if ids.len() < MAX_BULK_REPLAY => before = Some(b),
-                _ => break,
+        // A filter matching few exchanges may walk the whole history: on the
+        // blocking pool, not on a thread deliveries are waiting for.
+        let (store, filter) = (self.history.clone(), filter.clone());
+        let mut ids = tokio::task::spawn_blocking(move || {
+            let mut ids = Vec::new();
+            let mut before = None;
+            loop {
+                let page = store.list(&filter, before, history::MAX_PAGE)?;
+                ids.extend(
+                    page.exchanges
+                        .iter()
+                        .filter(|e| e.replay_of.is_none())
+                        .map(|e| e.id),
+                );
+                match page.next_before {
+                    Some(b) if ids.len() < MAX_BULK_REPLAY => before = Some(b),
+                    _ => break,
+                }
             }
-        }
+            Ok::<_, HistoryError>(ids)
+        })
+        .await
+        .map_err(|err| HistoryError::Storage(format!("listing for the replay: {err}")))??;
         ids.truncate(MAX_BULK_REPLAY);
         ids.reverse();
         let mut results = Vec::with_capacity(ids.len());
