@@ -41,10 +41,16 @@ pub fn bind(addr: SocketAddr, buffer: usize) -> io::Result<BoundUdp> {
     let _ = socket.set_send_buffer_size(buffer);
     socket.bind(&addr.into())?;
     let recv_buffer = socket.recv_buffer_size()?;
+    // Linux reports twice what it granted (socket(7), SO_RCVBUF).
+    let granted = if cfg!(target_os = "linux") {
+        recv_buffer / 2
+    } else {
+        recv_buffer
+    };
     Ok(BoundUdp {
         socket: socket.into(),
         recv_buffer,
-        capped: recv_buffer < buffer,
+        capped: granted < buffer,
     })
 }
 
@@ -136,7 +142,15 @@ mod tests {
         assert_ne!(bound.socket.local_addr().expect("addr").port(), 0);
         // Whatever the cap, the kernel gives at least its default.
         assert!(bound.recv_buffer > 0);
-        assert_eq!(bound.capped, bound.recv_buffer < 1024 * 1024);
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if cfg!(target_os = "linux") {
+            // Granted min(asked, rmem_max), reported doubled.
+            assert_eq!(bound.recv_buffer, 2 * rmem_max.min(1024 * 1024));
+            assert_eq!(bound.capped, rmem_max < 1024 * 1024);
+        }
     }
 
     #[test]
