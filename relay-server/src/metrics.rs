@@ -8,10 +8,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{
-        atomic::{AtomicU16, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -72,8 +69,8 @@ pub struct RelayMetrics {
     quic_receive_buffer: Gauge,
     /// Follows the kernel's own count, read at each scrape.
     quic_receive_drops: Counter,
-    /// Local port of the QUIC socket (0 until it is bound).
-    quic_port: AtomicU16,
+    /// Local address of the QUIC socket, once it is bound.
+    quic_addr: std::sync::OnceLock<std::net::SocketAddr>,
     queue_depth: Family<TunnelLabel, Gauge>,
     queue_bytes: Family<TunnelLabel, Gauge>,
     queue_oldest: Family<TunnelLabel, Gauge>,
@@ -183,7 +180,7 @@ impl RelayMetrics {
             quic_retries,
             quic_receive_buffer,
             quic_receive_drops,
-            quic_port: AtomicU16::new(0),
+            quic_addr: std::sync::OnceLock::new(),
             queue_depth,
             queue_bytes,
             queue_oldest,
@@ -275,20 +272,19 @@ impl RelayMetrics {
             .inc();
     }
 
-    /// The QUIC socket is bound to local `port` with `receive_buffer` bytes
-    /// of receive buffer; its drops are read at each scrape.
-    pub fn quic_socket(&self, port: u16, receive_buffer: usize) {
+    /// The QUIC socket is bound to `local` with `receive_buffer` bytes of
+    /// receive buffer; its drops are read at each scrape.
+    pub fn quic_socket(&self, local: std::net::SocketAddr, receive_buffer: usize) {
         self.quic_receive_buffer
             .set(i64::try_from(receive_buffer).unwrap_or(i64::MAX));
-        self.quic_port.store(port, Ordering::Relaxed);
+        let _ = self.quic_addr.set(local);
     }
 
     /// The exposition text, with the queue gauges and the QUIC socket's
     /// drops read now.
     pub fn render(&self) -> String {
-        let port = self.quic_port.load(Ordering::Relaxed);
-        if port != 0 {
-            if let Some(drops) = crate::udp::receive_drops(port) {
+        if let Some(&local) = self.quic_addr.get() {
+            if let Some(drops) = crate::udp::receive_drops(local) {
                 let counted = self.quic_receive_drops.get();
                 self.quic_receive_drops
                     .inc_by(drops.saturating_sub(counted));

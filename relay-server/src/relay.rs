@@ -97,7 +97,7 @@ impl Relay {
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", config.quic))?;
-        metrics.quic_socket(quic_addr.port(), quic_buffer);
+        metrics.quic_socket(quic_addr, quic_buffer);
 
         let shutdown = CancellationToken::new();
         let close_sessions = CancellationToken::new();

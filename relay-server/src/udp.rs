@@ -93,43 +93,40 @@ pub fn quic_endpoint(
 }
 
 /// Datagrams the kernel dropped for want of room in the receive buffer of
-/// the UDP socket bound to local `port`, from `/proc/net/udp` and
-/// `/proc/net/udp6` (Linux; `None` elsewhere or when no socket matches).
-pub fn receive_drops(port: u16) -> Option<u64> {
-    let mut found = None;
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        if let Ok(text) = std::fs::read_to_string(table) {
-            if let Some(drops) = drops_in_table(&text, port) {
-                found = Some(found.unwrap_or(0) + drops);
-            }
-        }
-    }
-    found
+/// the UDP socket bound to `local`, from `/proc/net/udp` or `/proc/net/udp6`
+/// (Linux; `None` elsewhere or when no socket matches).
+pub fn receive_drops(local: SocketAddr) -> Option<u64> {
+    let table = match local {
+        SocketAddr::V4(_) => "/proc/net/udp",
+        SocketAddr::V6(_) => "/proc/net/udp6",
+    };
+    let text = std::fs::read_to_string(table).ok()?;
+    drops_in_table(&text, &proc_address(local))
 }
 
-/// The `drops` column summed over the rows of a `/proc/net/udp{,6}` table
-/// whose local address has `port` (`None` when no row has).
-fn drops_in_table(table: &str, port: u16) -> Option<u64> {
-    let mut found = None;
-    for line in table.lines().skip(1) {
+/// `local` as `/proc/net/udp{,6}` prints it: the address's 32-bit words in
+/// host byte order as `%08X`, a colon, the port as `%04X`.
+fn proc_address(local: SocketAddr) -> String {
+    let words: String = match local.ip() {
+        std::net::IpAddr::V4(ip) => format!("{:08X}", u32::from_ne_bytes(ip.octets())),
+        std::net::IpAddr::V6(ip) => ip
+            .octets()
+            .chunks_exact(4)
+            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+            .collect(),
+    };
+    format!("{words}:{:04X}", local.port())
+}
+
+/// The `drops` column of the row of a `/proc/net/udp{,6}` table whose local
+/// address is `address` (`None` when no row is).
+fn drops_in_table(table: &str, address: &str) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
         let mut fields = line.split_whitespace();
-        // "sl" then "local_address", ADDRESS:PORT in hex.
-        let Some(local) = fields.nth(1) else { continue };
-        let Some((_, hex_port)) = local.rsplit_once(':') else {
-            continue;
-        };
-        if u16::from_str_radix(hex_port, 16) != Ok(port) {
-            continue;
-        }
-        if let Some(drops) = line
-            .split_whitespace()
-            .last()
-            .and_then(|d| d.parse::<u64>().ok())
-        {
-            found = Some(found.unwrap_or(0) + drops);
-        }
-    }
-    found
+        // "sl", then "local_address".
+        (fields.nth(1)? == address).then_some(())?;
+        line.split_whitespace().last()?.parse().ok()
+    })
 }
 
 #[cfg(test)]
@@ -154,22 +151,31 @@ mod tests {
     }
 
     #[test]
-    fn drops_are_read_from_the_row_of_the_port() {
+    fn drops_are_read_from_the_row_of_the_address() {
         let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
             \x20 10: 0100007F:A442 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41925 2 0000000000000000 17\n\
-            \x20 11: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41926 2 0000000000000000 3\n";
-        assert_eq!(drops_in_table(table, 0xA442), Some(17));
-        assert_eq!(drops_in_table(table, 53), Some(3));
-        assert_eq!(drops_in_table(table, 80), None);
-        assert_eq!(drops_in_table("header only\n", 53), None);
+            \x20 11: 0200007F:A442 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41926 2 0000000000000000 3\n";
+        assert_eq!(drops_in_table(table, "0100007F:A442"), Some(17));
+        assert_eq!(drops_in_table(table, "0200007F:A442"), Some(3));
+        assert_eq!(drops_in_table(table, "0100007F:0050"), None);
+        assert_eq!(drops_in_table("header only\n", "0100007F:A442"), None);
+    }
+
+    #[cfg(all(target_os = "linux", target_endian = "little"))]
+    #[test]
+    fn addresses_are_spelled_as_the_kernel_prints_them() {
+        let v4: SocketAddr = "127.0.0.1:42050".parse().expect("v4");
+        assert_eq!(proc_address(v4), "0100007F:A442");
+        let v6: SocketAddr = "[::1]:443".parse().expect("v6");
+        assert_eq!(proc_address(v6), "00000000000000000000000001000000:01BB");
     }
 
     #[cfg(target_os = "linux")]
     #[test]
     fn a_bound_socket_has_a_drops_row() {
         let bound = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 4096).expect("bind");
-        let port = bound.socket.local_addr().expect("addr").port();
-        assert_eq!(receive_drops(port), Some(0));
+        let local = bound.socket.local_addr().expect("addr");
+        assert_eq!(receive_drops(local), Some(0));
     }
 
     #[test]
