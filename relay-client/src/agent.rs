@@ -348,7 +348,10 @@ async fn run_inner(
                 .flat_map(|t| t.public_urls.clone())
                 .collect();
             status.send_replace(Status::Connected { public_urls });
-            serving.metrics.set_link(Some(s.connection.clone()));
+            serving.metrics.set_link(Some((
+                s.connection.clone(),
+                dialer.endpoint.local_addr().ok(),
+            )));
             let end = s
                 .serve(
                     serving.forwarder.clone(),

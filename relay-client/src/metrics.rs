@@ -49,12 +49,14 @@ pub struct AgentMetrics {
 /// The QUIC connection to the relay while there is one, and gauges read off
 /// its statistics at each scrape: a slow or lossy path shows here.
 struct Link {
-    connection: std::sync::Mutex<Option<quinn::Connection>>,
+    /// The connection, and the local address of its UDP socket.
+    connection: std::sync::Mutex<Option<(quinn::Connection, Option<std::net::SocketAddr>)>>,
     rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
     sent: Gauge,
     received: Gauge,
     lost: Gauge,
     mtu: Gauge,
+    drops: Gauge,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -146,6 +148,7 @@ impl AgentMetrics {
             received: Gauge::default(),
             lost: Gauge::default(),
             mtu: Gauge::default(),
+            drops: Gauge::default(),
         };
         r.register(
             "hookrelay_agent_link_rtt_seconds",
@@ -173,6 +176,11 @@ impl AgentMetrics {
                 "Largest UDP payload the current link carries, as path MTU discovery found it",
                 &link.mtu,
             ),
+            (
+                "hookrelay_agent_link_receive_drops",
+                "Datagrams the kernel dropped from the current link's full UDP receive buffer (Linux; raise net.core.rmem_max)",
+                &link.drops,
+            ),
         ] {
             r.register(name, help, gauge.clone());
         }
@@ -194,13 +202,13 @@ impl AgentMetrics {
     }
 
     /// The link to the relay the `hookrelay_agent_link_*` gauges describe,
-    /// or none while disconnected.
-    pub fn set_link(&self, connection: Option<quinn::Connection>) {
+    /// with the local address of its UDP socket, or none while disconnected.
+    pub fn set_link(&self, link: Option<(quinn::Connection, Option<std::net::SocketAddr>)>) {
         *self
             .link
             .connection
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = connection;
+            .unwrap_or_else(|p| p.into_inner()) = link;
     }
 
     /// Counts one recorded exchange.
@@ -259,13 +267,14 @@ impl AgentMetrics {
         self.connected.set(i64::from(connected));
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));
-        let stats = self
+        let (stats, socket) = self
             .link
             .connection
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(quinn::Connection::stats);
+            .map_or((None, None), |(c, socket)| (Some(c.stats()), *socket));
+        let drops = socket.and_then(relay_server::udp::receive_drops);
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let link = &self.link;
         link.rtt
@@ -278,6 +287,7 @@ impl AgentMetrics {
             .set(stats.as_ref().map_or(0, |s| count(s.path.lost_packets)));
         link.mtu
             .set(stats.as_ref().map_or(0, |s| i64::from(s.path.current_mtu)));
+        link.drops.set(drops.map_or(0, count));
         encode_text(&self.registry)
     }
 }

@@ -322,6 +322,12 @@ async fn a_small_delivery_is_one_packet_each_way() -> anyhow::Result<()> {
     );
     assert!(after.get("hookrelay_agent_link_rtt_seconds") > 0.0);
     assert!(after.get("hookrelay_agent_link_mtu_bytes") >= 1200.0);
+    // Read off the link socket's row in /proc/net/udp: none dropped here.
+    #[cfg(target_os = "linux")]
+    assert_eq!(
+        after.0.get("hookrelay_agent_link_receive_drops"),
+        Some(&0.0)
+    );
     assert_eq!(after.get("hookrelay_agent_connected"), 1.0);
     agent.shutdown().await?;
     Ok(())
