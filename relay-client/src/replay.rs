@@ -102,8 +102,14 @@ impl Replayer {
         id: ExchangeId,
         options: &ReplayOptions,
     ) -> Result<Exchange, ReplayError> {
-        let original = self.history.get(id)?;
-        let mut body = self.history.body(id, Part::Request)?;
+        // A body of many MiB is a file read: on the blocking pool, not on the
+        // agent's one worker thread.
+        let store = self.history.clone();
+        let (original, mut body) = tokio::task::spawn_blocking(move || {
+            Ok::<_, HistoryError>((store.get(id)?, store.body(id, Part::Request)?))
+        })
+        .await
+        .map_err(|err| HistoryError::Storage(format!("reading the original: {err}")))??;
         if let Some(b64) = &options.body_base64 {
             body = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
