@@ -1318,6 +1318,23 @@ impl History {
         self.tree("settings")
     }
 
+    /// Runs `work` (sled reads and writes, body files) on tokio's blocking
+    /// pool with a handle to this store: a listing of many exchanges or a
+    /// body of many MiB must not hold the agent's worker thread, which
+    /// deliveries wait for.
+    ///
+    /// # Errors
+    /// `work`'s error, or [`HistoryError::Storage`] when it panicked.
+    pub async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&History) -> Result<T, HistoryError> + Send + 'static,
+    ) -> Result<T, HistoryError> {
+        let history = self.clone();
+        tokio::task::spawn_blocking(move || work(&history))
+            .await
+            .map_err(|err| HistoryError::Storage(format!("a history task failed: {err}")))?
+    }
+
     /// Number of exchanges kept.
     pub fn len(&self) -> usize {
         self.totals

@@ -204,10 +204,10 @@ async fn list(
         .map(parse_id)
         .transpose()?;
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    let page = off_runtime(&state, move |history| {
-        Ok(history.list(&filter, before, limit)?)
-    })
-    .await?;
+    let page = state
+        .history
+        .off_runtime(move |h| h.list(&filter, before, limit))
+        .await?;
     Ok(Json(page).into_response())
 }
 
@@ -216,10 +216,10 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let detail = off_runtime(&state, move |history| {
-        Ok(ExchangeDetail::load(history, history.get(id)?)?)
-    })
-    .await?;
+    let detail = state
+        .history
+        .off_runtime(move |h| ExchangeDetail::load(h, h.get(id)?))
+        .await?;
     Ok(Json(detail).into_response())
 }
 
@@ -228,14 +228,14 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if !off_runtime(&state, move |history| Ok(history.delete(id)?)).await? {
+    if !state.history.off_runtime(move |h| h.delete(id)).await? {
         return Err(HistoryError::NotFound(id).into());
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn clear(State(state): State<InspectorState>) -> Result<Response, ApiError> {
-    off_runtime(&state, |history| Ok(history.clear()?)).await?;
+    state.history.off_runtime(|h| h.clear()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -370,10 +370,10 @@ async fn export_one(
         .map_err(ApiError::bad)?;
     let redaction = state.redaction.clone().with(extra);
     let exchange_id = parse_id(&id)?;
-    let detail = off_runtime(&state, move |history| {
-        Ok(ExchangeDetail::load(history, history.get(exchange_id)?)?)
-    })
-    .await?;
+    let detail = state
+        .history
+        .off_runtime(move |h| ExchangeDetail::load(h, h.get(exchange_id)?))
+        .await?;
     let (content_type, disposition) = match query.format {
         Format::Curl => ("text/plain; charset=utf-8", None),
         Format::Har => (
@@ -435,23 +435,6 @@ async fn live_session(mut socket: WebSocket, state: InspectorState) {
             break;
         }
     }
-}
-
-/// Runs `read` (sled reads and writes, body files) on tokio's blocking pool:
-/// a listing of 500 exchanges or a large body's file read must not hold a
-/// runtime thread that deliveries are waiting for.
-async fn off_runtime<T: Send + 'static>(
-    state: &InspectorState,
-    read: impl FnOnce(&History) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let history = state.history.clone();
-    tokio::task::spawn_blocking(move || read(&history))
-        .await
-        .map_err(|err| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: format!("the history read failed: {err}"),
-        })?
 }
 
 /// An API failure as JSON.

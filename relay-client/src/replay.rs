@@ -104,12 +104,10 @@ impl Replayer {
     ) -> Result<Exchange, ReplayError> {
         // A body of many MiB is a file read: on the blocking pool, not on the
         // agent's one worker thread.
-        let store = self.history.clone();
-        let (original, mut body) = tokio::task::spawn_blocking(move || {
-            Ok::<_, HistoryError>((store.get(id)?, store.body(id, Part::Request)?))
-        })
-        .await
-        .map_err(|err| HistoryError::Storage(format!("reading the original: {err}")))??;
+        let (original, mut body) = self
+            .history
+            .off_runtime(move |h| Ok((h.get(id)?, h.body(id, Part::Request)?)))
+            .await?;
         if let Some(b64) = &options.body_base64 {
             body = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
@@ -309,27 +307,28 @@ impl Replayer {
     ) -> Result<Vec<Result<Exchange, ReplayError>>, ReplayError> {
         // A filter matching few exchanges may walk the whole history: on the
         // blocking pool, not on a thread deliveries are waiting for.
-        let (store, filter) = (self.history.clone(), filter.clone());
-        let mut ids = tokio::task::spawn_blocking(move || {
-            let mut ids = Vec::new();
-            let mut before = None;
-            loop {
-                let page = store.list(&filter, before, history::MAX_PAGE)?;
-                ids.extend(
-                    page.exchanges
-                        .iter()
-                        .filter(|e| e.replay_of.is_none())
-                        .map(|e| e.id),
-                );
-                match page.next_before {
-                    Some(b) if ids.len() < MAX_BULK_REPLAY => before = Some(b),
-                    _ => break,
+        let filter = filter.clone();
+        let mut ids = self
+            .history
+            .off_runtime(move |store| {
+                let mut ids = Vec::new();
+                let mut before = None;
+                loop {
+                    let page = store.list(&filter, before, history::MAX_PAGE)?;
+                    ids.extend(
+                        page.exchanges
+                            .iter()
+                            .filter(|e| e.replay_of.is_none())
+                            .map(|e| e.id),
+                    );
+                    match page.next_before {
+                        Some(b) if ids.len() < MAX_BULK_REPLAY => before = Some(b),
+                        _ => break,
+                    }
                 }
-            }
-            Ok::<_, HistoryError>(ids)
-        })
-        .await
-        .map_err(|err| HistoryError::Storage(format!("listing for the replay: {err}")))??;
+                Ok(ids)
+            })
+            .await?;
         ids.truncate(MAX_BULK_REPLAY);
         ids.reverse();
         let mut results = Vec::with_capacity(ids.len());
