@@ -120,8 +120,8 @@ impl FromStr for ExchangeId {
 
 /// One header, value as raw bytes. In JSON the value is text (lossy when not
 /// UTF-8) plus `value_base64` holding the exact bytes when they are not UTF-8.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "HeaderJson", into = "HeaderJson")]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(from = "HeaderJson")]
 pub struct Header {
     /// Lowercase name.
     pub name: String,
@@ -137,23 +137,26 @@ struct HeaderJson {
     value_base64: Option<String>,
 }
 
-impl From<Header> for HeaderJson {
-    fn from(h: Header) -> Self {
-        match String::from_utf8(h.value) {
-            Ok(value) => HeaderJson {
-                name: h.name,
-                value,
-                value_base64: None,
-            },
-            Err(e) => {
-                let bytes = e.into_bytes();
-                HeaderJson {
-                    name: h.name,
-                    value: String::from_utf8_lossy(&bytes).into_owned(),
-                    value_base64: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
-                }
+/// Serialized in place, as [`HeaderJson`] reads it back: every record's
+/// headers pass through here, and going through an owned `HeaderJson` cost
+/// two allocations and copies per header.
+impl Serialize for Header {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let utf8 = std::str::from_utf8(&self.value).ok();
+        let mut s = serializer.serialize_struct("Header", if utf8.is_some() { 2 } else { 3 })?;
+        s.serialize_field("name", &self.name)?;
+        match utf8 {
+            Some(value) => s.serialize_field("value", value)?,
+            None => {
+                s.serialize_field("value", &String::from_utf8_lossy(&self.value))?;
+                s.serialize_field(
+                    "value_base64",
+                    &base64::engine::general_purpose::STANDARD.encode(&self.value),
+                )?;
             }
         }
+        s.end()
     }
 }
 
@@ -744,18 +747,45 @@ impl Kept {
     }
 }
 
+/// Roughly how long `e`'s JSON is: its strings and headers plus room for
+/// the field names and numbers (escapes make it longer, rarely by much).
+fn json_estimate(e: &Exchange) -> usize {
+    let headers =
+        |hs: &[Header]| -> usize { hs.iter().map(|h| h.name.len() + h.value.len() + 24).sum() };
+    let text = [&e.tunnel, &e.method, &e.url, &e.path, &e.target]
+        .iter()
+        .map(|s| s.len())
+        .sum::<usize>()
+        + e.delivery_id.as_ref().map_or(0, String::len)
+        + e.remote_addr.as_ref().map_or(0, String::len)
+        + e.error.as_ref().map_or(0, String::len)
+        + e.event_id.as_ref().map_or(0, String::len)
+        + match &e.signature {
+            Some(Verdict::Invalid { reason, .. }) => reason.len(),
+            _ => 0,
+        };
+    text + headers(&e.request.headers)
+        + e.response.as_ref().map_or(0, |r| headers(&r.headers))
+        + 768
+}
+
 /// Encodes a record: the exchange's JSON, then its inline bodies.
 fn encode_record(
     exchange: &Exchange,
     inline: &[(Part, &[u8])],
 ) -> Result<(Vec<u8>, Kept), HistoryError> {
-    let mut value =
-        serde_json::to_vec(exchange).map_err(|e| HistoryError::Storage(e.to_string()))?;
-    let json_len = value.len();
     let inline: Vec<&(Part, &[u8])> = inline
         .iter()
         .filter(|(_, body)| !body.is_empty() && u32::try_from(body.len()).is_ok())
         .collect();
+    // Sized once for the whole record: grown from empty, the JSON and the
+    // bodies behind it were reallocated and copied a dozen times.
+    let mut value = Vec::with_capacity(
+        json_estimate(exchange) + inline.iter().map(|(_, body)| 5 + body.len()).sum::<usize>(),
+    );
+    serde_json::to_writer(&mut value, exchange)
+        .map_err(|e| HistoryError::Storage(e.to_string()))?;
+    let json_len = value.len();
     if !inline.is_empty() {
         value.push(b'\n');
         for (part, body) in &inline {
@@ -1691,6 +1721,70 @@ mod tests {
         record_with_body(&h, exchange("POST", "/x", Some(200)), b"a").await;
         h.clear().expect("clear");
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_webhook_record_is_encoded_into_one_allocation() {
+        let mut e = exchange("POST", "/hooks/github?x=1", Some(200));
+        e.remote_addr = Some("203.0.113.7:51234".into());
+        e.event_id = Some("72d3162e-cc78-11e3-81ab-4c9367dc0958".into());
+        e.provider = Some(signature::Provider::Github);
+        e.signature = Some(Verdict::Invalid {
+            provider: signature::Provider::Github,
+            reason: "signature does not match any configured secret".into(),
+        });
+        e.error = Some("the app answered 500".into());
+        e.duration = Durations {
+            relay_to_agent_ms: Some(12_345),
+            local_app_ms: Some(67_890),
+            total_ms: 123_456,
+        };
+        e.queued = Some(QueuedAttempt {
+            attempt: 3,
+            max_attempts: 10,
+            next_attempt_at_ms: Some(now_ms()),
+            failed: false,
+            interrupted: false,
+        });
+        e.request.headers = [
+            ("host", "relay.example.com"),
+            ("user-agent", "GitHub-Hookshot/abc1234"),
+            ("content-type", "application/json"),
+            ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+            ("x-github-event", "pull_request"),
+            ("x-github-hook-id", "123456789"),
+            (
+                "x-hub-signature-256",
+                "sha256=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("content-length", "1024"),
+        ]
+        .iter()
+        .map(|(n, v)| Header {
+            name: (*n).into(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect();
+        e.request.headers.push(Header {
+            name: "x-binary".into(),
+            value: vec![0xff, 0xfe, b'"', b'\\'],
+        });
+        let response = e.response.as_mut().expect("response");
+        response.headers = vec![Header {
+            name: "content-type".into(),
+            value: b"application/json; charset=utf-8".to_vec(),
+        }];
+        let body = vec![b'x'; 1024];
+        let (value, _) = encode_record(&e, &[(Part::Request, &body[..]), (Part::Response, b"ok")])
+            .expect("encode");
+        // The estimate covered it: the buffer was never regrown (and copied).
+        let asked = json_estimate(&e) + 5 + body.len() + 5 + 2;
+        assert!(value.len() <= asked, "{} > {asked}", value.len());
+        assert_eq!(value.capacity(), asked);
+        let record = Record::decode(&value).expect("decode");
+        assert_eq!(record.exchange, e);
+        assert_eq!(record.body(Part::Request), Some(&body[..]));
     }
 
     #[test]
