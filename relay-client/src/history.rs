@@ -1042,7 +1042,11 @@ impl History {
             let pos = totals.sizes.partition_point(|k| k.id < exchange.id);
             totals.sizes.insert(pos, kept);
         }
-        self.enforce_retention()
+        // Retention is applied by the flush that makes this record durable
+        // (on the blocking pool, with every other record of that flush):
+        // once the history is full, each record evicts the oldest, and that
+        // removal (sled, and the body files' unlinks) held the agent's worker.
+        Ok(())
     }
 
     /// [`History::record`] for exchanges nobody waits on: the fsync is shared
@@ -1102,15 +1106,17 @@ impl History {
     }
 
     /// One fsync of the store, for [`GroupCommit`] to run.
+    /// Applies retention first, so that the store is within its limits
+    /// whenever it is on disk.
     fn flush_fn(&self) -> impl FnOnce() -> Result<(), HistoryError> + Send + 'static {
-        let db = self.db.clone();
-        let files = self.files.clone();
+        let history = self.clone();
         move || {
+            history.enforce_retention()?;
             // Bodies first: a durable record never names a body that is not.
-            if let Some(files) = files {
+            if let Some(files) = &history.files {
                 files.sync().map_err(file_error)?;
             }
-            db.flush().map(drop).map_err(storage)
+            history.db.flush().map(drop).map_err(storage)
         }
     }
 
@@ -1623,6 +1629,49 @@ mod tests {
         }
         assert!(h.len() <= 2, "{} kept", h.len());
         assert!(h.get(ids[3]).is_ok());
+    }
+
+    /// Storing leaves eviction to the flush (off the recorder's thread), and
+    /// every flush, lingering ones too, leaves the store within its limits.
+    #[tokio::test]
+    async fn retention_is_applied_by_the_flush_on_disk_stores_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let h = History::open(
+            dir.path(),
+            Retention {
+                max_exchanges: 3,
+                max_bytes: u64::MAX,
+            },
+        )
+        .expect("open");
+        let big = vec![b'x'; INLINE_BODY_MAX + 1];
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let mut e = exchange("POST", "/x", Some(200));
+            e.request.body_len = big.len() as u64;
+            h.append_body(e.id, Part::Request, 0, &big).expect("append");
+            ids.push(e.id);
+            h.store(&e, &[]).expect("store");
+        }
+        assert_eq!(h.len(), 5, "not evicted on the recorder's thread");
+        h.flush().await.expect("flush");
+        assert_eq!(h.len(), 3);
+        for gone in &ids[..2] {
+            assert!(matches!(h.get(*gone), Err(HistoryError::NotFound(_))));
+        }
+        let files = std::fs::read_dir(dir.path().join("history-bodies"))
+            .expect("bodies dir")
+            .count();
+        assert_eq!(files, 3, "the evicted records' body files are gone");
+
+        let e = exchange("POST", "/y", Some(200));
+        let newest = e.id;
+        h.record_lingering(e, &[(Part::Request, b"small")])
+            .await
+            .expect("record");
+        assert_eq!(h.len(), 3);
+        assert!(matches!(h.get(ids[2]), Err(HistoryError::NotFound(_))));
+        assert_eq!(h.body(newest, Part::Request).expect("body"), b"small");
     }
 
     /// Small bodies inside the record, a large one in chunks, and a record
