@@ -132,7 +132,9 @@ async fn readyz(State(state): State<InspectorState>) -> Response {
 
 async fn metrics(State(state): State<InspectorState>) -> Response {
     let connected = matches!(*state.status.borrow(), Status::Connected { .. });
-    let text = state.metrics.render(connected, state.outbox.len());
+    let text = state
+        .metrics
+        .render(connected, state.outbox.len(), state.outbox.repeats());
     (
         [(
             header::CONTENT_TYPE,

@@ -41,6 +41,7 @@ pub struct AgentMetrics {
     failures: Counter,
     verdicts: Family<VerdictLabels, Counter>,
     duplicates: Counter,
+    queued_repeats: Counter,
     connected: Gauge,
     queued_waiting: Gauge,
     link: Link,
@@ -129,6 +130,12 @@ impl AgentMetrics {
             "Provider retries answered without calling the app",
             duplicates.clone(),
         );
+        let queued_repeats = Counter::default();
+        r.register(
+            "hookrelay_agent_queued_repeats",
+            "Queued webhooks the relay sent again that the outbox already had (acknowledged by the agent, not yet removed on the relay's disk when the relay stopped or the link broke); the app does not get them twice",
+            queued_repeats.clone(),
+        );
         let connected = Gauge::default();
         r.register(
             "hookrelay_agent_connected",
@@ -195,6 +202,7 @@ impl AgentMetrics {
             failures,
             verdicts,
             duplicates,
+            queued_repeats,
             connected,
             queued_waiting,
             link,
@@ -263,8 +271,11 @@ impl AgentMetrics {
     }
 
     /// The exposition text, with the gauges as of now.
-    pub fn render(&self, connected: bool, queued_waiting: usize) -> String {
+    pub fn render(&self, connected: bool, queued_waiting: usize, queued_repeats: u64) -> String {
         self.connected.set(i64::from(connected));
+        let counted = self.queued_repeats.get();
+        self.queued_repeats
+            .inc_by(queued_repeats.saturating_sub(counted));
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));
         let (stats, socket) = self

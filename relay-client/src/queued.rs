@@ -129,6 +129,8 @@ pub struct Outbox {
     bodies: sled::Tree,
     seen: sled::Tree,
     changed: Arc<Notify>,
+    /// Webhooks the relay sent again that were here already (since start).
+    repeats: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Outbox {
@@ -144,6 +146,7 @@ impl Outbox {
             bodies: history.tree("outbox_bodies")?,
             seen: history.tree("outbox_seen")?,
             changed: Arc::default(),
+            repeats: Arc::default(),
         };
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
         for item in outbox.seen.iter() {
@@ -165,6 +168,14 @@ impl Outbox {
         self.items.is_empty()
     }
 
+    /// How many webhooks the relay sent again that this outbox had stored
+    /// already, since start: acknowledgements a relay lost (it crashed
+    /// before their removal reached its disk) or that were in flight when
+    /// the link broke.
+    pub fn repeats(&self) -> u64 {
+        self.repeats.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stores a webhook from the relay's queue, unless its delivery id was
     /// stored before; `Ok(false)` for such a repeat. Not flushed: call
     /// [`Outbox::flush`] before acknowledging.
@@ -174,6 +185,8 @@ impl Outbox {
     pub fn store(&self, head: RequestHead, body: &[u8]) -> Result<bool, HistoryError> {
         let id = head.delivery_id.0.to_bytes();
         if self.seen.contains_key(id).map_err(storage)? {
+            self.repeats
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
         }
         let seq = self.history.generate_id()?.to_be_bytes();

@@ -64,6 +64,7 @@ const METRICS: &[&str] = &[
     "hookrelay_agent_delivery_failures_total",
     "hookrelay_agent_signature_verdicts_total",
     "hookrelay_agent_duplicates_total",
+    "hookrelay_agent_queued_repeats_total",
     "hookrelay_agent_connected",
     "hookrelay_agent_queued_waiting",
 ];
