@@ -206,16 +206,16 @@ impl Ingress {
             .policies
             .forwarded_proto(remote.ip(), &parts.headers)
             .unwrap_or(self.scheme);
-        let public_url = format!(
-            "{}://{}{}",
+        let public_url = concat(&[
             scheme,
+            "://",
             host.as_deref().unwrap_or("unknown"),
             parts
                 .uri
                 .path_and_query()
                 .map(|p| p.as_str())
-                .unwrap_or("/")
-        );
+                .unwrap_or("/"),
+        ]);
         let headers = forward_headers(
             &parts.headers,
             remote,
@@ -522,7 +522,7 @@ impl Ingress {
     /// or the path form `/t/NAME/rest`. Returns the tunnel and the path and query
     /// below its root.
     fn route(&self, host: Option<&str>, uri: &Uri) -> Result<(TunnelName, String), IngressError> {
-        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = uri.query().map_or_else(String::new, |q| concat(&["?", q]));
         if let (Some(domain), Some(host)) = (&self.domain, host) {
             let host = normalise_host(host);
             if let Some(label) = host
@@ -532,7 +532,7 @@ impl Ingress {
                 let tunnel = label
                     .parse::<TunnelName>()
                     .map_err(|_| IngressError::UnknownTunnel(unknown_name(label)))?;
-                return Ok((tunnel, format!("{}{query}", uri.path())));
+                return Ok((tunnel, concat(&[uri.path(), &query])));
             }
         }
         let rest = uri
@@ -546,7 +546,40 @@ impl Ingress {
         let tunnel = name
             .parse::<TunnelName>()
             .map_err(|_| IngressError::UnknownTunnel(unknown_name(name)))?;
-        Ok((tunnel, format!("{below}{query}")))
+        Ok((tunnel, concat(&[below, &query])))
+    }
+}
+
+/// The pieces joined, in one allocation: `format!` through `core::fmt` was a
+/// measurable share of the relay's instructions per webhook (callgrind).
+fn concat(pieces: &[&str]) -> String {
+    let mut out = String::with_capacity(pieces.iter().map(|p| p.len()).sum());
+    for piece in pieces {
+        out.push_str(piece);
+    }
+    out
+}
+
+/// Appends `ip` in its usual text form; an IPv4 address (nearly every
+/// sender) without `core::fmt`, whose `Ipv4Addr` formatting (it pads) cost
+/// about 1,600 instructions per webhook.
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        std::net::IpAddr::V6(_) => out.extend_from_slice(ip.to_string().as_bytes()),
     }
 }
 
@@ -852,7 +885,7 @@ fn forward_headers(
     if !xff.is_empty() {
         xff.extend_from_slice(b", ");
     }
-    xff.extend_from_slice(remote.ip().to_string().as_bytes());
+    push_ip(&mut xff, remote.ip());
     out.push(("x-forwarded-for".into(), xff));
     out.push(("x-forwarded-proto".into(), scheme.as_bytes().to_vec()));
     if let Some(host) = host {
@@ -1260,6 +1293,24 @@ impl IntoResponse for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_addresses_are_written_as_display_writes_them() {
+        let edges = [0u8, 1, 9, 10, 11, 99, 100, 101, 199, 200, 255];
+        for a in edges {
+            for b in edges {
+                let ip = std::net::IpAddr::from([a, b, 255 - a, 9]);
+                let mut out = b"x, ".to_vec();
+                push_ip(&mut out, ip);
+                assert_eq!(out, format!("x, {ip}").into_bytes());
+            }
+        }
+        let v6: std::net::IpAddr = "2001:db8::1".parse().expect("ip");
+        let mut out = Vec::new();
+        push_ip(&mut out, v6);
+        assert_eq!(out, b"2001:db8::1");
+        assert_eq!(concat(&["http", "://", "h", "/p?q"]), "http://h/p?q");
+    }
 
     #[test]
     fn hosts_normalise() {
