@@ -36,13 +36,20 @@ pub enum CodecError {
 /// # Errors
 /// [`CodecError::TooLarge`] when the encoded message exceeds [`MAX_FRAME_LEN`].
 pub fn encode<T: Serialize>(msg: &T, dst: &mut BytesMut) -> Result<(), CodecError> {
-    let payload = postcard::to_allocvec(msg).map_err(CodecError::Malformed)?;
-    if payload.len() > MAX_FRAME_LEN {
-        return Err(CodecError::TooLarge { len: payload.len() });
+    // Sized first, then written in place: through a Vec grown from empty,
+    // every delivery head was reallocated several times and copied once more.
+    let len = postcard::experimental::serialized_size(msg).map_err(CodecError::Malformed)?;
+    if len > MAX_FRAME_LEN {
+        return Err(CodecError::TooLarge { len });
     }
-    dst.reserve(LEN_PREFIX + payload.len());
-    dst.put_u32(payload.len() as u32);
-    dst.put_slice(&payload);
+    let start = dst.len();
+    dst.reserve(LEN_PREFIX + len);
+    dst.put_u32(len as u32);
+    dst.resize(start + LEN_PREFIX + len, 0);
+    if let Err(e) = postcard::to_slice(msg, &mut dst[start + LEN_PREFIX..]) {
+        dst.truncate(start);
+        return Err(CodecError::Malformed(e));
+    }
     Ok(())
 }
 
