@@ -716,39 +716,9 @@ async fn agent_killed_mid_drain_loses_none_and_duplicates_none() -> anyhow::Resu
         .await?;
         kill9(&mut agent).await?;
     }
-    let inspect = format!("127.0.0.1:{}", dead_port().await?);
-    let mut agent = start_agent(
-        &relay,
-        &token,
-        "kill",
-        &app.target(),
-        &agent_dir,
-        &["--inspect", &inspect],
-    )
-    .await?;
-
-    // Settled when the relay's queue and the agent's outbox are both empty.
-    let deadline = Instant::now() + DRAIN_WAIT;
-    loop {
-        let (_, _, body) =
-            send(http::Request::get(format!("http://{}/api/queue", relay.admin)).body(full(""))?)
-                .await?;
-        let relay_empty =
-            serde_json::from_slice::<serde_json::Value>(&body)? == serde_json::json!([]);
-        let (_, _, body) =
-            send(http::Request::get(format!("http://{inspect}/api/status")).body(full(""))?)
-                .await?;
-        let status: serde_json::Value = serde_json::from_slice(&body)?;
-        let n = app.received().len();
-        if relay_empty && status["queued_waiting"] == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "drain did not finish: {n} of 1000 at the app"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut agent, inspect) =
+        start_agent_inspected(&relay, &token, "kill", &app.target(), &agent_dir).await?;
+    until_drained(&relay, &inspect, &app, 0).await?;
     sigterm(&mut agent).await?;
 
     let got = delivery_ids(&app);
@@ -938,16 +908,8 @@ async fn relay_killed_mid_drain_loses_none_and_the_app_gets_each_once() -> anyho
     until_offline(&relay).await?;
     let ids = post_queued(relay.http, "crash", 0..N).await?;
 
-    let inspect = format!("127.0.0.1:{}", dead_port().await?);
-    let mut agent = start_agent(
-        &relay,
-        &token,
-        "crash",
-        &app.target(),
-        &agent_dir,
-        &["--inspect", &inspect],
-    )
-    .await?;
+    let (mut agent, inspect) =
+        start_agent_inspected(&relay, &token, "crash", &app.target(), &agent_dir).await?;
     // Killed once a good part of the backlog is in the agent's hands (more
     // than two of the relay's syncs), before all of it is.
     let deadline = Instant::now() + DRAIN_WAIT;
@@ -968,35 +930,16 @@ async fn relay_killed_mid_drain_loses_none_and_the_app_gets_each_once() -> anyho
     let relay = RelayProcess::start(&relay_dir, Some(addrs), &[]).await?;
     let left_after = queued_count(&relay).await?;
 
-    // Settled when the relay's queue and the agent's outbox are both empty.
-    let deadline = Instant::now() + DRAIN_WAIT;
-    let repeats = loop {
-        let (_, _, body) =
-            send(http::Request::get(format!("http://{inspect}/api/status")).body(full(""))?)
-                .await?;
-        let status: serde_json::Value = serde_json::from_slice(&body)?;
-        if queued_count(&relay).await? == 0
-            && status["queued_waiting"] == 0
-            && app.received().len() >= N
-        {
-            let (_, _, body) =
-                send(http::Request::get(format!("http://{inspect}/metrics")).body(full(""))?)
-                    .await?;
-            let text = String::from_utf8(body.to_vec())?;
-            break text
-                .lines()
-                .find_map(|l| l.strip_prefix("hookrelay_agent_queued_repeats_total "))
-                .ok_or_else(|| anyhow::anyhow!("no repeats counter in {text}"))?
-                .trim()
-                .parse::<u64>()?;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "drain did not finish: {} of {N} at the app",
-            app.received().len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    until_drained(&relay, &inspect, &app, N).await?;
+    let (_, _, body) =
+        send(http::Request::get(format!("http://{inspect}/metrics")).body(full(""))?).await?;
+    let text = String::from_utf8(body.to_vec())?;
+    let repeats = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hookrelay_agent_queued_repeats_total "))
+        .ok_or_else(|| anyhow::anyhow!("no repeats counter in {text}"))?
+        .trim()
+        .parse::<u64>()?;
     sigterm(&mut agent).await?;
     assert_eq!(
         delivery_ids(&app),
@@ -1010,6 +953,53 @@ async fn relay_killed_mid_drain_loses_none_and_the_app_gets_each_once() -> anyho
         "{repeats} repeats; {left_at_kill} queued shortly before the kill, {left_after} after the restart"
     );
     Ok(())
+}
+
+/// [`start_agent`] with the inspector on a free port, whose address it returns.
+async fn start_agent_inspected(
+    relay: &RelayProcess,
+    token: &str,
+    tunnel: &str,
+    target: &str,
+    data_dir: &Path,
+) -> anyhow::Result<(Child, String)> {
+    let inspect = format!("127.0.0.1:{}", dead_port().await?);
+    let agent = start_agent(
+        relay,
+        token,
+        tunnel,
+        target,
+        data_dir,
+        &["--inspect", &inspect],
+    )
+    .await?;
+    Ok((agent, inspect))
+}
+
+/// Waits until the relay's queue and the agent's outbox are both empty and
+/// the app has received at least `at_app` requests.
+async fn until_drained(
+    relay: &RelayProcess,
+    inspect: &str,
+    app: &TestApp,
+    at_app: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DRAIN_WAIT;
+    loop {
+        let (_, _, body) =
+            send(http::Request::get(format!("http://{inspect}/api/status")).body(full(""))?)
+                .await?;
+        let status: serde_json::Value = serde_json::from_slice(&body)?;
+        let n = app.received().len();
+        if queued_count(relay).await? == 0 && status["queued_waiting"] == 0 && n >= at_app {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "drain did not finish: {n} at the app"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Webhooks the relay holds queued, over all tunnels.
