@@ -332,7 +332,7 @@ impl Forwarder {
         request_tee: &Tee,
         response_tee: &Tee,
         durable: Durable,
-    ) -> Exchange {
+    ) -> Arc<Exchange> {
         let (history_outcome, error) = match outcome {
             Outcome::Responded => (history::Outcome::Ok, None),
             Outcome::Failed(kind, message) => (outcome_of(*kind), Some(message.clone())),
@@ -397,6 +397,8 @@ impl Forwarder {
         let mut inline = Vec::with_capacity(2);
         inline.extend(request_body.as_deref().map(|b| (Part::Request, b)));
         inline.extend(response_body.as_deref().map(|b| (Part::Response, b)));
+        // Shared with the history's live feed, not copied for it.
+        let exchange = Arc::new(exchange);
         let recorded = match durable {
             Durable::Now => self.history.record(exchange.clone(), &inline).await,
             Durable::Lingering => {
@@ -574,7 +576,7 @@ impl Forwarder {
         body: Bytes,
         attempt: u32,
         policy: &RetryPolicy,
-    ) -> (QueuedOutcome, Option<Exchange>) {
+    ) -> (QueuedOutcome, Option<Arc<Exchange>>) {
         let received_at_ms = history::now_ms();
         let started = Instant::now();
         let id = ExchangeId::new();
@@ -637,7 +639,7 @@ impl Forwarder {
     }
 
     /// Shows a stored and flushed exchange: live views, terminal, metrics.
-    pub(crate) fn announce(&self, exchange: Exchange) {
+    pub(crate) fn announce(&self, exchange: Arc<Exchange>) {
         self.terminal.exchange(&exchange);
         self.history.announce(exchange);
     }

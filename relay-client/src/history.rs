@@ -338,8 +338,8 @@ pub enum Part {
 pub enum HistoryEvent {
     /// An exchange completed and was recorded.
     Exchange {
-        /// The exchange.
-        exchange: Box<Exchange>,
+        /// The exchange, shared: every subscriber receives this one.
+        exchange: Arc<Exchange>,
     },
     /// One exchange was deleted.
     Deleted {
@@ -1002,9 +1002,10 @@ impl History {
     /// A storage error.
     pub async fn record(
         &self,
-        exchange: Exchange,
+        exchange: impl Into<Arc<Exchange>>,
         inline: &[(Part, &[u8])],
     ) -> Result<(), HistoryError> {
+        let exchange = exchange.into();
         self.store(&exchange, inline)?;
         self.flush().await?;
         self.announce(exchange);
@@ -1058,9 +1059,10 @@ impl History {
     /// A storage error.
     pub async fn record_lingering(
         &self,
-        exchange: Exchange,
+        exchange: impl Into<Arc<Exchange>>,
         inline: &[(Part, &[u8])],
     ) -> Result<(), HistoryError> {
+        let exchange = exchange.into();
         self.store(&exchange, inline)?;
         self.commits
             .flush_lingering(RECORD_LINGER, self.flush_fn())
@@ -1070,9 +1072,9 @@ impl History {
     }
 
     /// Tells live views about a stored (and flushed) exchange.
-    pub(crate) fn announce(&self, exchange: Exchange) {
+    pub(crate) fn announce(&self, exchange: impl Into<Arc<Exchange>>) {
         let _ = self.events.send(HistoryEvent::Exchange {
-            exchange: Box::new(exchange),
+            exchange: exchange.into(),
         });
     }
 

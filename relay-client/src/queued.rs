@@ -280,7 +280,7 @@ pub(crate) async fn run_worker(
     let mut unreachable_streak: u32 = 0;
     // Attempts stored but not yet flushed: the next flush covers them (one
     // fsync per webhook, not two), then they are shown.
-    let mut unshown: Vec<Exchange> = Vec::new();
+    let mut unshown: Vec<Arc<Exchange>> = Vec::new();
     loop {
         let notified = outbox.changed.notified();
         tokio::pin!(notified);
@@ -361,7 +361,7 @@ pub(crate) async fn run_worker(
 }
 
 /// Flushes, then shows the attempts that flush made durable.
-async fn show(outbox: &Outbox, forwarder: &Forwarder, unshown: &mut Vec<Exchange>) {
+async fn show(outbox: &Outbox, forwarder: &Forwarder, unshown: &mut Vec<Arc<Exchange>>) {
     match outbox.flush().await {
         Ok(()) => {
             for exchange in unshown.drain(..) {
@@ -386,7 +386,7 @@ async fn attempt(
     policy: &RetryPolicy,
     seq: [u8; 8],
     entry: &mut Entry,
-    unshown: &mut Vec<Exchange>,
+    unshown: &mut Vec<Arc<Exchange>>,
 ) -> Result<QueuedOutcome, HistoryError> {
     let body = outbox.body(seq)?;
     entry.attempts += 1;
