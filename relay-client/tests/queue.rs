@@ -10,7 +10,7 @@ mod common;
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -624,23 +624,55 @@ async fn sigterm(child: &mut Child) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the process-level queue tests start from: a relay, a token, an app,
+/// and `tunnel` registered by an agent that then stopped (a tunnel must have
+/// been held once to be queued for).
+struct Offline {
+    /// Holds the relay's and the agent's directories.
+    _dir: tempfile::TempDir,
+    relay_dir: PathBuf,
+    agent_dir: PathBuf,
+    token: String,
+    app: TestApp,
+    relay: RelayProcess,
+}
+
+impl Offline {
+    async fn start(tunnel: &str) -> anyhow::Result<Offline> {
+        let dir = tempfile::tempdir()?;
+        let relay_dir = dir.path().join("relay");
+        let agent_dir = dir.path().join("agent");
+        let token = create_token(&relay_dir).await?;
+        let app = TestApp::spawn().await?;
+        let relay = RelayProcess::start(&relay_dir, None, &[]).await?;
+        let mut agent = start_agent(&relay, &token, tunnel, &app.target(), &agent_dir, &[]).await?;
+        sigterm(&mut agent).await?;
+        until_offline(&relay).await?;
+        Ok(Offline {
+            _dir: dir,
+            relay_dir,
+            agent_dir,
+            token,
+            app,
+            relay,
+        })
+    }
+}
+
 /// (a) + (b): 1,000 webhooks posted while the agent is offline all get 202;
 /// the relay is killed with SIGKILL right after and restarted; then the agent
 /// connects and the app gets all 1,000 exactly once, in order.
 #[tokio::test]
 async fn thousand_offline_webhooks_survive_relay_kill_and_arrive_once_in_order(
 ) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let relay_dir = dir.path().join("relay");
-    let agent_dir = dir.path().join("agent");
-    let token = create_token(&relay_dir).await?;
-    let app = TestApp::spawn().await?;
-    let mut relay = RelayProcess::start(&relay_dir, None, &[]).await?;
-
-    // The tunnel must exist (an agent held it once) to be queued for.
-    let mut agent = start_agent(&relay, &token, "bulk", &app.target(), &agent_dir, &[]).await?;
-    sigterm(&mut agent).await?;
-    until_offline(&relay).await?;
+    let Offline {
+        _dir,
+        relay_dir,
+        agent_dir,
+        token,
+        app,
+        mut relay,
+    } = Offline::start("bulk").await?;
 
     let ids = post_queued(relay.http, "bulk", 0..1000).await?;
     assert_eq!(
@@ -697,15 +729,14 @@ async fn thousand_offline_webhooks_survive_relay_kill_and_arrive_once_in_order(
 /// per kill, the one in the app's hands) is recorded as interrupted.
 #[tokio::test]
 async fn agent_killed_mid_drain_loses_none_and_duplicates_none() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let relay_dir = dir.path().join("relay");
-    let agent_dir = dir.path().join("agent");
-    let token = create_token(&relay_dir).await?;
-    let app = TestApp::spawn().await?;
-    let relay = RelayProcess::start(&relay_dir, None, &[]).await?;
-    let mut agent = start_agent(&relay, &token, "kill", &app.target(), &agent_dir, &[]).await?;
-    sigterm(&mut agent).await?;
-    until_offline(&relay).await?;
+    let Offline {
+        _dir,
+        agent_dir,
+        token,
+        app,
+        relay,
+        ..
+    } = Offline::start("kill").await?;
     let ids = post_queued(relay.http, "kill", 0..1000).await?;
 
     for kill_at in [1usize, 500] {
@@ -897,15 +928,14 @@ async fn retry_after_from_the_app_is_honoured() -> anyhow::Result<()> {
 #[tokio::test]
 async fn relay_killed_mid_drain_loses_none_and_the_app_gets_each_once() -> anyhow::Result<()> {
     const N: usize = 2000;
-    let dir = tempfile::tempdir()?;
-    let relay_dir = dir.path().join("relay");
-    let agent_dir = dir.path().join("agent");
-    let token = create_token(&relay_dir).await?;
-    let app = TestApp::spawn().await?;
-    let mut relay = RelayProcess::start(&relay_dir, None, &[]).await?;
-    let mut agent = start_agent(&relay, &token, "crash", &app.target(), &agent_dir, &[]).await?;
-    sigterm(&mut agent).await?;
-    until_offline(&relay).await?;
+    let Offline {
+        _dir,
+        relay_dir,
+        agent_dir,
+        token,
+        app,
+        mut relay,
+    } = Offline::start("crash").await?;
     let ids = post_queued(relay.http, "crash", 0..N).await?;
 
     let (mut agent, inspect) =
