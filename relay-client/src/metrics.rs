@@ -273,9 +273,7 @@ impl AgentMetrics {
     /// The exposition text, with the gauges as of now.
     pub fn render(&self, connected: bool, queued_waiting: usize, queued_repeats: u64) -> String {
         self.connected.set(i64::from(connected));
-        let counted = self.queued_repeats.get();
-        self.queued_repeats
-            .inc_by(queued_repeats.saturating_sub(counted));
+        relay_server::metrics::follow(&self.queued_repeats, queued_repeats);
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));
         let (stats, socket) = self

@@ -285,9 +285,7 @@ impl RelayMetrics {
     pub fn render(&self) -> String {
         if let Some(&local) = self.quic_addr.get() {
             if let Some(drops) = crate::udp::receive_drops(local) {
-                let counted = self.quic_receive_drops.get();
-                self.quic_receive_drops
-                    .inc_by(drops.saturating_sub(counted));
+                follow(&self.quic_receive_drops, drops);
             }
         }
         self.queue_depth.clear();
@@ -344,6 +342,12 @@ pub fn status_class(status: u16) -> &'static str {
         4 => "4xx",
         _ => "5xx",
     }
+}
+
+/// Moves `counter` up to `total`, a running count kept elsewhere (the
+/// kernel's, a component's own) and read at each scrape; never down.
+pub fn follow(counter: &Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 #[cfg(test)]
