@@ -123,9 +123,9 @@ fn proc_address(local: SocketAddr) -> String {
 fn drops_in_table(table: &str, address: &str) -> Option<u64> {
     table.lines().skip(1).find_map(|line| {
         let mut fields = line.split_whitespace();
-        // "sl", then "local_address".
+        // "sl", then "local_address"; "drops" is the last column.
         (fields.nth(1)? == address).then_some(())?;
-        line.split_whitespace().last()?.parse().ok()
+        fields.last()?.parse().ok()
     })
 }
 
