@@ -394,19 +394,20 @@ impl Forwarder {
             queued: forwarded.queued,
         };
         let (request_body, response_body) = (request_tee.finish(), response_tee.finish());
-        let mut inline = Vec::with_capacity(2);
-        inline.extend(request_body.as_deref().map(|b| (Part::Request, b)));
-        inline.extend(response_body.as_deref().map(|b| (Part::Response, b)));
+        let bodies = [
+            (Part::Request, request_body.as_body()),
+            (Part::Response, response_body.as_body()),
+        ];
         // Shared with the history's live feed, not copied for it.
         let exchange = Arc::new(exchange);
         let recorded = match durable {
-            Durable::Now => self.history.record(exchange.clone(), &inline).await,
+            Durable::Now => self.history.record(exchange.clone(), &bodies).await,
             Durable::Lingering => {
                 self.history
-                    .record_lingering(exchange.clone(), &inline)
+                    .record_lingering(exchange.clone(), &bodies)
                     .await
             }
-            Durable::ByCaller => self.history.store(&exchange, &inline),
+            Durable::ByCaller => self.history.store(&exchange, &bodies),
         };
         if let Err(err) = recorded {
             tracing::error!(
@@ -932,9 +933,27 @@ struct TeeState {
     /// The body so far while it is small enough to go inline; after that,
     /// what is not written yet.
     buf: Vec<u8>,
-    /// Chunks written to the history so far; 0 while the body is inline.
-    written: u32,
+    /// Where the pieces written so far went; none while the body is inline.
+    spilled: history::Spilled,
     len: u64,
+}
+
+/// A body at its end, as [`Tee::finish`] leaves it.
+#[derive(Debug, PartialEq, Eq)]
+enum Teed {
+    /// Small: to go inside the record.
+    Inline(Vec<u8>),
+    /// Written to the history in pieces, which are here.
+    Spilled(Vec<history::Extent>),
+}
+
+impl Teed {
+    fn as_body(&self) -> history::Body<'_> {
+        match self {
+            Teed::Inline(bytes) => history::Body::Inline(bytes),
+            Teed::Spilled(extents) => history::Body::Spilled(extents),
+        }
+    }
 }
 
 impl Tee {
@@ -951,7 +970,7 @@ impl Tee {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.len += chunk.len() as u64;
         state.buf.extend_from_slice(chunk);
-        let inline = state.written == 0 && state.len <= INLINE_BODY_MAX as u64;
+        let inline = state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64;
         if !inline && state.buf.len() >= self.history.piece_bytes() {
             self.spill(&mut state);
         }
@@ -962,12 +981,8 @@ impl Tee {
         if state.buf.is_empty() {
             return;
         }
-        let seq = state.written;
-        state.written += 1;
-        if let Err(err) = self
-            .history
-            .append_body(self.id, self.part, seq, &state.buf)
-        {
+        let TeeState { buf, spilled, .. } = state;
+        if let Err(err) = self.history.append_body(self.id, self.part, spilled, buf) {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
                 "cannot record a body chunk"
@@ -981,22 +996,27 @@ impl Tee {
     }
 
     /// Ends the body: returns it when it is small enough to go inside the
-    /// record, else writes the rest of it to the history.
-    fn finish(&self) -> Option<Vec<u8>> {
+    /// record, else writes the rest of it to the history and returns where
+    /// it went. The segment it went to is held until the last clone of this
+    /// tee is dropped, so record it before.
+    fn finish(&self) -> Teed {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.written == 0 && state.len <= INLINE_BODY_MAX as u64 {
-            return Some(state.buf.clone());
+        if state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64 {
+            return Teed::Inline(state.buf.clone());
         }
         self.spill(&mut state);
-        None
+        Teed::Spilled(state.spilled.extents().to_vec())
     }
 
     /// The whole body as recorded so far (ends it, see [`Tee::finish`]).
     fn body(&self) -> Vec<u8> {
-        match self.finish() {
-            Some(body) => body,
-            None => self.history.body(self.id, self.part).unwrap_or_default(),
+        if let Teed::Inline(body) = self.finish() {
+            return body;
         }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.history
+            .spilled_body(self.id, self.part, &state.spilled)
+            .unwrap_or_default()
     }
 }
 
@@ -1190,7 +1210,7 @@ mod tests {
         for _ in 0..64 {
             small.append(&[b'a'; 1024]);
         }
-        assert_eq!(small.finish(), Some(vec![b'a'; INLINE_BODY_MAX]));
+        assert_eq!(small.finish(), Teed::Inline(vec![b'a'; INLINE_BODY_MAX]));
         assert_eq!(
             chunks(&history),
             0,
@@ -1206,7 +1226,7 @@ mod tests {
             large.append(&packet);
             sent.extend_from_slice(&packet);
         }
-        assert_eq!(large.finish(), None);
+        assert_eq!(large.finish(), Teed::Spilled(Vec::new()));
         assert_eq!(large.len(), sent.len() as u64);
         assert!(
             chunks(&history) <= sent.len() / history.piece_bytes() + 1,
@@ -1216,5 +1236,42 @@ mod tests {
         );
         assert_eq!(history.body(id, Part::Response).expect("body"), sent);
         assert_eq!(large.body(), sent, "finishing twice changes nothing");
+    }
+
+    #[test]
+    fn large_bodies_on_disk_go_to_the_segments_and_read_back_before_their_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = History::open(dir.path(), Retention::default()).expect("history");
+        let id = ExchangeId::new();
+        let large = Tee::new(history.clone(), id, Part::Request);
+        let other = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
+        let mut sent = Vec::new();
+        for i in 0..440u32 {
+            let packet = vec![u8::try_from(i % 251).expect("byte"); 1200];
+            large.append(&packet);
+            // Another upload's pieces go between this one's.
+            other.append(&packet);
+            sent.extend_from_slice(&packet);
+        }
+        let Teed::Spilled(extents) = large.finish() else {
+            panic!("a 512 KiB body is not inline");
+        };
+        assert!(
+            (2..=sent.len() / history.piece_bytes() + 1).contains(&extents.len()),
+            "{} pieces for {} bytes",
+            extents.len(),
+            sent.len()
+        );
+        // Read back while the exchange is not recorded yet (to judge its
+        // signature), and again once it is.
+        assert_eq!(large.body(), sent);
+        assert_eq!(
+            history.body(id, Part::Request).expect("body"),
+            sent.as_slice()[..0]
+        );
+        let files = std::fs::read_dir(dir.path().join("history-bodies"))
+            .expect("dir")
+            .count();
+        assert_eq!(files, 1, "one segment, not a file per body");
     }
 }

@@ -5,17 +5,19 @@
 //! the exchange's record: its JSON, then, for bodies of at most
 //! [`INLINE_BODY_MAX`] bytes, a newline and the bodies themselves (per body:
 //! one byte for the part, 0 request or 1 response, its length as u32 BE, the
-//! bytes). Larger bodies go to one file each in directory `history-bodies`
-//! beside the store, named by the ULID in hex and the part (`<ulid>.0`),
-//! appended to as they stream past, so that recording never holds a large
-//! body in memory; the flush that makes a record durable syncs the files
-//! written before it (and the directory), and an open removes files without
-//! a record (a crash mid-delivery). sled holds them no more: written into its
-//! leaves in pieces they cost two thirds of the agent's CPU for 256 KiB
-//! uploads, and its RSS tripled with larger pieces. Stores written before
-//! keep theirs in tree `bodies` (ULID, part and chunk number to raw bytes),
-//! which is still read, and is what an in-memory store uses. A typical
-//! webhook is thus one write and, when retention drops it, one removal.
+//! bytes). Larger bodies are appended, piece by piece as they stream past, to
+//! segment files in directory `history-bodies` beside the store (see
+//! [`segments`]), so that recording never holds a large body in memory; the
+//! record then names where its pieces went (per body: one byte, 2 + the part,
+//! the list's length as u32 BE, then 16 bytes per piece). The flush that makes
+//! a record durable syncs the segments written before it. sled holds large
+//! bodies no more: written into its leaves in pieces they cost two thirds of
+//! the agent's CPU for 256 KiB uploads, and its RSS tripled with larger
+//! pieces. Stores written before keep theirs as one file per body in
+//! `history-bodies` (named by the ULID in hex and the part, `<ulid>.0`), or
+//! in tree `bodies` (ULID, part and chunk number to raw bytes); both are
+//! still read and removed, and the tree is what an in-memory store uses. A
+//! typical webhook is thus one write and, when retention drops it, one removal.
 //! Records from before the inline bodies are JSON alone and still read. Tree `settings` keeps what
 //! commands reading the store without the agent must know of the agent's
 //! configuration: key `redact_headers`, a JSON list of header names; and key
@@ -26,7 +28,6 @@
 use std::{
     collections::VecDeque,
     fmt,
-    io::Write as _,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, Mutex},
@@ -42,6 +43,11 @@ use relay_server::sled_walk::{walk, Direction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use ulid::Ulid;
+
+mod segments;
+
+pub use segments::{Extent, Spilled};
+use segments::{Segments, EXTENT_BYTES};
 
 /// Key of the redacted header names in tree `settings`.
 const REDACT_HEADERS_KEY: &[u8] = b"redact_headers";
@@ -486,57 +492,21 @@ pub struct History {
     /// Shares fsyncs between concurrent recorders.
     commits: Arc<GroupCommit>,
     /// Where large bodies go; `None` for an in-memory store (tree `bodies`).
+    segments: Option<Arc<Segments>>,
+    /// Large bodies of stores from before the segments, one file each.
     files: Option<Arc<BodyFiles>>,
 }
 
-/// Large bodies, one file each, in a directory beside the store.
+/// Large bodies as stores from before [`segments`] kept them: one file each,
+/// in the segments' directory. Read and removed, never written.
 struct BodyFiles {
     dir: PathBuf,
-    /// Files appended to since the last flush, which syncs them.
-    unsynced: Mutex<Vec<PathBuf>>,
 }
 
 impl BodyFiles {
     fn path(&self, id: ExchangeId, part: Part) -> PathBuf {
         self.dir
             .join(format!("{}.{}", hex::encode(id.key()), part as u8))
-    }
-
-    fn append(&self, id: ExchangeId, part: Part, seq: u32, chunk: &[u8]) -> std::io::Result<()> {
-        let path = self.path(id, part);
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(seq > 0)
-            .write(true)
-            .truncate(seq == 0)
-            .open(&path)?;
-        file.write_all(chunk)?;
-        self.unsynced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(path);
-        Ok(())
-    }
-
-    /// Syncs every file appended to before the call, then the directory
-    /// (for the names of new ones).
-    fn sync(&self) -> std::io::Result<()> {
-        let mut paths =
-            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
-        if paths.is_empty() {
-            return Ok(());
-        }
-        paths.sort_unstable();
-        paths.dedup();
-        for path in &paths {
-            match std::fs::File::open(path) {
-                Ok(file) => file.sync_data()?,
-                // Dropped by retention meanwhile.
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => return Err(err),
-            }
-        }
-        std::fs::File::open(&self.dir)?.sync_all()
     }
 
     fn read(&self, id: ExchangeId, part: Part) -> std::io::Result<Option<Vec<u8>>> {
@@ -604,8 +574,15 @@ struct Totals {
     sizes: VecDeque<Kept>,
 }
 
-/// Bytes per exchange in the retention index: id, size, flags.
-const KEPT_INDEX_ENTRY: usize = 16 + 8 + 1;
+/// Bytes per exchange in the retention index: id, size, flags, first
+/// segment.
+const KEPT_INDEX_ENTRY: usize = 16 + 8 + 1 + 4;
+
+/// Bytes per exchange in the retention index of version 1 (no segments).
+const KEPT_INDEX_ENTRY_V1: usize = 16 + 8 + 1;
+
+/// [`Kept::first_seg`] `None` in the retention index.
+const NO_SEGMENT: u32 = u32::MAX;
 
 impl Totals {
     /// Adds the records `iter` yields (a full scan, or what is newer than a
@@ -627,6 +604,7 @@ impl Totals {
                     size: value.len() as u64,
                     delivered: true,
                     chunked: true,
+                    first_seg: None,
                 },
             };
             self.bytes += kept.size;
@@ -635,16 +613,18 @@ impl Totals {
         Ok(())
     }
 
-    /// The retention index saved on close: a version byte, then per kept
-    /// exchange, oldest first, its id (16 bytes), stored size (u64 BE) and
-    /// flags (1 delivered, 2 chunked).
+    /// The retention index saved on close: a version byte (2), then per
+    /// kept exchange, oldest first, its id (16 bytes), stored size (u64 BE),
+    /// flags (1 delivered, 2 chunked) and first segment (u32 BE, `u32::MAX`
+    /// for none). Version 1 had no segment.
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + self.sizes.len() * KEPT_INDEX_ENTRY);
-        out.push(1);
+        out.push(2);
         for kept in &self.sizes {
             out.extend_from_slice(&kept.id.key());
             out.extend_from_slice(&kept.size.to_be_bytes());
             out.push(u8::from(kept.delivered) | (u8::from(kept.chunked) << 1));
+            out.extend_from_slice(&kept.first_seg.unwrap_or(NO_SEGMENT).to_be_bytes());
         }
         out
     }
@@ -652,22 +632,33 @@ impl Totals {
     /// The totals an index holds and the newest id in it; `None` for an
     /// index this version cannot read (then the records are scanned).
     fn decode(bytes: &[u8]) -> Option<(Totals, Option<ExchangeId>)> {
-        let entries = bytes.strip_prefix(&[1])?;
-        if entries.len() % KEPT_INDEX_ENTRY != 0 {
+        let (&version, entries) = bytes.split_first()?;
+        let entry_len = match version {
+            1 => KEPT_INDEX_ENTRY_V1,
+            2 => KEPT_INDEX_ENTRY,
+            _ => return None,
+        };
+        if entries.len() % entry_len != 0 {
             return None;
         }
         let mut totals = Totals::default();
         let mut newest: Option<ExchangeId> = None;
-        for entry in entries.chunks_exact(KEPT_INDEX_ENTRY) {
+        for entry in entries.chunks_exact(entry_len) {
             let id = ExchangeId::from_key(entry.get(..16)?)?;
             let size = u64::from_be_bytes(entry.get(16..24)?.try_into().ok()?);
             let flags = *entry.get(24)?;
+            let first_seg = match entry.get(25..29) {
+                Some(seg) => Some(u32::from_be_bytes(seg.try_into().ok()?)),
+                None => None,
+            }
+            .filter(|seg| *seg != NO_SEGMENT);
             totals.bytes = totals.bytes.saturating_add(size);
             totals.sizes.push_back(Kept {
                 id,
                 size,
                 delivered: flags & 1 != 0,
                 chunked: flags & 2 != 0,
+                first_seg,
             });
             newest = newest.max(Some(id));
         }
@@ -683,8 +674,11 @@ struct Kept {
     size: u64,
     /// It may be indexed in `delivered`.
     delivered: bool,
-    /// It may have bodies in tree `bodies`.
+    /// It may have bodies in tree `bodies` or files of their own (stores
+    /// from before the segments).
     chunked: bool,
+    /// The oldest segment its bodies are in, held for it in [`Segments`].
+    first_seg: Option<u32>,
 }
 
 /// One stored record, decoded.
@@ -711,13 +705,13 @@ impl<'a> Record<'a> {
         })
     }
 
-    /// The inline body of `part`, if it was stored inline.
-    fn body(&self, part: Part) -> Option<&'a [u8]> {
+    /// The section tagged `tag` after the JSON.
+    fn section(&self, tag: u8) -> Option<&'a [u8]> {
         let mut rest = self.inline;
-        while let [tag, l0, l1, l2, l3, tail @ ..] = rest {
+        while let [t, l0, l1, l2, l3, tail @ ..] = rest {
             let len = u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize;
             let bytes = tail.get(..len)?;
-            if *tag == part as u8 {
+            if *t == tag {
                 return Some(bytes);
             }
             rest = &tail[len..];
@@ -725,26 +719,83 @@ impl<'a> Record<'a> {
         None
     }
 
+    /// The inline body of `part`, if it was stored inline.
+    fn body(&self, part: Part) -> Option<&'a [u8]> {
+        self.section(part as u8)
+    }
+
+    /// Where the body of `part` is in the segments, if it went there.
+    fn extents(&self, part: Part) -> Option<Vec<Extent>> {
+        self.section(EXTENTS_TAG + part as u8)
+            .and_then(Extent::decode_all)
+    }
+
     fn kept(&self) -> Kept {
-        Kept::of(&self.exchange, self.json_len, |part| {
-            self.body(part).is_some()
-        })
+        let extents: Vec<Extent> = [Part::Request, Part::Response]
+            .into_iter()
+            .filter_map(|part| self.extents(part))
+            .flatten()
+            .collect();
+        Kept::of(
+            &self.exchange,
+            self.json_len,
+            |part| self.body(part).is_some() || self.extents(part).is_some(),
+            extents.iter().map(|e| e.seg()).min(),
+        )
     }
 }
 
+/// Tag of a body's extents in a record: this plus the [`Part`].
+const EXTENTS_TAG: u8 = 2;
+
 impl Kept {
-    /// What retention needs of `e`, whose JSON is `json_len` bytes and
-    /// whose bodies for which `inline` holds are inside its record.
-    fn of(e: &Exchange, json_len: usize, inline: impl Fn(Part) -> bool) -> Kept {
-        let chunked = (e.request.body_len > 0 && !inline(Part::Request))
-            || (e.response.as_ref().is_some_and(|r| r.body_len > 0) && !inline(Part::Response));
+    /// What retention needs of `e`, whose JSON is `json_len` bytes, whose
+    /// bodies for which `placed` holds are inside its record or named by it,
+    /// and whose oldest segment is `first_seg`.
+    fn of(
+        e: &Exchange,
+        json_len: usize,
+        placed: impl Fn(Part) -> bool,
+        first_seg: Option<u32>,
+    ) -> Kept {
+        let chunked = (e.request.body_len > 0 && !placed(Part::Request))
+            || (e.response.as_ref().is_some_and(|r| r.body_len > 0) && !placed(Part::Response));
         Kept {
             id: e.id,
             size: e.stored_bytes(json_len),
             delivered: delivered_key(e).is_some(),
             chunked,
+            first_seg,
         }
     }
+}
+
+/// A whole body taken by [`History::keep_body`].
+#[derive(Debug)]
+pub enum KeptBody<'a> {
+    /// To go inside the record.
+    Inline(&'a [u8]),
+    /// Appended; holds its segment until dropped.
+    Spilled(Spilled),
+}
+
+impl KeptBody<'_> {
+    pub fn as_body(&self) -> Body<'_> {
+        match self {
+            KeptBody::Inline(bytes) => Body::Inline(bytes),
+            KeptBody::Spilled(spilled) => Body::Spilled(spilled.extents()),
+        }
+    }
+}
+
+/// A body as [`History::store`] takes it.
+#[derive(Clone, Copy, Debug)]
+pub enum Body<'a> {
+    /// Small enough to go inside the record.
+    Inline(&'a [u8]),
+    /// Appended already with [`History::append_body`]; these are its
+    /// pieces (none for an in-memory store, which finds them by id).
+    Spilled(&'a [Extent]),
 }
 
 /// Roughly how long `e`'s JSON is: its strings and headers plus room for
@@ -769,35 +820,60 @@ fn json_estimate(e: &Exchange) -> usize {
         + 768
 }
 
-/// Encodes a record: the exchange's JSON, then its inline bodies.
+/// Encodes a record: the exchange's JSON, then its inline bodies and where
+/// its other bodies are in the segments.
 fn encode_record(
     exchange: &Exchange,
-    inline: &[(Part, &[u8])],
+    bodies: &[(Part, Body<'_>)],
 ) -> Result<(Vec<u8>, Kept), HistoryError> {
-    let inline: Vec<&(Part, &[u8])> = inline
+    // Each section: tag, length (u32 BE), bytes.
+    let sections: Vec<(u8, usize, &Body<'_>)> = bodies
         .iter()
-        .filter(|(_, body)| !body.is_empty() && u32::try_from(body.len()).is_ok())
+        .filter_map(|(part, body)| {
+            let (tag, len) = match body {
+                Body::Inline(bytes) => (*part as u8, bytes.len()),
+                Body::Spilled(extents) => (EXTENTS_TAG + *part as u8, extents.len() * EXTENT_BYTES),
+            };
+            (len > 0 && u32::try_from(len).is_ok()).then_some((tag, len, body))
+        })
         .collect();
     // Sized once for the whole record: grown from empty, the JSON and the
     // bodies behind it were reallocated and copied a dozen times.
     let mut value = Vec::with_capacity(
-        json_estimate(exchange) + inline.iter().map(|(_, body)| 5 + body.len()).sum::<usize>(),
+        json_estimate(exchange) + 1 + sections.iter().map(|(_, len, _)| 5 + len).sum::<usize>(),
     );
     serde_json::to_writer(&mut value, exchange)
         .map_err(|e| HistoryError::Storage(e.to_string()))?;
     let json_len = value.len();
-    if !inline.is_empty() {
+    if !sections.is_empty() {
         value.push(b'\n');
-        for (part, body) in &inline {
-            value.push(*part as u8);
-            let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+        for (tag, len, body) in &sections {
+            value.push(*tag);
+            let len = u32::try_from(*len).unwrap_or(u32::MAX);
             value.extend_from_slice(&len.to_be_bytes());
-            value.extend_from_slice(body);
+            match body {
+                Body::Inline(bytes) => value.extend_from_slice(bytes),
+                Body::Spilled(extents) => {
+                    for extent in *extents {
+                        extent.encode_into(&mut value);
+                    }
+                }
+            }
         }
     }
-    let kept = Kept::of(exchange, json_len, |p| {
-        inline.iter().any(|(part, _)| *part == p)
-    });
+    let placed = |p: Part| {
+        sections
+            .iter()
+            .any(|(tag, _, _)| *tag == p as u8 || *tag == EXTENTS_TAG + p as u8)
+    };
+    let first_seg = bodies
+        .iter()
+        .filter_map(|(_, body)| match body {
+            Body::Spilled(extents) => extents.iter().map(|e| e.seg()).min(),
+            Body::Inline(_) => None,
+        })
+        .min();
+    let kept = Kept::of(exchange, json_len, placed, first_seg);
     Ok((value, kept))
 }
 
@@ -813,7 +889,7 @@ impl History {
         // restarted in the same process) can still look held: retry briefly.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
-            match Self::open_once(dir, retention) {
+            match Self::open_once(dir, retention, segments::SEGMENT_BYTES) {
                 Err(HistoryError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(25));
                 }
@@ -822,7 +898,11 @@ impl History {
         }
     }
 
-    fn open_once(dir: &Path, retention: Retention) -> Result<Self, HistoryError> {
+    fn open_once(
+        dir: &Path,
+        retention: Retention,
+        segment_bytes: u64,
+    ) -> Result<Self, HistoryError> {
         let db = sled::Config::new()
             .path(dir.join("history"))
             .cache_capacity(16 * 1024 * 1024)
@@ -840,12 +920,9 @@ impl History {
                 other => HistoryError::Storage(other.to_string()),
             })?;
         let dir = dir.join("history-bodies");
-        std::fs::create_dir_all(&dir).map_err(file_error)?;
-        let files = BodyFiles {
-            dir,
-            unsynced: Mutex::default(),
-        };
-        Self::from_db(db, retention, Some(Arc::new(files)))
+        let segments = Segments::open(&dir, segment_bytes).map_err(file_error)?;
+        let files = BodyFiles { dir };
+        Self::from_db(db, retention, Some((Arc::new(segments), Arc::new(files))))
     }
 
     /// Another tree in the same store (one lock, one flush for both).
@@ -878,8 +955,9 @@ impl History {
     fn from_db(
         db: sled::Db,
         retention: Retention,
-        files: Option<Arc<BodyFiles>>,
+        on_disk: Option<(Arc<Segments>, Arc<BodyFiles>)>,
     ) -> Result<Self, HistoryError> {
+        let (segments, files) = on_disk.unzip();
         let exchanges = db.open_tree("exchanges").map_err(storage)?;
         let bodies = db.open_tree("bodies").map_err(storage)?;
         let delivered = db.open_tree("delivered").map_err(storage)?;
@@ -900,6 +978,11 @@ impl History {
         totals.scan(walk(&exchanges, after, Direction::OldestFirst))?;
         // Bodies of exchanges that never finished (a crash mid-delivery) would
         // otherwise leak: drop those without a record.
+        if let Some(segments) = &segments {
+            for seg in totals.sizes.iter().filter_map(|k| k.first_seg) {
+                segments.hold(seg);
+            }
+        }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let history = History {
             db,
@@ -910,10 +993,18 @@ impl History {
             retention,
             totals: Arc::new(Mutex::new(totals)),
             commits: Arc::default(),
+            segments,
             files,
         };
         history.drop_orphan_bodies()?;
         history.enforce_retention()?;
+        // Segments older than any record's (their records dropped, or
+        // bodies of deliveries a crash cut short) go once that is on disk.
+        if let Some(segments) = &history.segments {
+            let needed_from = segments.needed_from();
+            history.db.flush().map_err(storage)?;
+            segments.collect(needed_from).map_err(file_error)?;
+        }
         Ok(history)
     }
 
@@ -950,7 +1041,8 @@ impl History {
         self.events.subscribe()
     }
 
-    /// Appends one chunk of a body being recorded; `seq` counts from 0.
+    /// Appends the next piece of a body being recorded; `body` collects
+    /// where the pieces went, for [`Body::Spilled`].
     ///
     /// # Errors
     /// A storage error.
@@ -958,11 +1050,13 @@ impl History {
         &self,
         id: ExchangeId,
         part: Part,
-        seq: u32,
+        body: &mut Spilled,
         chunk: &[u8],
     ) -> Result<(), HistoryError> {
-        match &self.files {
-            Some(files) => files.append(id, part, seq, chunk).map_err(file_error),
+        let seq = body.pieces;
+        body.pieces = seq.saturating_add(1);
+        match &self.segments {
+            Some(segments) => segments.append(body, chunk).map_err(file_error),
             None => self
                 .bodies
                 .insert(body_key(id, part, seq), chunk)
@@ -971,49 +1065,77 @@ impl History {
         }
     }
 
-    /// How much of a large body is gathered before each append. A file
+    /// A body appended with [`History::append_body`], before its record is
+    /// stored.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn spilled_body(
+        &self,
+        id: ExchangeId,
+        part: Part,
+        body: &Spilled,
+    ) -> Result<Vec<u8>, HistoryError> {
+        match &self.segments {
+            Some(segments) => segments.read(body.extents()).map_err(file_error),
+            None => self.tree_body(id, part),
+        }
+    }
+
+    /// How much of a large body is gathered before each append. A segment
     /// takes large pieces; the sled tree (in-memory stores) small ones, as
     /// sled rewrites a whole leaf (up to 16 values) per insert and keeps a
     /// value over 128 KiB in memory as a blob.
     pub(crate) fn piece_bytes(&self) -> usize {
-        if self.files.is_some() {
+        if self.segments.is_some() {
             64 * 1024
         } else {
             8 * 1024
         }
     }
 
-    /// Stores a whole body at once (replays).
+    /// Takes a whole body at once (replays): one small enough stays for the
+    /// record, a larger one is appended now. Pass
+    /// [`KeptBody::as_body`] to [`History::record`].
     ///
     /// # Errors
     /// A storage error.
-    pub fn put_body(&self, id: ExchangeId, part: Part, body: &[u8]) -> Result<(), HistoryError> {
-        for (seq, chunk) in body.chunks(256 * 1024).enumerate() {
-            self.append_body(id, part, u32::try_from(seq).unwrap_or(u32::MAX), chunk)?;
+    pub fn keep_body<'a>(
+        &self,
+        id: ExchangeId,
+        part: Part,
+        body: &'a [u8],
+    ) -> Result<KeptBody<'a>, HistoryError> {
+        if body.len() <= INLINE_BODY_MAX {
+            return Ok(KeptBody::Inline(body));
         }
-        Ok(())
+        let mut spilled = Spilled::default();
+        for chunk in body.chunks(256 * 1024) {
+            self.append_body(id, part, &mut spilled, chunk)?;
+        }
+        Ok(KeptBody::Spilled(spilled))
     }
 
-    /// Records a finished exchange (its bodies already appended as chunks, or
-    /// given in `inline`), applies retention, waits until it is on disk, then
-    /// tells live subscribers: an exchange anyone has seen survives a kill -9.
+    /// Records a finished exchange with its `bodies` (small ones inside the
+    /// record, large ones appended already), applies retention, waits until
+    /// it is on disk, then tells live subscribers: an exchange anyone has
+    /// seen survives a kill -9.
     ///
     /// # Errors
     /// A storage error.
     pub async fn record(
         &self,
         exchange: impl Into<Arc<Exchange>>,
-        inline: &[(Part, &[u8])],
+        bodies: &[(Part, Body<'_>)],
     ) -> Result<(), HistoryError> {
         let exchange = exchange.into();
-        self.store(&exchange, inline)?;
+        self.store(&exchange, bodies)?;
         self.flush().await?;
         self.announce(exchange);
         Ok(())
     }
 
-    /// The first half of [`History::record`]: writes the record, with the
-    /// bodies in `inline` (those not appended as chunks) inside it, without
+    /// The first half of [`History::record`]: writes the record without
     /// waiting for the disk. The caller flushes, then
     /// [announces](Self::announce) it, so that one fsync can cover this and
     /// the caller's own writes.
@@ -1023,9 +1145,9 @@ impl History {
     pub(crate) fn store(
         &self,
         exchange: &Exchange,
-        inline: &[(Part, &[u8])],
+        bodies: &[(Part, Body<'_>)],
     ) -> Result<(), HistoryError> {
-        let (value, kept) = encode_record(exchange, inline)?;
+        let (value, kept) = encode_record(exchange, bodies)?;
         self.exchanges
             .insert(exchange.id.key(), value)
             .map_err(storage)?;
@@ -1039,9 +1161,22 @@ impl History {
         {
             let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
             totals.bytes += kept.size;
+            if let (Some(segments), Some(seg)) = (&self.segments, kept.first_seg) {
+                segments.hold(seg);
+            }
             // Ids are time-ordered; a replay recorded late still sorts by its start.
             let pos = totals.sizes.partition_point(|k| k.id < exchange.id);
-            totals.sizes.insert(pos, kept);
+            match totals.sizes.get_mut(pos) {
+                // Stored again: it replaces the record, and what it held.
+                Some(old) if old.id == exchange.id => {
+                    let old = std::mem::replace(old, kept);
+                    totals.bytes = totals.bytes.saturating_sub(old.size);
+                    if let (Some(segments), Some(seg)) = (&self.segments, old.first_seg) {
+                        segments.release(seg);
+                    }
+                }
+                _ => totals.sizes.insert(pos, kept),
+            }
         }
         // Retention is applied by the flush that makes this record durable
         // (on the blocking pool, with every other record of that flush):
@@ -1060,10 +1195,10 @@ impl History {
     pub async fn record_lingering(
         &self,
         exchange: impl Into<Arc<Exchange>>,
-        inline: &[(Part, &[u8])],
+        bodies: &[(Part, Body<'_>)],
     ) -> Result<(), HistoryError> {
         let exchange = exchange.into();
-        self.store(&exchange, inline)?;
+        self.store(&exchange, bodies)?;
         self.commits
             .flush_lingering(RECORD_LINGER, self.flush_fn())
             .await?;
@@ -1114,11 +1249,16 @@ impl History {
         let history = self.clone();
         move || {
             history.enforce_retention()?;
+            let Some(segments) = &history.segments else {
+                return history.db.flush().map(drop).map_err(storage);
+            };
+            // Taken before the flush: whatever was no longer needed then
+            // has its removal on disk after it.
+            let needed_from = segments.needed_from();
             // Bodies first: a durable record never names a body that is not.
-            if let Some(files) = &history.files {
-                files.sync().map_err(file_error)?;
-            }
-            history.db.flush().map(drop).map_err(storage)
+            segments.sync().map_err(file_error)?;
+            history.db.flush().map_err(storage)?;
+            segments.collect(needed_from).map_err(file_error)
         }
     }
 
@@ -1137,7 +1277,7 @@ impl History {
                 totals.bytes = totals.bytes.saturating_sub(kept.size);
                 kept
             };
-            if self.remove_stored(victim)? {
+            if self.remove_stored(victim, false)? {
                 // Live views drop it too.
                 let _ = self.events.send(HistoryEvent::Deleted { id: victim.id });
             }
@@ -1145,16 +1285,34 @@ impl History {
     }
 
     /// Removes a record, its `delivered` index entry and its chunked bodies,
-    /// reading back and scanning only what `kept` says may be there.
-    fn remove_stored(&self, kept: Kept) -> Result<bool, HistoryError> {
+    /// reading back and scanning only what `kept` says may be there. Its
+    /// bodies in the segments are overwritten with zeros if `zero`, and
+    /// otherwise left for their segment's deletion (retention drops the
+    /// oldest, whose segments go next).
+    fn remove_stored(&self, kept: Kept, zero: bool) -> Result<bool, HistoryError> {
         let id = kept.id;
         let removed = self.exchanges.remove(id.key()).map_err(storage)?;
         let existed = removed.is_some();
-        let key = removed.filter(|_| kept.delivered).and_then(|v| {
-            Record::decode(&v)
-                .ok()
-                .and_then(|r| delivered_key(&r.exchange))
-        });
+        let in_segments = kept.first_seg.is_some();
+        let record = removed
+            .as_ref()
+            .filter(|_| kept.delivered || (zero && in_segments))
+            .and_then(|v| Record::decode(v).ok());
+        if let (Some(segments), Some(seg)) = (&self.segments, kept.first_seg) {
+            if existed {
+                segments.release(seg);
+            }
+            if let Some(record) = record.as_ref().filter(|_| zero) {
+                for part in [Part::Request, Part::Response] {
+                    if let Some(extents) = record.extents(part) {
+                        segments.zero(&extents).map_err(file_error)?;
+                    }
+                }
+            }
+        }
+        let key = record
+            .filter(|_| kept.delivered)
+            .and_then(|r| delivered_key(&r.exchange));
         if let Some(key) = key {
             let _ = self
                 .delivered
@@ -1221,8 +1379,13 @@ impl History {
     /// A storage error.
     pub fn body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
         if let Some(value) = self.exchanges.get(id.key()).map_err(storage)? {
-            if let Some(body) = Record::decode(&value).ok().and_then(|r| r.body(part)) {
-                return Ok(body.to_vec());
+            if let Ok(record) = Record::decode(&value) {
+                if let Some(body) = record.body(part) {
+                    return Ok(body.to_vec());
+                }
+                if let (Some(extents), Some(segments)) = (record.extents(part), &self.segments) {
+                    return segments.read(&extents).map_err(file_error);
+                }
             }
         }
         if let Some(files) = &self.files {
@@ -1230,6 +1393,12 @@ impl History {
                 return Ok(body);
             }
         }
+        self.tree_body(id, part)
+    }
+
+    /// A body kept in tree `bodies` (in-memory stores, and stores from
+    /// before the files).
+    fn tree_body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
         let mut prefix = id.key().to_vec();
         prefix.push(part as u8);
         let mut out = Vec::new();
@@ -1291,20 +1460,28 @@ impl History {
     /// # Errors
     /// A storage error.
     pub fn delete(&self, id: ExchangeId) -> Result<bool, HistoryError> {
-        let existed = self.remove_stored(Kept {
-            id,
-            size: 0,
-            delivered: true,
-            chunked: true,
-        })?;
-        if existed {
+        let kept = {
             let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(pos) = totals.sizes.iter().position(|k| k.id == id) {
-                if let Some(kept) = totals.sizes.remove(pos) {
+            let pos = totals.sizes.partition_point(|k| k.id < id);
+            match totals.sizes.get(pos) {
+                Some(kept) if kept.id == id => {
+                    let kept = *kept;
+                    totals.sizes.remove(pos);
                     totals.bytes = totals.bytes.saturating_sub(kept.size);
+                    kept
                 }
+                // Not kept (or removed meanwhile): look for everything.
+                _ => Kept {
+                    id,
+                    size: 0,
+                    delivered: true,
+                    chunked: true,
+                    first_seg: None,
+                },
             }
-            drop(totals);
+        };
+        let existed = self.remove_stored(kept, true)?;
+        if existed {
             let _ = self.events.send(HistoryEvent::Deleted { id });
         }
         Ok(existed)
@@ -1321,7 +1498,11 @@ impl History {
         if let Some(files) = &self.files {
             files.remove_where(|_| Ok(true))?;
         }
-        *self.totals.lock().unwrap_or_else(|p| p.into_inner()) = Totals::default();
+        let totals = std::mem::take(&mut *self.totals.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(segments) = &self.segments {
+            // Deleted by the next flush, once the clearing is on disk.
+            segments.retire_all(totals.sizes.iter().filter_map(|k| k.first_seg));
+        }
         let _ = self.events.send(HistoryEvent::Cleared);
         Ok(())
     }
@@ -1487,15 +1668,32 @@ mod tests {
         }
     }
 
+    /// Records `e` with `body` appended in pieces (whatever its size).
     async fn record_with_body(h: &History, mut e: Exchange, body: &[u8]) -> ExchangeId {
         e.request.body_len = body.len() as u64;
         let id = e.id;
-        for (i, chunk) in body.chunks(3).enumerate() {
-            h.append_body(id, Part::Request, i as u32, chunk)
+        let mut spilled = Spilled::default();
+        for chunk in body.chunks(3) {
+            h.append_body(id, Part::Request, &mut spilled, chunk)
                 .expect("append");
         }
-        h.record(e, &[]).await.expect("record");
+        h.record(e, &[(Part::Request, Body::Spilled(spilled.extents()))])
+            .await
+            .expect("record");
         id
+    }
+
+    /// A store on disk whose segments are `segment_bytes` long.
+    fn open_small(dir: &Path, retention: Retention, segment_bytes: u64) -> History {
+        History::open_once(dir, retention, segment_bytes).expect("open")
+    }
+
+    /// The segment files in `dir`'s store.
+    fn segment_files(dir: &Path) -> Vec<String> {
+        body_files(dir)
+            .into_iter()
+            .filter(|name| name.ends_with(".seg"))
+            .collect()
     }
 
     #[tokio::test]
@@ -1638,22 +1836,24 @@ mod tests {
     #[tokio::test]
     async fn retention_is_applied_by_the_flush_on_disk_stores_too() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let h = History::open(
+        let big = vec![b'x'; INLINE_BODY_MAX + 1];
+        // One body per segment.
+        let h = open_small(
             dir.path(),
             Retention {
                 max_exchanges: 3,
                 max_bytes: u64::MAX,
             },
-        )
-        .expect("open");
-        let big = vec![b'x'; INLINE_BODY_MAX + 1];
+            big.len() as u64,
+        );
         let mut ids = Vec::new();
         for _ in 0..5 {
             let mut e = exchange("POST", "/x", Some(200));
             e.request.body_len = big.len() as u64;
-            h.append_body(e.id, Part::Request, 0, &big).expect("append");
+            let body = h.keep_body(e.id, Part::Request, &big).expect("keep");
             ids.push(e.id);
-            h.store(&e, &[]).expect("store");
+            h.store(&e, &[(Part::Request, body.as_body())])
+                .expect("store");
         }
         assert_eq!(h.len(), 5, "not evicted on the recorder's thread");
         h.flush().await.expect("flush");
@@ -1661,14 +1861,18 @@ mod tests {
         for gone in &ids[..2] {
             assert!(matches!(h.get(*gone), Err(HistoryError::NotFound(_))));
         }
-        let files = std::fs::read_dir(dir.path().join("history-bodies"))
-            .expect("bodies dir")
-            .count();
-        assert_eq!(files, 3, "the evicted records' body files are gone");
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            3,
+            "the evicted records' segments are gone"
+        );
+        for kept in &ids[2..] {
+            assert_eq!(h.body(*kept, Part::Request).expect("body"), big);
+        }
 
         let e = exchange("POST", "/y", Some(200));
         let newest = e.id;
-        h.record_lingering(e, &[(Part::Request, b"small")])
+        h.record_lingering(e, &[(Part::Request, Body::Inline(b"small"))])
             .await
             .expect("record");
         assert_eq!(h.len(), 3);
@@ -1688,8 +1892,14 @@ mod tests {
             let mut legacy = exchange("POST", "/legacy", Some(200));
             legacy.request.body_len = 6;
             let legacy_id = legacy.id;
-            h.append_body(legacy_id, Part::Request, 0, b"old-bo")
-                .expect("append");
+            // As a version before the segments wrote it: a file per body.
+            std::fs::write(
+                dir.path()
+                    .join("history-bodies")
+                    .join(format!("{}.0", hex::encode(legacy_id.key()))),
+                b"old-bo",
+            )
+            .expect("legacy file");
             let json = serde_json::to_vec(&legacy).expect("json");
             h.exchanges.insert(legacy_id.key(), json).expect("insert");
 
@@ -1701,7 +1911,10 @@ mod tests {
             let inline_id = small.id;
             h.store(
                 &small,
-                &[(Part::Request, b"hello"), (Part::Response, b"ok")],
+                &[
+                    (Part::Request, Body::Inline(b"hello")),
+                    (Part::Response, Body::Inline(b"ok")),
+                ],
             )
             .expect("store");
 
@@ -1711,9 +1924,16 @@ mod tests {
                 r.body_len = 4;
             }
             let mixed_id = mixed.id;
-            h.put_body(mixed_id, Part::Request, &big).expect("put");
-            h.store(&mixed, &[(Part::Response, b"done")])
-                .expect("store");
+            let body = h.keep_body(mixed_id, Part::Request, &big).expect("keep");
+            h.store(
+                &mixed,
+                &[
+                    (Part::Request, body.as_body()),
+                    (Part::Response, Body::Inline(b"done")),
+                ],
+            )
+            .expect("store");
+            h.flush().await.expect("flush");
             h.db.flush().expect("flush");
             (inline_id, mixed_id, legacy_id)
         };
@@ -1752,11 +1972,11 @@ mod tests {
             },
             ..h
         };
-        h.enforce_retention().expect("retention");
+        h.flush().await.expect("retention");
         assert!(h.exchanges.is_empty());
         assert!(
-            h.bodies.is_empty(),
-            "chunked bodies went with their records"
+            body_files(dir.path()).is_empty(),
+            "bodies went with their records, segments and legacy files"
         );
     }
 
@@ -1827,10 +2047,16 @@ mod tests {
             value: b"application/json; charset=utf-8".to_vec(),
         }];
         let body = vec![b'x'; 1024];
-        let (value, _) = encode_record(&e, &[(Part::Request, &body[..]), (Part::Response, b"ok")])
-            .expect("encode");
+        let (value, _) = encode_record(
+            &e,
+            &[
+                (Part::Request, Body::Inline(&body[..])),
+                (Part::Response, Body::Inline(b"ok")),
+            ],
+        )
+        .expect("encode");
         // The estimate covered it: the buffer was never regrown (and copied).
-        let asked = json_estimate(&e) + 5 + body.len() + 5 + 2;
+        let asked = json_estimate(&e) + 1 + 5 + body.len() + 5 + 2;
         assert!(value.len() <= asked, "{} > {asked}", value.len());
         assert_eq!(value.capacity(), asked);
         let record = Record::decode(&value).expect("decode");
@@ -1861,32 +2087,107 @@ mod tests {
     #[tokio::test]
     async fn records_survive_reopening_and_orphan_bodies_are_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let id = {
+        let legacy_orphan = format!("{}.0", hex::encode(ExchangeId::new().key()));
+        let (id, other) = {
             let h = History::open(dir.path(), Retention::default()).expect("open");
             let id = record_with_body(&h, exchange("POST", "/x", Some(200)), b"kept").await;
-            h.append_body(ExchangeId::new(), Part::Request, 0, b"orphan")
+            let other = record_with_body(&h, exchange("POST", "/y", Some(200)), b"other").await;
+            // A delivery cut short by a crash: pieces, no record.
+            let mut cut = Spilled::default();
+            h.append_body(ExchangeId::new(), Part::Request, &mut cut, b"cut short")
                 .expect("append");
-            h.db.flush().expect("flush");
-            id
+            std::fs::write(
+                dir.path().join("history-bodies").join(&legacy_orphan),
+                b"orphan",
+            )
+            .expect("legacy orphan");
+            h.flush().await.expect("flush");
+            (id, other)
         };
         let h = History::open(dir.path(), Retention::default()).expect("reopen");
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2);
         assert_eq!(h.body(id, Part::Request).expect("body"), b"kept");
         assert_eq!(
             body_files(dir.path()),
-            [format!("{}.0", hex::encode(id.key()))],
-            "the orphan's file was removed, the kept one's was not"
+            ["0000000000.seg"],
+            "the legacy orphan was removed, the kept body's segment was not"
         );
         assert_eq!(h.bodies.len(), 0, "large bodies are files, not sled values");
-        // Deleting the exchange takes its file along; clearing, every file.
-        let other = record_with_body(&h, exchange("POST", "/y", Some(200)), b"other").await;
+        // Deleting an exchange overwrites its body at once (its segment
+        // stays, as the other one's body is in it too).
         assert!(h.delete(id).expect("delete"));
-        assert_eq!(
-            body_files(dir.path()),
-            [format!("{}.0", hex::encode(other.key()))]
+        h.flush().await.expect("flush");
+        let raw = std::fs::read(dir.path().join("history-bodies/0000000000.seg")).expect("read");
+        assert!(
+            !raw.windows(4).any(|w| w == b"kept"),
+            "a deleted body is zeroed"
         );
+        assert_eq!(h.body(other, Part::Request).expect("body"), b"other");
+        // Clearing deletes every segment with the next flush.
         h.clear().expect("clear");
+        h.flush().await.expect("flush");
         assert!(body_files(dir.path()).is_empty());
+        let late = record_with_body(&h, exchange("POST", "/z", Some(200)), b"late").await;
+        assert_eq!(h.body(late, Part::Request).expect("body"), b"late");
+        assert_eq!(segment_files(dir.path()), ["0000000001.seg"]);
+    }
+
+    /// A segment is deleted only once no kept record and no body still being
+    /// written starts in it or before it; on reopen, segments older than
+    /// every record's (their records removed before a crash) are deleted.
+    #[tokio::test]
+    async fn segments_go_in_order_once_nothing_needs_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let piece = vec![b'p'; 1000];
+        let retention = Retention {
+            max_exchanges: 1,
+            max_bytes: u64::MAX,
+        };
+        {
+            let h = open_small(dir.path(), retention, 1000);
+            // A slow upload: its first piece in segment 0.
+            let slow_id = ExchangeId::new();
+            let mut slow = Spilled::default();
+            h.append_body(slow_id, Part::Request, &mut slow, &piece)
+                .expect("append");
+            // Quick ones in segments 1 and 2; retention keeps the newest.
+            record_with_body(&h, exchange("POST", "/a", Some(200)), &piece).await;
+            let b = record_with_body(&h, exchange("POST", "/b", Some(200)), &piece).await;
+            assert_eq!(h.len(), 1);
+            assert_eq!(
+                segment_files(dir.path()).len(),
+                3,
+                "segment 0 is held by the upload in progress, 1 by being newer"
+            );
+            // The upload goes on into segment 3, then finishes.
+            h.append_body(slow_id, Part::Request, &mut slow, &piece)
+                .expect("append");
+            let mut e = exchange("POST", "/slow", Some(200));
+            e.id = slow_id;
+            e.request.body_len = 2 * piece.len() as u64;
+            assert_eq!(slow.extents().len(), 2);
+            h.record(e, &[(Part::Request, Body::Spilled(slow.extents()))])
+                .await
+                .expect("record");
+            drop(slow);
+            // The slow upload's id is the oldest: retention dropped it at
+            // once, and with b kept, only b's segment is needed.
+            assert!(h.get(slow_id).is_err());
+            h.flush().await.expect("flush");
+            assert_eq!(
+                segment_files(dir.path()),
+                ["0000000002.seg", "0000000003.seg"],
+                "b's, and the one appended to"
+            );
+            assert_eq!(h.body(b, Part::Request).expect("body"), piece);
+            // As if b's removal reached the disk but a crash came before
+            // its segment's deletion.
+            h.exchanges.remove(b.key()).expect("remove");
+            h.db.flush().expect("flush");
+        }
+        let h = open_small(dir.path(), retention, 1000);
+        assert!(h.is_empty());
+        assert!(segment_files(dir.path()).is_empty(), "no record needs it");
     }
 
     fn body_files(dir: &Path) -> Vec<String> {
@@ -1942,12 +2243,14 @@ mod tests {
         assert!(h.redact_headers().expect("read").is_empty());
     }
 
-    fn totals_of(h: &History) -> (u64, Vec<(ExchangeId, u64, bool, bool)>) {
+    type KeptTuple = (ExchangeId, u64, bool, bool, Option<u32>);
+
+    fn totals_of(h: &History) -> (u64, Vec<KeptTuple>) {
         let t = h.totals.lock().expect("totals");
         let sizes = t
             .sizes
             .iter()
-            .map(|k| (k.id, k.size, k.delivered, k.chunked))
+            .map(|k| (k.id, k.size, k.delivered, k.chunked, k.first_seg))
             .collect();
         (t.bytes, sizes)
     }
@@ -1976,7 +2279,7 @@ mod tests {
             // whose index survived): found by the scan past the index.
             let late = exchange("POST", "/late", Some(200));
             ids.push(late.id);
-            h.record(late, &[(Part::Request, b"late")])
+            h.record(late, &[(Part::Request, Body::Inline(b"late"))])
                 .await
                 .expect("record");
             h.close().await.expect("close again");
@@ -2000,13 +2303,16 @@ mod tests {
             let h = History::open(dir.path(), Retention::default()).expect("open");
             totals_of(&h)
         };
-        let by_id = |t: &(u64, Vec<(ExchangeId, u64, bool, bool)>)| {
+        let by_id = |t: &(u64, Vec<KeptTuple>)| {
             let mut v = t.1.clone();
             v.sort_by_key(|k| k.0);
             (t.0, v)
         };
         assert_eq!(by_id(&reference), by_id(&scanned), "index and scan agree");
-        assert!(scanned.1.iter().any(|k| k.3), "the large body is chunked");
+        assert!(
+            scanned.1.iter().filter(|k| k.4 == Some(0)).count() == 4,
+            "the bodies are in segment 0: {scanned:?}"
+        );
 
         let h = History::open(
             dir.path(),
@@ -2020,17 +2326,35 @@ mod tests {
         assert!(h.get(ids[5]).is_ok() && h.get(ids[4]).is_ok());
         for gone in &ids[..4] {
             assert!(h.get(*gone).is_err(), "the oldest went");
-            assert_eq!(
-                h.bodies.scan_prefix(gone.key()).count(),
-                0,
-                "with their bodies"
-            );
-            let file = format!("{}.0", hex::encode(gone.key()));
-            assert!(
-                !body_files(dir.path()).contains(&file),
-                "with their body files"
-            );
         }
+        assert_eq!(h.body(ids[4], Part::Request).expect("body"), [b'x'; 40]);
+        assert_eq!(
+            segment_files(dir.path()),
+            ["0000000000.seg"],
+            "still held by the newest"
+        );
+    }
+
+    #[test]
+    fn retention_index_of_version_1_still_reads() {
+        let id = ExchangeId::new();
+        let mut v1 = vec![1];
+        v1.extend_from_slice(&id.key());
+        v1.extend_from_slice(&42u64.to_be_bytes());
+        v1.push(3);
+        let (totals, newest) = Totals::decode(&v1).expect("v1");
+        assert_eq!(newest, Some(id));
+        assert_eq!(totals.bytes, 42);
+        let kept = totals.sizes[0];
+        assert!(kept.delivered && kept.chunked && kept.first_seg.is_none());
+        // And version 2 round-trips a segment.
+        let mut two = Totals::default();
+        two.sizes.push_back(Kept {
+            first_seg: Some(7),
+            ..kept
+        });
+        let (back, _) = Totals::decode(&two.encode()).expect("v2");
+        assert_eq!(back.sizes[0].first_seg, Some(7));
     }
 
     /// An index this version cannot read is ignored: the records are scanned.
@@ -2042,7 +2366,12 @@ mod tests {
             record_with_body(&h, exchange("POST", "/a", Some(200)), b"abc").await;
             record_with_body(&h, exchange("POST", "/b", Some(200)), b"de").await;
             h.close().await.expect("close");
-            for bad in [&b"\x02whatever"[..], &b"\x01short"[..], &b""[..]] {
+            for bad in [
+                &b"\x02whatever"[..],
+                &b"\x01short"[..],
+                &b""[..],
+                &b"\x03"[..],
+            ] {
                 assert!(Totals::decode(bad).is_none());
             }
             h.settings()

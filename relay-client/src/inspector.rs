@@ -233,11 +233,15 @@ async fn delete(
     if !state.history.off_runtime(move |h| h.delete(id)).await? {
         return Err(HistoryError::NotFound(id).into());
     }
+    // Gone from the disk too (its body zeroed) once this answers.
+    state.history.flush().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn clear(State(state): State<InspectorState>) -> Result<Response, ApiError> {
     state.history.off_runtime(|h| h.clear()).await?;
+    // The flush also deletes the body segments.
+    state.history.flush().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

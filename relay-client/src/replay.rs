@@ -194,7 +194,6 @@ impl Replayer {
         let id = ExchangeId::new();
         let received_at_ms = history::now_ms();
         let started = Instant::now();
-        self.history.put_body(id, Part::Request, &body)?;
         let provider = signature::detect(&headers);
         let verdict = provider.map(|_| {
             let req = SignedRequest {
@@ -214,6 +213,7 @@ impl Replayer {
             Ok::<_, hyper_util::client::legacy::Error>((parts, limited.collect().await, app_ms))
         })
         .await;
+        let mut response_body = Bytes::new();
         let (response, outcome, error, app_ms) = match answer {
             Err(_) => (
                 None,
@@ -227,7 +227,7 @@ impl Replayer {
             Ok(Ok((parts, collected, app_ms))) => match collected {
                 Ok(collected) => {
                     let bytes = collected.to_bytes();
-                    self.history.put_body(id, Part::Response, &bytes)?;
+                    response_body = bytes.clone();
                     let headers = parts
                         .headers
                         .iter()
@@ -288,7 +288,14 @@ impl Replayer {
             duplicate_of: None,
             queued: None,
         };
-        self.history.record(exchange.clone(), &[]).await?;
+        // Small bodies go inside the record, large ones to the segments.
+        let request_body = self.history.keep_body(id, Part::Request, &body)?;
+        let response_body = self.history.keep_body(id, Part::Response, &response_body)?;
+        let bodies = [
+            (Part::Request, request_body.as_body()),
+            (Part::Response, response_body.as_body()),
+        ];
+        self.history.record(exchange.clone(), &bodies).await?;
         if let Some(terminal) = &self.terminal {
             terminal.exchange(&exchange);
         }

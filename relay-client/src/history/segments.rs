@@ -1,0 +1,420 @@
+//! Large bodies in a few append-only segment files instead of one file each.
+//!
+//! Bodies over [`super::INLINE_BODY_MAX`] are appended, piece by piece as
+//! they stream past, to the current segment (`NNNNNNNNNN.seg` in
+//! `history-bodies/`), which is replaced by a new one once it holds
+//! [`SEGMENT_BYTES`]. A record names where its bodies went as a list of
+//! [`Extent`]s. With one file per body, a 256 KiB upload cost an inode
+//! created (on ext4 without a journal, a scan for recently deleted ones), four
+//! opens, an fsync and later an unlink; under workload b that was up to 30 %
+//! of the agent's CPU.
+//!
+//! A segment is deleted once no kept record and no body being written has its
+//! first piece in it or in an older one: retention drops the oldest exchanges
+//! first, so segments go in order. A record deleted on its own (the API's
+//! `DELETE`) has its bodies overwritten with zeros at once; its space comes
+//! back with its segment.
+//!
+//! Durability: pieces are synced (one `fdatasync` per segment written since
+//! the last flush, the directory when a segment was created) before the
+//! records naming them are flushed; segments are deleted only after the
+//! removal of the last record naming them is on disk.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+/// How large a segment grows before the next one is started. Smaller gives
+/// space back sooner after retention; larger creates files less often
+/// (under workload b, 32 MiB is a new file every quarter second).
+pub(crate) const SEGMENT_BYTES: u64 = 32 << 20;
+
+/// Where one piece of a body is: segment, offset, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    seg: u32,
+    off: u64,
+    len: u32,
+}
+
+/// Bytes of one encoded [`Extent`]: segment (u32), offset (u64), length
+/// (u32), big-endian.
+pub(crate) const EXTENT_BYTES: usize = 16;
+
+impl Extent {
+    pub(crate) fn encode_into(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.seg.to_be_bytes());
+        out.extend_from_slice(&self.off.to_be_bytes());
+        out.extend_from_slice(&self.len.to_be_bytes());
+    }
+
+    /// `None` unless `bytes` is a whole number of extents.
+    pub(crate) fn decode_all(bytes: &[u8]) -> Option<Vec<Extent>> {
+        if !bytes.len().is_multiple_of(EXTENT_BYTES) {
+            return None;
+        }
+        bytes
+            .chunks_exact(EXTENT_BYTES)
+            .map(|e| {
+                Some(Extent {
+                    seg: u32::from_be_bytes(e.get(0..4)?.try_into().ok()?),
+                    off: u64::from_be_bytes(e.get(4..12)?.try_into().ok()?),
+                    len: u32::from_be_bytes(e.get(12..16)?.try_into().ok()?),
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn seg(self) -> u32 {
+        self.seg
+    }
+}
+
+/// A body being written to the segments: where its pieces went, and a hold
+/// on the segment of its first piece until it is dropped (so that the
+/// segment outlives the body's wait for its record).
+#[derive(Debug, Default)]
+pub struct Spilled {
+    extents: Vec<Extent>,
+    hold: Option<Hold>,
+    /// Pieces written, for stores that keep them in sled instead.
+    pub(crate) pieces: u32,
+}
+
+impl Spilled {
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+}
+
+/// One count on a segment in [`Segments::held`], given back on drop.
+#[derive(Debug)]
+struct Hold {
+    log: Arc<Segments>,
+    seg: u32,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.log.release(self.seg);
+    }
+}
+
+/// The segment files of one store.
+#[derive(Debug)]
+pub(crate) struct Segments {
+    dir: PathBuf,
+    segment_bytes: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The segment appended to; `None` until the first append after an open
+    /// or a [`Segments::retire_all`].
+    active: Option<Active>,
+    /// The number the next new segment gets.
+    next: u32,
+    on_disk: BTreeSet<u32>,
+    /// Segments written since the last sync.
+    dirty: BTreeMap<u32, Arc<File>>,
+    /// A segment was created since the last sync.
+    dir_dirty: bool,
+    /// Per segment, the kept records and bodies in progress whose first
+    /// piece is in it.
+    held: BTreeMap<u32, u64>,
+}
+
+#[derive(Debug)]
+struct Active {
+    seg: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+impl Segments {
+    /// Opens the segments in `dir` (created if missing); appends go to a new
+    /// one. Nothing is held until [`Segments::hold`] says so.
+    pub(crate) fn open(dir: &Path, segment_bytes: u64) -> io::Result<Segments> {
+        std::fs::create_dir_all(dir)?;
+        let mut on_disk = BTreeSet::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Some(seg) = Self::number(&entry?.file_name()) {
+                on_disk.insert(seg);
+            }
+        }
+        let next = on_disk.last().map_or(0, |last| last.saturating_add(1));
+        Ok(Segments {
+            dir: dir.to_path_buf(),
+            segment_bytes: segment_bytes.max(1),
+            state: Mutex::new(State {
+                next,
+                on_disk,
+                ..State::default()
+            }),
+        })
+    }
+
+    fn number(name: &std::ffi::OsStr) -> Option<u32> {
+        let digits = name.to_str()?.strip_suffix(".seg")?;
+        if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    }
+
+    fn path(&self, seg: u32) -> PathBuf {
+        self.dir.join(format!("{seg:010}.seg"))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a kept record whose first piece is in `seg`.
+    pub(crate) fn hold(&self, seg: u32) {
+        *self.state().held.entry(seg).or_default() += 1;
+    }
+
+    /// Gives back a count of [`Segments::hold`].
+    pub(crate) fn release(&self, seg: u32) {
+        let mut state = self.state();
+        if let Some(count) = state.held.get_mut(&seg) {
+            *count -= 1;
+            if *count == 0 {
+                state.held.remove(&seg);
+            }
+        }
+    }
+
+    /// Forgets every kept record (the store was cleared) and starts a new
+    /// segment with the next append, so that every older segment not held
+    /// by a body in progress goes at the next [`Segments::collect`].
+    pub(crate) fn retire_all(&self, kept: impl IntoIterator<Item = u32>) {
+        let mut state = self.state();
+        for seg in kept {
+            if let Some(count) = state.held.get_mut(&seg) {
+                *count -= 1;
+                if *count == 0 {
+                    state.held.remove(&seg);
+                }
+            }
+        }
+        state.active = None;
+    }
+
+    /// Appends one piece of `body`.
+    pub(crate) fn append(self: &Arc<Self>, body: &mut Spilled, chunk: &[u8]) -> io::Result<()> {
+        let Ok(len) = u32::try_from(chunk.len()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a body piece over 4 GiB",
+            ));
+        };
+        let (seg, off, file) = {
+            let mut state = self.state();
+            if state
+                .active
+                .as_ref()
+                .is_none_or(|a| a.len >= self.segment_bytes)
+            {
+                let seg = state.next;
+                let next = seg
+                    .checked_add(1)
+                    .filter(|n| *n < u32::MAX)
+                    .ok_or_else(|| io::Error::other("out of segment numbers"))?;
+                let file = std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .read(true)
+                    .write(true)
+                    .open(self.path(seg))?;
+                state.next = next;
+                state.on_disk.insert(seg);
+                state.dir_dirty = true;
+                state.active = Some(Active {
+                    seg,
+                    file: Arc::new(file),
+                    len: 0,
+                });
+            }
+            let Some(active) = state.active.as_mut() else {
+                return Err(io::Error::other("no active segment"));
+            };
+            let at = (active.seg, active.len, Arc::clone(&active.file));
+            active.len += u64::from(len);
+            // Held from before the write: a segment no longer active is
+            // deleted as soon as nothing holds it.
+            if body.hold.is_none() {
+                *state.held.entry(at.0).or_default() += 1;
+                body.hold = Some(Hold {
+                    log: Arc::clone(self),
+                    seg: at.0,
+                });
+            }
+            at
+        };
+        write_at(&file, chunk, off)?;
+        // Marked after the write, so the next sync covers it.
+        self.state().dirty.insert(seg, file);
+        match body.extents.last_mut() {
+            Some(last) if last.seg == seg && last.off + u64::from(last.len) == off => {
+                match last.len.checked_add(len) {
+                    Some(joined) => last.len = joined,
+                    None => body.extents.push(Extent { seg, off, len }),
+                }
+            }
+            _ => body.extents.push(Extent { seg, off, len }),
+        }
+        Ok(())
+    }
+
+    /// Reads a body back.
+    pub(crate) fn read(&self, extents: &[Extent]) -> io::Result<Vec<u8>> {
+        let total: usize = extents.iter().map(|e| e.len as usize).sum();
+        let mut out = vec![0; total];
+        let mut at = 0;
+        let mut open: Option<(u32, File)> = None;
+        for e in extents {
+            if open.as_ref().is_none_or(|(seg, _)| *seg != e.seg) {
+                let file = File::open(self.path(e.seg)).map_err(|err| {
+                    io::Error::new(err.kind(), format!("body segment {:010}.seg: {err}", e.seg))
+                })?;
+                open = Some((e.seg, file));
+            }
+            if let Some((_, file)) = &open {
+                let end = at + e.len as usize;
+                read_at(file, &mut out[at..end], e.off)?;
+                at = end;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Overwrites a deleted body with zeros (its space comes back with its
+    /// segment). A segment already gone is skipped.
+    pub(crate) fn zero(&self, extents: &[Extent]) -> io::Result<()> {
+        let zeros = vec![0u8; 64 * 1024];
+        for e in extents {
+            let file = match std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.path(e.seg))
+            {
+                Ok(file) => Arc::new(file),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
+            let mut left = e.len as usize;
+            let mut off = e.off;
+            while left > 0 {
+                let n = left.min(zeros.len());
+                write_at(&file, &zeros[..n], off)?;
+                left -= n;
+                off += n as u64;
+            }
+            self.state().dirty.entry(e.seg).or_insert(file);
+        }
+        Ok(())
+    }
+
+    /// Makes every piece appended (or zeroed) so far durable.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        let (dirty, dir_dirty) = {
+            let mut state = self.state();
+            (
+                std::mem::take(&mut state.dirty),
+                std::mem::take(&mut state.dir_dirty),
+            )
+        };
+        let put_back = |err: io::Error, dirty: BTreeMap<u32, Arc<File>>| {
+            let mut state = self.state();
+            for (seg, file) in dirty {
+                state.dirty.entry(seg).or_insert(file);
+            }
+            state.dir_dirty |= dir_dirty;
+            err
+        };
+        for file in dirty.values() {
+            if let Err(err) = file.sync_data() {
+                return Err(put_back(err, dirty));
+            }
+        }
+        if dir_dirty {
+            if let Err(err) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+                return Err(put_back(err, dirty));
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest segment still needed: anything older may be deleted once
+    /// the removals made so far are on disk (see [`Segments::collect`]).
+    pub(crate) fn needed_from(&self) -> u32 {
+        let state = self.state();
+        let current = state.active.as_ref().map_or(state.next, |a| a.seg);
+        state
+            .held
+            .first_key_value()
+            .map_or(current, |(seg, _)| current.min(*seg))
+    }
+
+    /// Deletes the segments older than `needed_from`, which
+    /// [`Segments::needed_from`] gave before the store's last flush.
+    pub(crate) fn collect(&self, needed_from: u32) -> io::Result<()> {
+        let gone: Vec<u32> = {
+            let mut state = self.state();
+            let kept = state.on_disk.split_off(&needed_from);
+            let gone = std::mem::replace(&mut state.on_disk, kept);
+            for seg in &gone {
+                state.dirty.remove(seg);
+            }
+            gone.into_iter().collect()
+        };
+        for seg in gone {
+            match std::fs::remove_file(self.path(seg)) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn write_at(file: &File, buf: &[u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, off)
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, off)
+}
+
+#[cfg(windows)]
+fn write_at(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, buf, off)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_read(file, buf, off)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
