@@ -258,8 +258,9 @@ impl Forwarder {
         if write_frame(send, &reply).await.is_err() {
             return Outcome::Cancelled;
         }
+        let body = Bytes::from(body);
         response_tee.append(&body);
-        if !body.is_empty() && send.write_chunk(Bytes::from(body)).await.is_err() {
+        if !body.is_empty() && send.write_chunk(body).await.is_err() {
             return Outcome::Cancelled;
         }
         let _ = send.finish();
@@ -655,7 +656,7 @@ impl Forwarder {
     ) {
         let id = ExchangeId::new();
         let tee = Tee::new(self.history.clone(), id, Part::Request);
-        tee.append(body);
+        tee.append(&Bytes::copy_from_slice(body));
         let forwarded = Forwarded {
             queued: Some(history::QueuedAttempt {
                 attempt,
@@ -701,7 +702,7 @@ impl Forwarder {
         if let Some(first) = self.queued_duplicate(head, &body, forwarded).await {
             return match self.reuse_answer(&first, forwarded) {
                 Some(answer) => {
-                    response_tee.append(&answer);
+                    response_tee.append(&Bytes::from(answer));
                     (Outcome::Responded, None)
                 }
                 None => (
@@ -931,8 +932,10 @@ struct Tee {
 #[derive(Default)]
 struct TeeState {
     /// The body so far while it is small enough to go inline; after that,
-    /// what is not written yet.
-    buf: Vec<u8>,
+    /// what is not written yet: the chunks as they came (shared, not
+    /// copied; a large body's pieces are written from them in one go).
+    pending: Vec<Bytes>,
+    pending_len: usize,
     /// Where the pieces written so far went; none while the body is inline.
     spilled: history::Spilled,
     len: u64,
@@ -966,29 +969,39 @@ impl Tee {
         }
     }
 
-    fn append(&self, chunk: &[u8]) {
+    fn append(&self, chunk: &Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.len += chunk.len() as u64;
-        state.buf.extend_from_slice(chunk);
+        state.pending_len += chunk.len();
+        state.pending.push(chunk.clone());
         let inline = state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64;
-        if !inline && state.buf.len() >= self.history.piece_bytes() {
+        if !inline && state.pending_len >= self.history.piece_bytes() {
             self.spill(&mut state);
         }
     }
 
-    /// Writes what is buffered as the next chunk.
+    /// Writes what is pending as the next piece.
     fn spill(&self, state: &mut TeeState) {
-        if state.buf.is_empty() {
+        if state.pending.is_empty() {
             return;
         }
-        let TeeState { buf, spilled, .. } = state;
-        if let Err(err) = self.history.append_body(self.id, self.part, spilled, buf) {
+        let TeeState {
+            pending, spilled, ..
+        } = state;
+        if let Err(err) = self
+            .history
+            .append_body(self.id, self.part, spilled, pending)
+        {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
                 "cannot record a body chunk"
             );
         }
-        state.buf.clear();
+        state.pending.clear();
+        state.pending_len = 0;
     }
 
     fn len(&self) -> u64 {
@@ -1002,7 +1015,7 @@ impl Tee {
     fn finish(&self) -> Teed {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64 {
-            return Teed::Inline(state.buf.clone());
+            return Teed::Inline(state.pending.concat());
         }
         self.spill(&mut state);
         Teed::Spilled(state.spilled.extents().to_vec())
@@ -1208,7 +1221,7 @@ mod tests {
         let history = History::temporary(Retention::default()).expect("history");
         let small = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
         for _ in 0..64 {
-            small.append(&[b'a'; 1024]);
+            small.append(&Bytes::from(vec![b'a'; 1024]));
         }
         assert_eq!(small.finish(), Teed::Inline(vec![b'a'; INLINE_BODY_MAX]));
         assert_eq!(
@@ -1222,7 +1235,7 @@ mod tests {
         let large = Tee::new(history.clone(), id, Part::Response);
         let mut sent = Vec::new();
         for i in 0..220u32 {
-            let packet = vec![u8::try_from(i % 251).expect("byte"); 1200];
+            let packet = Bytes::from(vec![u8::try_from(i % 251).expect("byte"); 1200]);
             large.append(&packet);
             sent.extend_from_slice(&packet);
         }
@@ -1247,7 +1260,7 @@ mod tests {
         let other = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
         let mut sent = Vec::new();
         for i in 0..440u32 {
-            let packet = vec![u8::try_from(i % 251).expect("byte"); 1200];
+            let packet = Bytes::from(vec![u8::try_from(i % 251).expect("byte"); 1200]);
             large.append(&packet);
             // Another upload's pieces go between this one's.
             other.append(&packet);
