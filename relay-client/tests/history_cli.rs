@@ -739,6 +739,124 @@ async fn large_bodies_survive_kill_9_whole() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Large uploads recorded together (their pieces interleaved in one segment
+/// file) while others are cut off midway by a SIGKILL of the agent: every
+/// exchange the history lists afterwards has both bodies byte for byte, the
+/// cut ones are not listed, a restarted agent appends to a new segment, and
+/// clearing the history through the API deletes every segment file.
+#[tokio::test]
+async fn interleaved_large_bodies_survive_kill_9_and_clearing_deletes_their_segments(
+) -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("agent");
+    let mut agent = AgentProcess::start(&relay, &app, "seg", dir.path(), &data_dir).await?;
+    let body_of =
+        |n: u32| -> Vec<u8> { (0..200_000u32).map(|i| ((i * 7 + n) % 251) as u8).collect() };
+
+    // Cut off: 150,000 of 300,000 bytes sent, then nothing.
+    // The senders are held (the bodies never finish) until the test ends.
+    let (mut stalled, mut feeds) = (Vec::new(), Vec::new());
+    for n in 0..3u32 {
+        let (tx, body) = channel_body();
+        let req = Request::post(relay.url("seg", &format!("/echo/cut/{n}")))
+            .header("content-length", "300000")
+            .body(body)?;
+        stalled.push(tokio::spawn(client().request(req)));
+        for _ in 0..3 {
+            tx.send(bytes::Bytes::from(vec![b'c'; 50_000])).await?;
+        }
+        feeds.push(tx);
+    }
+    // Recorded: eight at once.
+    let sent = (0..8u32).map(|n| {
+        let url = relay.url("seg", &format!("/echo/whole/{n}"));
+        let body = body_of(n);
+        async move {
+            let (status, _, echoed) = send(
+                Request::post(url)
+                    .header("content-type", "application/octet-stream")
+                    .body(full(body.clone()))?,
+            )
+            .await?;
+            anyhow::ensure!(status == StatusCode::OK && echoed == body, "echo {status}");
+            Ok(())
+        }
+    });
+    for result in futures_util::future::join_all(sent).await {
+        result?;
+    }
+    // All eight printed (in any order), so all eight are on disk.
+    for _ in 0..8 {
+        agent.printed("/echo/whole/").await?;
+    }
+    // The cut uploads' first pieces are in the segment too (past the 64 KiB
+    // kept in memory): 8 exchanges x 2 bodies, plus 3 x 128 KiB at least.
+    let segment = data_dir.join("history-bodies").join("0000000000.seg");
+    until(WAIT, "the cut uploads' first pieces", || {
+        std::fs::metadata(&segment).is_ok_and(|m| m.len() >= 16 * 200_000 + 3 * 128 * 1024)
+    })
+    .await?;
+    agent.kill_9().await?;
+
+    let direct = HistoryCli {
+        data_dir: data_dir.clone(),
+        inspect: None,
+    };
+    let mut paths = direct.paths(&[]).await?;
+    paths.sort();
+    let expected: Vec<String> = (0..8).map(|n| format!("/echo/whole/{n}")).collect();
+    assert_eq!(paths, expected, "the cut uploads are not recorded");
+    let page = direct.json(&["history", "--json"]).await?;
+    for exchange in exchanges(&page)? {
+        let id = id_of(exchange)?;
+        let shown = direct.json(&["show", &id, "--json"]).await?;
+        let n: u32 = shown["path"]
+            .as_str()
+            .and_then(|p| p.rsplit('/').next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("path of {shown}"))?;
+        assert_eq!(
+            base64_of(&shown["request_body"])?,
+            body_of(n),
+            "request {n}"
+        );
+        assert_eq!(
+            base64_of(&shown["response_body"])?,
+            body_of(n),
+            "response {n}"
+        );
+    }
+
+    // A restarted agent appends to a segment of its own.
+    let mut agent = AgentProcess::start(&relay, &app, "seg", dir.path(), &data_dir).await?;
+    let (status, _, _) =
+        send(Request::post(relay.url("seg", "/echo/after")).body(full(body_of(9)))?).await?;
+    assert_eq!(status, StatusCode::OK);
+    agent.printed("/echo/after").await?;
+    let segments = || -> anyhow::Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(data_dir.join("history-bodies"))?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        Ok(names)
+    };
+    assert_eq!(segments()?, ["0000000000.seg", "0000000001.seg"]);
+    // Clearing the history deletes them all before it answers.
+    let (status, _, _) =
+        send(Request::delete(format!("http://{}/api/exchanges", agent.inspector)).body(full(""))?)
+            .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(segments()?, Vec::<String>::new());
+    agent.kill_9().await?;
+    drop(feeds);
+    for task in stalled {
+        task.abort();
+    }
+    Ok(())
+}
+
 /// Reading history without an agent never prunes it: the agent may keep more
 /// than the default limits (`--max-exchanges`), and `history` is a read.
 #[tokio::test]
