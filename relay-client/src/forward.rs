@@ -258,9 +258,8 @@ impl Forwarder {
         if write_frame(send, &reply).await.is_err() {
             return Outcome::Cancelled;
         }
-        let body = Bytes::from(body);
         response_tee.append(&body);
-        if !body.is_empty() && send.write_chunk(body).await.is_err() {
+        if !body.is_empty() && send.write_chunk(Bytes::from(body)).await.is_err() {
             return Outcome::Cancelled;
         }
         let _ = send.finish();
@@ -656,7 +655,7 @@ impl Forwarder {
     ) {
         let id = ExchangeId::new();
         let tee = Tee::new(self.history.clone(), id, Part::Request);
-        tee.append(&Bytes::copy_from_slice(body));
+        tee.append(body);
         let forwarded = Forwarded {
             queued: Some(history::QueuedAttempt {
                 attempt,
@@ -702,7 +701,7 @@ impl Forwarder {
         if let Some(first) = self.queued_duplicate(head, &body, forwarded).await {
             return match self.reuse_answer(&first, forwarded) {
                 Some(answer) => {
-                    response_tee.append(&Bytes::from(answer));
+                    response_tee.append(&answer);
                     (Outcome::Responded, None)
                 }
                 None => (
@@ -932,10 +931,8 @@ struct Tee {
 #[derive(Default)]
 struct TeeState {
     /// The body so far while it is small enough to go inline; after that,
-    /// what is not written yet: the chunks as they came (shared, not
-    /// copied; a large body's pieces are written from them in one go).
-    pending: Vec<Bytes>,
-    pending_len: usize,
+    /// what is not written yet.
+    buf: Vec<u8>,
     /// Where the pieces written so far went; none while the body is inline.
     spilled: history::Spilled,
     len: u64,
@@ -969,39 +966,29 @@ impl Tee {
         }
     }
 
-    fn append(&self, chunk: &Bytes) {
-        if chunk.is_empty() {
-            return;
-        }
+    fn append(&self, chunk: &[u8]) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.len += chunk.len() as u64;
-        state.pending_len += chunk.len();
-        state.pending.push(chunk.clone());
+        state.buf.extend_from_slice(chunk);
         let inline = state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64;
-        if !inline && state.pending_len >= self.history.piece_bytes() {
+        if !inline && state.buf.len() >= self.history.piece_bytes() {
             self.spill(&mut state);
         }
     }
 
-    /// Writes what is pending as the next piece.
+    /// Writes what is buffered as the next chunk.
     fn spill(&self, state: &mut TeeState) {
-        if state.pending.is_empty() {
+        if state.buf.is_empty() {
             return;
         }
-        let TeeState {
-            pending, spilled, ..
-        } = state;
-        if let Err(err) = self
-            .history
-            .append_body(self.id, self.part, spilled, pending)
-        {
+        let TeeState { buf, spilled, .. } = state;
+        if let Err(err) = self.history.append_body(self.id, self.part, spilled, buf) {
             tracing::error!(
                 error = &err as &dyn std::error::Error,
                 "cannot record a body chunk"
             );
         }
-        state.pending.clear();
-        state.pending_len = 0;
+        state.buf.clear();
     }
 
     fn len(&self) -> u64 {
@@ -1015,7 +1002,7 @@ impl Tee {
     fn finish(&self) -> Teed {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64 {
-            return Teed::Inline(state.pending.concat());
+            return Teed::Inline(state.buf.clone());
         }
         self.spill(&mut state);
         Teed::Spilled(state.spilled.extents().to_vec())
@@ -1221,7 +1208,7 @@ mod tests {
         let history = History::temporary(Retention::default()).expect("history");
         let small = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
         for _ in 0..64 {
-            small.append(&Bytes::from(vec![b'a'; 1024]));
+            small.append(&[b'a'; 1024]);
         }
         assert_eq!(small.finish(), Teed::Inline(vec![b'a'; INLINE_BODY_MAX]));
         assert_eq!(
@@ -1235,7 +1222,7 @@ mod tests {
         let large = Tee::new(history.clone(), id, Part::Response);
         let mut sent = Vec::new();
         for i in 0..220u32 {
-            let packet = Bytes::from(vec![u8::try_from(i % 251).expect("byte"); 1200]);
+            let packet = vec![u8::try_from(i % 251).expect("byte"); 1200];
             large.append(&packet);
             sent.extend_from_slice(&packet);
         }
@@ -1260,7 +1247,7 @@ mod tests {
         let other = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
         let mut sent = Vec::new();
         for i in 0..440u32 {
-            let packet = Bytes::from(vec![u8::try_from(i % 251).expect("byte"); 1200]);
+            let packet = vec![u8::try_from(i % 251).expect("byte"); 1200];
             large.append(&packet);
             // Another upload's pieces go between this one's.
             other.append(&packet);

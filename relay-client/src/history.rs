@@ -1041,26 +1041,25 @@ impl History {
         self.events.subscribe()
     }
 
-    /// Appends the next piece of a body being recorded, gathered from
-    /// `parts`; `body` collects where the pieces went, for
-    /// [`Body::Spilled`].
+    /// Appends the next piece of a body being recorded; `body` collects
+    /// where the pieces went, for [`Body::Spilled`].
     ///
     /// # Errors
     /// A storage error.
-    pub fn append_body<B: AsRef<[u8]>>(
+    pub fn append_body(
         &self,
         id: ExchangeId,
         part: Part,
         body: &mut Spilled,
-        parts: &[B],
+        chunk: &[u8],
     ) -> Result<(), HistoryError> {
         let seq = body.pieces;
         body.pieces = seq.saturating_add(1);
         match &self.segments {
-            Some(segments) => segments.append(body, parts).map_err(file_error),
+            Some(segments) => segments.append(body, chunk).map_err(file_error),
             None => self
                 .bodies
-                .insert(body_key(id, part, seq), joined(parts))
+                .insert(body_key(id, part, seq), chunk)
                 .map(drop)
                 .map_err(storage),
         }
@@ -1112,7 +1111,7 @@ impl History {
         }
         let mut spilled = Spilled::default();
         for chunk in body.chunks(256 * 1024) {
-            self.append_body(id, part, &mut spilled, &[chunk])?;
+            self.append_body(id, part, &mut spilled, chunk)?;
         }
         Ok(KeptBody::Spilled(spilled))
     }
@@ -1584,15 +1583,6 @@ fn delivered_key(e: &Exchange) -> Option<Vec<u8>> {
     Some(event_key(&e.tunnel, e.provider?, e.event_id.as_deref()?))
 }
 
-/// `parts` in one buffer.
-fn joined<B: AsRef<[u8]>>(parts: &[B]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.as_ref().len()).sum());
-    for part in parts {
-        out.extend_from_slice(part.as_ref());
-    }
-    out
-}
-
 fn body_key(id: ExchangeId, part: Part, seq: u32) -> [u8; 21] {
     let mut key = [0u8; 21];
     key[..16].copy_from_slice(&id.key());
@@ -1684,7 +1674,7 @@ mod tests {
         let id = e.id;
         let mut spilled = Spilled::default();
         for chunk in body.chunks(3) {
-            h.append_body(id, Part::Request, &mut spilled, &[chunk])
+            h.append_body(id, Part::Request, &mut spilled, chunk)
                 .expect("append");
         }
         h.record(e, &[(Part::Request, Body::Spilled(spilled.extents()))])
@@ -2104,7 +2094,7 @@ mod tests {
             let other = record_with_body(&h, exchange("POST", "/y", Some(200)), b"other").await;
             // A delivery cut short by a crash: pieces, no record.
             let mut cut = Spilled::default();
-            h.append_body(ExchangeId::new(), Part::Request, &mut cut, &[b"cut short"])
+            h.append_body(ExchangeId::new(), Part::Request, &mut cut, b"cut short")
                 .expect("append");
             std::fs::write(
                 dir.path().join("history-bodies").join(&legacy_orphan),
@@ -2158,7 +2148,7 @@ mod tests {
             // A slow upload: its first piece in segment 0.
             let slow_id = ExchangeId::new();
             let mut slow = Spilled::default();
-            h.append_body(slow_id, Part::Request, &mut slow, &[&piece])
+            h.append_body(slow_id, Part::Request, &mut slow, &piece)
                 .expect("append");
             // Quick ones in segments 1 and 2; retention keeps the newest.
             record_with_body(&h, exchange("POST", "/a", Some(200)), &piece).await;
@@ -2170,7 +2160,7 @@ mod tests {
                 "segment 0 is held by the upload in progress, 1 by being newer"
             );
             // The upload goes on into segment 3, then finishes.
-            h.append_body(slow_id, Part::Request, &mut slow, &[&piece])
+            h.append_body(slow_id, Part::Request, &mut slow, &piece)
                 .expect("append");
             let mut e = exchange("POST", "/slow", Some(200));
             e.id = slow_id;

@@ -207,66 +207,59 @@ impl Segments {
         state.active = None;
     }
 
-    /// Appends the next piece of `body`, gathered from `parts` (the
-    /// network's chunks as they came: one write, no copy into a buffer
-    /// first). Appends are written one at a time, under the lock: the agent
-    /// records from one thread, and the flush takes the lock only briefly.
-    pub(crate) fn append<B: AsRef<[u8]>>(
-        self: &Arc<Self>,
-        body: &mut Spilled,
-        parts: &[B],
-    ) -> io::Result<()> {
-        let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
-        let Ok(len) = u32::try_from(total) else {
+    /// Appends one piece of `body`.
+    pub(crate) fn append(self: &Arc<Self>, body: &mut Spilled, chunk: &[u8]) -> io::Result<()> {
+        let Ok(len) = u32::try_from(chunk.len()) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a body piece over 4 GiB",
             ));
         };
-        let mut state = self.state();
-        if state
-            .active
-            .as_ref()
-            .is_none_or(|a| a.len >= self.segment_bytes)
-        {
-            let seg = state.next;
-            let next = seg
-                .checked_add(1)
-                .filter(|n| *n < u32::MAX)
-                .ok_or_else(|| io::Error::other("out of segment numbers"))?;
-            let file = std::fs::OpenOptions::new()
-                .create_new(true)
-                .read(true)
-                .write(true)
-                .open(self.path(seg))?;
-            state.next = next;
-            state.on_disk.insert(seg);
-            state.dir_dirty = true;
-            state.active = Some(Active {
-                seg,
-                file: Arc::new(file),
-                len: 0,
-            });
-        }
-        let Some(active) = state.active.as_mut() else {
-            return Err(io::Error::other("no active segment"));
+        let (seg, off, file) = {
+            let mut state = self.state();
+            if state
+                .active
+                .as_ref()
+                .is_none_or(|a| a.len >= self.segment_bytes)
+            {
+                let seg = state.next;
+                let next = seg
+                    .checked_add(1)
+                    .filter(|n| *n < u32::MAX)
+                    .ok_or_else(|| io::Error::other("out of segment numbers"))?;
+                let file = std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .read(true)
+                    .write(true)
+                    .open(self.path(seg))?;
+                state.next = next;
+                state.on_disk.insert(seg);
+                state.dir_dirty = true;
+                state.active = Some(Active {
+                    seg,
+                    file: Arc::new(file),
+                    len: 0,
+                });
+            }
+            let Some(active) = state.active.as_mut() else {
+                return Err(io::Error::other("no active segment"));
+            };
+            let at = (active.seg, active.len, Arc::clone(&active.file));
+            active.len += u64::from(len);
+            // Held from before the write: a segment no longer active is
+            // deleted as soon as nothing holds it.
+            if body.hold.is_none() {
+                *state.held.entry(at.0).or_default() += 1;
+                body.hold = Some(Hold {
+                    log: Arc::clone(self),
+                    seg: at.0,
+                });
+            }
+            at
         };
-        let (seg, off, file) = (active.seg, active.len, Arc::clone(&active.file));
-        // Taken whatever the write does: a failed one leaves a hole that
-        // nothing names, never an overlap.
-        active.len += u64::from(len);
-        // Held from before the write: a segment no longer active is
-        // deleted as soon as nothing holds it.
-        if body.hold.is_none() {
-            *state.held.entry(seg).or_default() += 1;
-            body.hold = Some(Hold {
-                log: Arc::clone(self),
-                seg,
-            });
-        }
-        write_all_at(&file, parts, off)?;
-        state.dirty.insert(seg, file);
-        drop(state);
+        write_at(&file, chunk, off)?;
+        // Marked after the write, so the next sync covers it.
+        self.state().dirty.insert(seg, file);
         match body.extents.last_mut() {
             Some(last) if last.seg == seg && last.off + u64::from(last.len) == off => {
                 match last.len.checked_add(len) {
@@ -318,7 +311,7 @@ impl Segments {
             let mut off = e.off;
             while left > 0 {
                 let n = left.min(zeros.len());
-                write_all_at(&file, &[&zeros[..n]], off)?;
+                write_at(&file, &zeros[..n], off)?;
                 left -= n;
                 off += n as u64;
             }
@@ -390,24 +383,9 @@ impl Segments {
     }
 }
 
-/// Writes all of `parts`, in order, from `off` on. The caller holds the
-/// segments' lock (the file's cursor is moved).
 #[cfg(unix)]
-fn write_all_at<B: AsRef<[u8]>>(file: &File, parts: &[B], off: u64) -> io::Result<()> {
-    use std::io::{IoSlice, Seek as _, Write as _};
-    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
-    let mut slices = &mut slices[..];
-    let mut file = file;
-    file.seek(io::SeekFrom::Start(off))?;
-    while !slices.is_empty() {
-        match file.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
+fn write_at(file: &File, buf: &[u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, off)
 }
 
 #[cfg(unix)]
@@ -416,17 +394,14 @@ fn read_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
 }
 
 #[cfg(windows)]
-fn write_all_at<B: AsRef<[u8]>>(file: &File, parts: &[B], mut off: u64) -> io::Result<()> {
-    for part in parts {
-        let mut buf = part.as_ref();
-        while !buf.is_empty() {
-            let n = std::os::windows::fs::FileExt::seek_write(file, buf, off)?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            buf = &buf[n..];
-            off += n as u64;
+fn write_at(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, buf, off)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
         }
+        buf = &buf[n..];
+        off += n as u64;
     }
     Ok(())
 }
