@@ -1384,7 +1384,7 @@ impl History {
                     return Ok(body.to_vec());
                 }
                 if let (Some(extents), Some(segments)) = (record.extents(part), &self.segments) {
-                    return segments.read(&extents).map_err(file_error);
+                    return self.read_segments(segments, id, &extents);
                 }
             }
         }
@@ -1394,6 +1394,28 @@ impl History {
             }
         }
         self.tree_body(id, part)
+    }
+
+    /// A body in the segments. A segment found missing because retention
+    /// deleted it since the record was read (the record is gone too) is
+    /// [`HistoryError::NotFound`]; one missing under a kept record is a
+    /// storage error.
+    fn read_segments(
+        &self,
+        segments: &Segments,
+        id: ExchangeId,
+        extents: &[Extent],
+    ) -> Result<Vec<u8>, HistoryError> {
+        match segments.read(extents) {
+            Ok(body) => Ok(body),
+            Err(err)
+                if err.kind() == std::io::ErrorKind::NotFound
+                    && !self.exchanges.contains_key(id.key()).map_err(storage)? =>
+            {
+                Err(HistoryError::NotFound(id))
+            }
+            Err(err) => Err(file_error(err)),
+        }
     }
 
     /// A body kept in tree `bodies` (in-memory stores, and stores from
@@ -1433,12 +1455,30 @@ impl History {
             }
             if filter.needs_bodies() {
                 let q = filter.q.as_deref().unwrap_or_default().as_bytes();
-                let body = |part| match record.body(part) {
-                    Some(inline) => Ok(inline.to_vec()),
-                    None => self.body(record.exchange.id, part),
+                let id = record.exchange.id;
+                let body = |part| match (record.body(part), record.extents(part), &self.segments) {
+                    (Some(inline), _, _) => Ok(inline.to_vec()),
+                    (None, Some(extents), Some(segments)) => {
+                        self.read_segments(segments, id, &extents)
+                    }
+                    _ => self.body(id, part),
                 };
-                let hit =
-                    contains_ci(&body(Part::Request)?, q) || contains_ci(&body(Part::Response)?, q);
+                let hit = match body(Part::Request)
+                    .and_then(|b| Ok(contains_ci(&b, q) || contains_ci(&body(Part::Response)?, q)))
+                {
+                    Ok(hit) => hit,
+                    // Dropped by retention while this listing walked past it.
+                    Err(HistoryError::NotFound(_)) => false,
+                    // One unreadable body does not end the search for the rest.
+                    Err(err) => {
+                        tracing::warn!(
+                            exchange = %id,
+                            error = &err as &dyn std::error::Error,
+                            "cannot search a body"
+                        );
+                        false
+                    }
+                };
                 if !hit {
                     continue;
                 }
@@ -2332,6 +2372,63 @@ mod tests {
             segment_files(dir.path()),
             ["0000000000.seg"],
             "still held by the newest"
+        );
+    }
+
+    /// A body whose segment is gone: not found when retention took its
+    /// record too (a listing or a reader raced it), a storage error when its
+    /// record is still kept; a search skips it and goes on.
+    #[tokio::test]
+    async fn a_body_whose_segment_is_gone_is_not_found_or_an_error_and_search_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut big = b"needle".to_vec();
+        big.resize(INLINE_BODY_MAX + 1, b'.');
+        // One body per segment.
+        let h = open_small(dir.path(), Retention::default(), big.len() as u64);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let mut e = exchange("POST", "/x", Some(200));
+            e.request.body_len = big.len() as u64;
+            let body = h.keep_body(e.id, Part::Request, &big).expect("keep");
+            ids.push(e.id);
+            h.record(e, &[(Part::Request, body.as_body())])
+                .await
+                .expect("record");
+        }
+        let segment = |n: u32| dir.path().join(format!("history-bodies/{n:010}.seg"));
+        // Read, then dropped by retention (record, then segment) before its
+        // body is read.
+        let value = h.exchanges.get(ids[0].key()).expect("get").expect("kept");
+        let extents = Record::decode(&value)
+            .expect("decode")
+            .extents(Part::Request)
+            .expect("extents");
+        h.exchanges.remove(ids[0].key()).expect("remove");
+        std::fs::remove_file(segment(0)).expect("remove segment 0");
+        let segments = h.segments.as_ref().expect("on disk");
+        assert!(matches!(
+            h.read_segments(segments, ids[0], &extents),
+            Err(HistoryError::NotFound(_))
+        ));
+        std::fs::remove_file(segment(1)).expect("remove segment 1");
+        let err = h.body(ids[1], Part::Request).expect_err("segment gone");
+        assert!(
+            matches!(&err, HistoryError::Storage(m) if m.contains("0000000001.seg")),
+            "{err}"
+        );
+        let found = h
+            .list(
+                &Filter {
+                    q: Some("NEEDLE".into()),
+                    ..Filter::default()
+                },
+                None,
+                10,
+            )
+            .expect("the search goes on");
+        assert_eq!(
+            found.exchanges.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [ids[2]]
         );
     }
 
