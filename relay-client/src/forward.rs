@@ -341,6 +341,17 @@ impl Forwarder {
                 Some("the relay or the sender gave up before the app finished".into()),
             ),
         };
+        // A body the history could not keep whole (a full disk) is said so
+        // on the exchange; replay refuses it (see `replay`).
+        let error = [(request_tee, "request"), (response_tee, "response")]
+            .into_iter()
+            .filter_map(|(tee, which)| {
+                tee.failure().map(|why| {
+                    format!("the {which} body was not recorded whole (only the first part is kept): {why}")
+                })
+            })
+            .chain(error)
+            .reduce(|a, b| format!("{b}; {a}"));
         let provider = signature::detect(&head.headers);
         // With secrets configured, a request without any signature is worth
         // flagging ("unsigned"); without them, no verdict unless one is signed.
@@ -936,6 +947,9 @@ struct TeeState {
     /// Where the pieces written so far went; none while the body is inline.
     spilled: history::Spilled,
     len: u64,
+    /// Why a piece could not be written: nothing more is, so the recorded
+    /// body is a prefix of the real one, never one with a hole.
+    failed: Option<String>,
 }
 
 /// A body at its end, as [`Tee::finish`] leaves it.
@@ -978,7 +992,8 @@ impl Tee {
 
     /// Writes what is buffered as the next chunk.
     fn spill(&self, state: &mut TeeState) {
-        if state.buf.is_empty() {
+        if state.buf.is_empty() || state.failed.is_some() {
+            state.buf.clear();
             return;
         }
         let TeeState { buf, spilled, .. } = state;
@@ -987,8 +1002,18 @@ impl Tee {
                 error = &err as &dyn std::error::Error,
                 "cannot record a body chunk"
             );
+            state.failed = Some(err.to_string());
         }
         state.buf.clear();
+    }
+
+    /// Why the body could not be recorded whole, if it could not.
+    fn failure(&self) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed
+            .clone()
     }
 
     fn len(&self) -> u64 {
@@ -1236,6 +1261,30 @@ mod tests {
         );
         assert_eq!(history.body(id, Part::Response).expect("body"), sent);
         assert_eq!(large.body(), sent, "finishing twice changes nothing");
+    }
+
+    /// A piece that cannot be written (here: the directory is gone) stops
+    /// the recording of that body, so what is kept is a prefix, never a body
+    /// with a hole, and the tee says why.
+    #[test]
+    fn a_body_piece_that_cannot_be_written_ends_that_body_recording() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = History::open(dir.path(), Retention::default()).expect("history");
+        let bodies = dir.path().join("history-bodies");
+        std::fs::remove_dir_all(&bodies).expect("remove");
+        let tee = Tee::new(history.clone(), ExchangeId::new(), Part::Request);
+        tee.append(&vec![b'a'; INLINE_BODY_MAX + history.piece_bytes()]);
+        let why = tee.failure().expect("the write failed");
+        assert!(why.contains("No such file"), "{why}");
+        // The disk is back: nothing more of this body is written.
+        std::fs::create_dir_all(&bodies).expect("mkdir");
+        tee.append(&vec![b'b'; history.piece_bytes()]);
+        assert_eq!(tee.finish(), Teed::Spilled(Vec::new()));
+        assert_eq!(
+            tee.len(),
+            (INLINE_BODY_MAX + 2 * history.piece_bytes()) as u64
+        );
+        assert_eq!(std::fs::read_dir(&bodies).expect("dir").count(), 0);
     }
 
     #[test]

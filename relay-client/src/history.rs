@@ -1665,10 +1665,12 @@ impl From<std::io::Error> for HistoryError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn exchange(method: &str, path: &str, status: Option<u16>) -> Exchange {
+    /// An exchange with a request header, no bodies, forwarded to
+    /// `127.0.0.1:3000` (other modules' tests use it too).
+    pub(crate) fn exchange(method: &str, path: &str, status: Option<u16>) -> Exchange {
         Exchange {
             id: ExchangeId::new(),
             delivery_id: Some("d".into()),

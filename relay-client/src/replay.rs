@@ -108,6 +108,13 @@ impl Replayer {
             .history
             .off_runtime(move |h| Ok((h.get(id)?, h.body(id, Part::Request)?)))
             .await?;
+        let edited = options.body_base64.is_some() || options.body.is_some();
+        if !edited && body.len() as u64 != original.request.body_len {
+            return Err(ReplayError::IncompleteBody {
+                kept: body.len() as u64,
+                received: original.request.body_len,
+            });
+        }
         if let Some(b64) = &options.body_base64 {
             body = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
@@ -353,8 +360,60 @@ pub enum ReplayError {
     History(#[from] HistoryError),
     #[error("{0}")]
     Edit(String),
+    #[error(
+        "the history kept {kept} of the {received} bytes of this request's body; replay it with an edited body instead"
+    )]
+    IncompleteBody { kept: u64, received: u64 },
     #[error("nothing to re-sign: the request carries no known signature header")]
     NothingToResign,
     #[error("no secret configured for {0}; pass --verify {0}=SECRET to the agent (or to replay)")]
     NoSecret(signature::Provider),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{tests::exchange, Body, Retention};
+
+    /// A request body the history could not keep whole (a full disk) is not
+    /// replayed as if it were; an edited body still is.
+    #[tokio::test]
+    async fn a_body_not_recorded_whole_is_not_replayed_unless_edited() {
+        let history = History::temporary(Retention::default()).expect("history");
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let mut e = exchange("POST", "/hook", Some(200));
+        e.target = format!("http://{dead}");
+        e.request.body_len = 10;
+        let id = e.id;
+        history
+            .record(e, &[(Part::Request, Body::Inline(b"12345"))])
+            .await
+            .expect("record");
+        let replayer = Replayer::new(history, None, Arc::default());
+        let err = replayer
+            .replay(id, &ReplayOptions::default())
+            .await
+            .expect_err("incomplete");
+        assert!(
+            matches!(
+                err,
+                ReplayError::IncompleteBody {
+                    kept: 5,
+                    received: 10
+                }
+            ),
+            "{err}"
+        );
+        let edited = ReplayOptions {
+            body: Some("whole".into()),
+            ..ReplayOptions::default()
+        };
+        let replayed = replayer.replay(id, &edited).await.expect("replayed");
+        assert_eq!(replayed.request.body_len, 5);
+        assert_eq!(replayed.outcome, history::Outcome::LocalAppUnreachable);
+    }
 }
