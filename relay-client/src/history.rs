@@ -1725,6 +1725,17 @@ pub(crate) mod tests {
         id
     }
 
+    /// Stores (without flushing) an exchange whose request body is `body`,
+    /// taken as replays take theirs ([`History::keep_body`]).
+    fn store_kept(h: &History, body: &[u8]) -> ExchangeId {
+        let mut e = exchange("POST", "/x", Some(200));
+        e.request.body_len = body.len() as u64;
+        let kept = h.keep_body(e.id, Part::Request, body).expect("keep");
+        h.store(&e, &[(Part::Request, kept.as_body())])
+            .expect("store");
+        e.id
+    }
+
     /// A store on disk whose segments are `segment_bytes` long.
     fn open_small(dir: &Path, retention: Retention, segment_bytes: u64) -> History {
         History::open_once(dir, retention, segment_bytes).expect("open")
@@ -1888,15 +1899,7 @@ pub(crate) mod tests {
             },
             big.len() as u64,
         );
-        let mut ids = Vec::new();
-        for _ in 0..5 {
-            let mut e = exchange("POST", "/x", Some(200));
-            e.request.body_len = big.len() as u64;
-            let body = h.keep_body(e.id, Part::Request, &big).expect("keep");
-            ids.push(e.id);
-            h.store(&e, &[(Part::Request, body.as_body())])
-                .expect("store");
-        }
+        let ids: Vec<ExchangeId> = (0..5).map(|_| store_kept(&h, &big)).collect();
         assert_eq!(h.len(), 5, "not evicted on the recorder's thread");
         h.flush().await.expect("flush");
         assert_eq!(h.len(), 3);
@@ -2387,16 +2390,8 @@ pub(crate) mod tests {
         big.resize(INLINE_BODY_MAX + 1, b'.');
         // One body per segment.
         let h = open_small(dir.path(), Retention::default(), big.len() as u64);
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            let mut e = exchange("POST", "/x", Some(200));
-            e.request.body_len = big.len() as u64;
-            let body = h.keep_body(e.id, Part::Request, &big).expect("keep");
-            ids.push(e.id);
-            h.record(e, &[(Part::Request, body.as_body())])
-                .await
-                .expect("record");
-        }
+        let ids: Vec<ExchangeId> = (0..3).map(|_| store_kept(&h, &big)).collect();
+        h.flush().await.expect("flush");
         let segment = |n: u32| dir.path().join(format!("history-bodies/{n:010}.seg"));
         // Read, then dropped by retention (record, then segment) before its
         // body is read.
