@@ -770,6 +770,15 @@ impl Kept {
     }
 }
 
+/// The size of a history, for the agent's metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Exchanges kept.
+    pub exchanges: usize,
+    /// Bytes on disk: the sled store and the body segments.
+    pub disk_bytes: u64,
+}
+
 /// A whole body taken by [`History::keep_body`].
 #[derive(Debug)]
 pub enum KeptBody<'a> {
@@ -1607,6 +1616,15 @@ impl History {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// What the agent's history gauges show.
+    pub fn figures(&self) -> Figures {
+        Figures {
+            exchanges: self.len(),
+            disk_bytes: self.db.size_on_disk().unwrap_or(0)
+                + self.segments.as_ref().map_or(0, |s| s.disk_bytes()),
+        }
+    }
 }
 
 fn event_key(tunnel: &str, provider: signature::Provider, event_id: &str) -> Vec<u8> {
@@ -1910,6 +1928,12 @@ pub(crate) mod tests {
             segment_files(dir.path()).len(),
             3,
             "the evicted records' segments are gone"
+        );
+        let figures = h.figures();
+        assert_eq!(figures.exchanges, 3);
+        assert!(
+            figures.disk_bytes >= 3 * big.len() as u64,
+            "{figures:?}: the segments count"
         );
         for kept in &ids[2..] {
             assert_eq!(h.body(*kept, Part::Request).expect("body"), big);

@@ -132,9 +132,18 @@ async fn readyz(State(state): State<InspectorState>) -> Response {
 
 async fn metrics(State(state): State<InspectorState>) -> Response {
     let connected = matches!(*state.status.borrow(), Status::Connected { .. });
-    let text = state
-        .metrics
-        .render(connected, state.outbox.len(), state.outbox.repeats());
+    // A few stat calls: off the agent's one worker like other store reads.
+    let history = state
+        .history
+        .off_runtime(|h| Ok(h.figures()))
+        .await
+        .unwrap_or_default();
+    let text = state.metrics.render(
+        connected,
+        state.outbox.len(),
+        state.outbox.repeats(),
+        history,
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -44,6 +44,8 @@ pub struct AgentMetrics {
     queued_repeats: Counter,
     connected: Gauge,
     queued_waiting: Gauge,
+    history_exchanges: Gauge,
+    history_disk_bytes: Gauge,
     link: Link,
 }
 
@@ -148,6 +150,18 @@ impl AgentMetrics {
             "Queued webhooks in the agent's outbox, waiting for the app",
             queued_waiting.clone(),
         );
+        let history_exchanges = Gauge::default();
+        r.register(
+            "hookrelay_agent_history_exchanges",
+            "Exchanges kept in the history (retention: --max-exchanges, --max-history-bytes)",
+            history_exchanges.clone(),
+        );
+        let history_disk_bytes = Gauge::default();
+        r.register(
+            "hookrelay_agent_history_disk_bytes",
+            "Bytes the history takes on disk: its sled store and its body segments",
+            history_disk_bytes.clone(),
+        );
         let link = Link {
             connection: std::sync::Mutex::new(None),
             rtt: Gauge::default(),
@@ -205,6 +219,8 @@ impl AgentMetrics {
             queued_repeats,
             connected,
             queued_waiting,
+            history_exchanges,
+            history_disk_bytes,
             link,
         }
     }
@@ -271,8 +287,18 @@ impl AgentMetrics {
     }
 
     /// The exposition text, with the gauges as of now.
-    pub fn render(&self, connected: bool, queued_waiting: usize, queued_repeats: u64) -> String {
+    pub fn render(
+        &self,
+        connected: bool,
+        queued_waiting: usize,
+        queued_repeats: u64,
+        history: crate::history::Figures,
+    ) -> String {
         self.connected.set(i64::from(connected));
+        self.history_exchanges
+            .set(i64::try_from(history.exchanges).unwrap_or(i64::MAX));
+        self.history_disk_bytes
+            .set(i64::try_from(history.disk_bytes).unwrap_or(i64::MAX));
         relay_server::metrics::follow(&self.queued_repeats, queued_repeats);
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));

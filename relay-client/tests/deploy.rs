@@ -65,6 +65,8 @@ const METRICS: &[&str] = &[
     "hookrelay_agent_signature_verdicts_total",
     "hookrelay_agent_duplicates_total",
     "hookrelay_agent_queued_repeats_total",
+    "hookrelay_agent_history_exchanges",
+    "hookrelay_agent_history_disk_bytes",
     "hookrelay_agent_connected",
     "hookrelay_agent_queued_waiting",
 ];
@@ -389,6 +391,12 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
         for target in panel["targets"].as_array().expect("targets") {
             assert_eq!(target["datasource"]["uid"], "${datasource}");
         }
+    }
+    // Grafana tells panels apart by id: two with one id break editing.
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        let id = panel["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "two panels with id {id}");
     }
 }
 

@@ -228,6 +228,11 @@ async fn both_metrics_endpoints_move_with_the_traffic() -> anyhow::Result<()> {
         1.0
     );
     assert_eq!(adelta("hookrelay_agent_request_bytes_total", &[]), 15.0);
+    assert_eq!(adelta("hookrelay_agent_history_exchanges", &[]), 3.0);
+    assert!(
+        a1.sum("hookrelay_agent_history_disk_bytes", &[]) > 0.0,
+        "{a1:?}"
+    );
     assert_eq!(
         adelta("hookrelay_agent_app_duration_seconds_count", &[]),
         3.0

@@ -272,6 +272,15 @@ impl Segments {
         Ok(())
     }
 
+    /// Bytes of the segment files on disk.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        let segs: Vec<u32> = self.state().on_disk.iter().copied().collect();
+        segs.into_iter()
+            .filter_map(|seg| std::fs::metadata(self.path(seg)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Reads a body back.
     pub(crate) fn read(&self, extents: &[Extent]) -> io::Result<Vec<u8>> {
         let total: usize = extents.iter().map(|e| e.len as usize).sum();
