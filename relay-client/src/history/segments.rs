@@ -129,6 +129,21 @@ struct State {
     held: BTreeMap<u32, u64>,
 }
 
+impl State {
+    fn hold(&mut self, seg: u32) {
+        *self.held.entry(seg).or_default() += 1;
+    }
+
+    fn release(&mut self, seg: u32) {
+        if let Some(count) = self.held.get_mut(&seg) {
+            *count -= 1;
+            if *count == 0 {
+                self.held.remove(&seg);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Active {
     seg: u32,
@@ -177,18 +192,12 @@ impl Segments {
 
     /// Counts a kept record whose first piece is in `seg`.
     pub(crate) fn hold(&self, seg: u32) {
-        *self.state().held.entry(seg).or_default() += 1;
+        self.state().hold(seg);
     }
 
     /// Gives back a count of [`Segments::hold`].
     pub(crate) fn release(&self, seg: u32) {
-        let mut state = self.state();
-        if let Some(count) = state.held.get_mut(&seg) {
-            *count -= 1;
-            if *count == 0 {
-                state.held.remove(&seg);
-            }
-        }
+        self.state().release(seg);
     }
 
     /// Forgets every kept record (the store was cleared) and starts a new
@@ -197,12 +206,7 @@ impl Segments {
     pub(crate) fn retire_all(&self, kept: impl IntoIterator<Item = u32>) {
         let mut state = self.state();
         for seg in kept {
-            if let Some(count) = state.held.get_mut(&seg) {
-                *count -= 1;
-                if *count == 0 {
-                    state.held.remove(&seg);
-                }
-            }
+            state.release(seg);
         }
         state.active = None;
     }
@@ -249,7 +253,7 @@ impl Segments {
             // Held from before the write: a segment no longer active is
             // deleted as soon as nothing holds it.
             if body.hold.is_none() {
-                *state.held.entry(at.0).or_default() += 1;
+                state.hold(at.0);
                 body.hold = Some(Hold {
                     log: Arc::clone(self),
                     seg: at.0,
