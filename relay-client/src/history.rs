@@ -1389,14 +1389,28 @@ impl History {
     pub fn body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
         if let Some(value) = self.exchanges.get(id.key()).map_err(storage)? {
             if let Ok(record) = Record::decode(&value) {
-                if let Some(body) = record.body(part) {
-                    return Ok(body.to_vec());
-                }
-                if let (Some(extents), Some(segments)) = (record.extents(part), &self.segments) {
-                    return self.read_segments(segments, id, &extents);
-                }
+                return self.record_body(&record, part);
             }
         }
+        self.unplaced_body(id, part)
+    }
+
+    /// The body of `part` of a record in hand: inside it, in the segments,
+    /// or where stores from before put it.
+    fn record_body(&self, record: &Record<'_>, part: Part) -> Result<Vec<u8>, HistoryError> {
+        let id = record.exchange.id;
+        if let Some(body) = record.body(part) {
+            return Ok(body.to_vec());
+        }
+        if let (Some(extents), Some(segments)) = (record.extents(part), &self.segments) {
+            return self.read_segments(segments, id, &extents);
+        }
+        self.unplaced_body(id, part)
+    }
+
+    /// A body its record does not place: a file of its own or pieces in
+    /// tree `bodies` (stores from before, in-memory stores).
+    fn unplaced_body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
         if let Some(files) = &self.files {
             if let Some(body) = files.read(id, part).map_err(file_error)? {
                 return Ok(body);
@@ -1465,13 +1479,7 @@ impl History {
             if filter.needs_bodies() {
                 let q = filter.q.as_deref().unwrap_or_default().as_bytes();
                 let id = record.exchange.id;
-                let body = |part| match (record.body(part), record.extents(part), &self.segments) {
-                    (Some(inline), _, _) => Ok(inline.to_vec()),
-                    (None, Some(extents), Some(segments)) => {
-                        self.read_segments(segments, id, &extents)
-                    }
-                    _ => self.body(id, part),
-                };
+                let body = |part| self.record_body(&record, part);
                 let hit = match body(Part::Request)
                     .and_then(|b| Ok(contains_ci(&b, q) || contains_ci(&body(Part::Response)?, q)))
                 {
