@@ -1011,8 +1011,10 @@ impl History {
         // bodies of deliveries a crash cut short) go once that is on disk.
         if let Some(segments) = &history.segments {
             let needed_from = segments.needed_from();
-            history.db.flush().map_err(storage)?;
-            segments.collect(needed_from).map_err(file_error)?;
+            if segments.any_before(needed_from) {
+                history.db.flush().map_err(storage)?;
+                segments.collect(needed_from).map_err(file_error)?;
+            }
         }
         Ok(history)
     }

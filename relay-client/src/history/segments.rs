@@ -374,6 +374,14 @@ impl Segments {
             .map_or(current, |(seg, _)| current.min(*seg))
     }
 
+    /// Whether a segment older than `needed_from` is on disk.
+    pub(crate) fn any_before(&self, needed_from: u32) -> bool {
+        self.state()
+            .on_disk
+            .first()
+            .is_some_and(|oldest| *oldest < needed_from)
+    }
+
     /// Deletes the segments older than `needed_from`, which
     /// [`Segments::needed_from`] gave before the store's last flush.
     pub(crate) fn collect(&self, needed_from: u32) -> io::Result<()> {
