@@ -1312,7 +1312,8 @@ mod tests {
             sent.len()
         );
         // Read back while the exchange is not recorded yet (to judge its
-        // signature), and again once it is.
+        // signature), through the tee: the store has no record naming the
+        // pieces yet.
         assert_eq!(large.body(), sent);
         assert_eq!(
             history.body(id, Part::Request).expect("body"),
