@@ -49,7 +49,7 @@ const REPLY_GRACE: Duration = Duration::from_secs(2);
 /// Largest chunk read from a QUIC stream at once.
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
-/// Body bytes gathered before one write to the queue: few sled values per
+/// Body bytes gathered before one write to the queue: few writes per
 /// webhook, little memory per upload.
 const QUEUE_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -499,7 +499,15 @@ impl Ingress {
             return Err(err);
         }
         self.metrics.request_bytes(label, upload.written());
-        let item = self.queue.commit(upload, head)?;
+        let item = if upload.commit_blocks() {
+            // A large body's file is synced by the commit: not on a worker.
+            let queue = self.queue.clone();
+            tokio::task::spawn_blocking(move || queue.commit(upload, head))
+                .await
+                .map_err(|e| QueueError::Storage(format!("the commit's task failed: {e}")))??
+        } else {
+            self.queue.commit(upload, head)?
+        };
         // On disk before the sender hears "accepted": a crash after this
         // answer loses nothing.
         self.queue.sync().await?;

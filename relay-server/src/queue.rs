@@ -20,14 +20,20 @@
 //!   separator is unambiguous and the prefix `name ++ 0x00` lists one tunnel in
 //!   seq order.
 //! - tree `chunks`: `upload id (u64 BE) ++ chunk number (u32 BE)` → the raw
-//!   bytes of one body chunk.
+//!   bytes of one body chunk: a body of up to 4 KiB is one chunk.
+//! - directory `DIR/queue-bodies`: a larger body is a file of its own (see
+//!   [`crate::queue_files`]: sled holds in memory about as much as it stores
+//!   in large values, whatever its cache size). A body is read from its file
+//!   when there is one, else from its chunks (bodies queued by earlier
+//!   versions are chunks of any size).
 //! - tree `uploads`: `upload id (u64 BE)` → tunnel name: a body whose chunks
 //!   are not owned by any head, either an upload in progress or a removed
 //!   item whose chunks are being deleted. `begin` inserts it; `commit`
 //!   swaps it for the head and `remove`/`purge` swap the head for it, each
 //!   in one transaction, so an upload id always has a head or a marker (never
 //!   both). Chunks are deleted before their marker, so after a crash every
-//!   leftover marker names chunks nobody owns, which `open` deletes.
+//!   leftover marker names chunks nobody owns, which `open` deletes. A body
+//!   file goes after its head's removal is flushed, then its marker.
 //! - seqs and upload ids come from sled's `generate_id`, monotonic across
 //!   restarts.
 //!
@@ -37,7 +43,7 @@
 //! first head under its prefix.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fmt, io,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -54,6 +60,7 @@ use tracing::{info, warn};
 
 use crate::{
     now_ms,
+    queue_files::{read_piece, BodyFiles, INLINE_BODY_BYTES},
     sled_walk::{walk, Direction},
 };
 
@@ -173,6 +180,12 @@ pub struct Upload {
     reserved: u64,
     /// Number of the next chunk to store.
     next_chunk: u32,
+    /// The body so far while it fits in [`INLINE_BODY_BYTES`] and nothing
+    /// was stored yet.
+    small: Vec<u8>,
+    /// The body's file once it outgrew `small`, with the creation count
+    /// [`BodyFiles::sync_dir`] needs to cover it.
+    file: Option<(std::fs::File, u64)>,
     /// The store that cleans up when the upload is dropped unfinished;
     /// `None` once committed or aborted.
     owner: Option<Arc<dyn UploadOwner>>,
@@ -189,6 +202,12 @@ impl Upload {
         self.written
     }
 
+    /// Whether [`Queue::commit`] waits for the disk (the body is in a file it
+    /// syncs): call it off the async workers then.
+    pub fn commit_blocks(&self) -> bool {
+        self.file.is_some()
+    }
+
     /// Detaches the upload from its store: dropping it then does nothing.
     fn disarm(&mut self) -> Option<Arc<dyn UploadOwner>> {
         self.owner.take()
@@ -203,6 +222,8 @@ impl fmt::Debug for Upload {
             .field("written", &self.written)
             .field("reserved", &self.reserved)
             .field("next_chunk", &self.next_chunk)
+            .field("small", &self.small.len())
+            .field("file", &self.file.is_some())
             .field("armed", &self.owner.is_some())
             .finish()
     }
@@ -316,6 +337,7 @@ impl SledQueue {
     }
 
     fn open_once(dir: &Path, limits: QueueLimits) -> Result<SledQueue, QueueError> {
+        let files_dir = dir.join("queue-bodies");
         let db = sled::Config::new()
             .path(dir.join("queue"))
             .cache_capacity(CACHE_CAPACITY)
@@ -332,7 +354,10 @@ impl SledQueue {
                 }
                 other => storage(other),
             })?;
-        Self::from_db(db, limits)
+        let files = BodyFiles::open(files_dir.clone()).map_err(|e| {
+            QueueError::Storage(format!("cannot create {}: {e}", files_dir.display()))
+        })?;
+        Self::from_db(db, limits, Some(files))
     }
 
     /// In-memory store for tests.
@@ -345,10 +370,16 @@ impl SledQueue {
             .cache_capacity(CACHE_CAPACITY)
             .open()
             .map_err(storage)?;
-        Self::from_db(db, limits)
+        Self::from_db(db, limits, None)
     }
 
-    fn from_db(db: sled::Db, limits: QueueLimits) -> Result<SledQueue, QueueError> {
+    /// `files` is where large bodies go; without it (a temporary store) they
+    /// are chunks in sled like small ones.
+    fn from_db(
+        db: sled::Db,
+        limits: QueueLimits,
+        files: Option<BodyFiles>,
+    ) -> Result<SledQueue, QueueError> {
         let inner = Inner {
             heads: db.open_tree("heads").map_err(storage)?,
             chunks: db.open_tree("chunks").map_err(storage)?,
@@ -358,9 +389,15 @@ impl SledQueue {
             changed: Arc::new(Notify::new()),
             group: GroupCommit::new(),
             limits,
+            files,
         };
         inner.clear_orphaned_bodies()?;
-        let usage = inner.tally_heads()?;
+        let (usage, upload_ids) = inner.tally_heads()?;
+        if let Some(files) = &inner.files {
+            files
+                .delete_unowned(&upload_ids)
+                .map_err(|e| QueueError::Storage(format!("cannot clear the body files: {e}")))?;
+        }
         *inner.lock_usage() = usage;
         Ok(SledQueue {
             inner: Arc::new(inner),
@@ -377,6 +414,11 @@ impl SledQueue {
     #[cfg(test)]
     fn stored_markers(&self) -> usize {
         self.inner.uploads.len()
+    }
+
+    #[cfg(test)]
+    fn files(&self) -> &BodyFiles {
+        self.inner.files.as_ref().expect("an on-disk store")
     }
 }
 
@@ -396,6 +438,8 @@ impl Queue for SledQueue {
                 written: 0,
                 reserved: declared,
                 next_chunk: 0,
+                small: Vec::new(),
+                file: None,
                 owner: Some(self.inner.clone()),
             }),
             Err(e) => {
@@ -415,15 +459,16 @@ impl Queue for SledQueue {
                 .reserve_bytes(&upload.tunnel, written - upload.reserved)?;
             upload.reserved = written;
         }
-        let number = upload.next_chunk;
-        let next = number.checked_add(1).ok_or_else(|| {
-            QueueError::Storage(format!("upload {} has too many chunks", upload.id))
-        })?;
-        self.inner
-            .chunks
-            .insert(chunk_key(upload.id, number), chunk)
-            .map_err(storage)?;
-        upload.next_chunk = next;
+        if upload.file.is_none()
+            && upload.next_chunk == 0
+            && upload.small.len() + chunk.len() <= INLINE_BODY_BYTES
+        {
+            upload.small.extend_from_slice(chunk);
+        } else {
+            let small = std::mem::take(&mut upload.small);
+            self.inner.store(upload, &small)?;
+            self.inner.store(upload, chunk)?;
+        }
         upload.written = written;
         Ok(())
     }
@@ -435,6 +480,20 @@ impl Queue for SledQueue {
                 "a head of tunnel {} was committed to an upload for tunnel {}",
                 head.tunnel, upload.tunnel
             )));
+        }
+        // A body that never outgrew `small` is one chunk.
+        let small = std::mem::take(&mut upload.small);
+        self.inner.store_chunk(&mut upload, &small)?;
+        if let Some((file, created)) = upload.file.take() {
+            // On disk, and findable, before its head is.
+            file.sync_data()
+                .and_then(|()| self.inner.files()?.sync_dir(created))
+                .map_err(|e| {
+                    QueueError::Storage(format!(
+                        "cannot sync the body of upload {}: {e}",
+                        upload.id
+                    ))
+                })?;
         }
         let item = self.inner.commit_upload(&upload, head)?;
         // Queued: its chunks now belong to the head.
@@ -449,16 +508,24 @@ impl Queue for SledQueue {
     }
 
     fn sync(&self) -> BoxFuture<'_, Result<(), QueueError>> {
-        let db = self.inner.db.clone();
+        let inner = self.inner.clone();
         Box::pin(async move {
             // Never sled's flush_async: it runs on sled's own small pool, which
             // the flush also needs, and deadlocks under load.
             self.inner
                 .group
                 .flush(move || {
-                    db.flush()
-                        .map(drop)
-                        .map_err(|e| io::Error::other(e.to_string()))
+                    // Taken first: every removal behind these ids is in
+                    // sled before the flush starts, so on disk after it.
+                    let doomed = inner.files.as_ref().map(BodyFiles::take_doomed);
+                    inner
+                        .db
+                        .flush()
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                    if let Some(doomed) = doomed {
+                        inner.delete_files(&doomed);
+                    }
+                    Ok(())
                 })
                 .await
                 .map_err(|e: io::Error| QueueError::Storage(format!("flush failed: {e}")))
@@ -498,22 +565,27 @@ impl Queue for SledQueue {
         &self,
         item: &QueuedItem,
     ) -> Box<dyn Iterator<Item = Result<Bytes, QueueError>> + Send> {
+        let file = match &self.inner.files {
+            Some(files) if item.body_len > 0 => BodyFile::Unopened(files.path(item.upload_id)),
+            _ => BodyFile::None,
+        };
         Box::new(BodyChunks {
             chunks: self.inner.chunks.clone(),
             upload_id: item.upload_id,
             next_chunk: 0,
             remaining: item.body_len,
             failed: false,
+            file,
         })
     }
 
     fn remove(&self, tunnel: &TunnelName, seq: u64) -> Result<bool, QueueError> {
         let key = head_key(tunnel, seq);
-        let Some(upload_id) = self.inner.unlink_head(tunnel, &key)? else {
+        let Some(body) = self.inner.unlink_head(tunnel, &key)? else {
             return Ok(false);
         };
-        if let Some(id) = upload_id {
-            self.inner.delete_orphaned_bodies(&[id]);
+        if let Some(body) = body {
+            self.inner.release_bodies(&[body]);
         }
         Ok(true)
     }
@@ -530,8 +602,8 @@ impl Queue for SledQueue {
                 break;
             }
             purged += page.len() as u64;
-            let bodies: Vec<u64> = page.into_iter().flatten().collect();
-            self.inner.delete_orphaned_bodies(&bodies);
+            let bodies: Vec<(u64, u64)> = page.into_iter().flatten().collect();
+            self.inner.release_bodies(&bodies);
         }
         info!(%tunnel, purged, "queue purged");
         Ok(purged)
@@ -602,9 +674,96 @@ struct Inner {
     changed: Arc<Notify>,
     group: GroupCommit,
     limits: QueueLimits,
+    /// Where bodies larger than [`INLINE_BODY_BYTES`] go (none in a
+    /// temporary store: they are chunks then).
+    files: Option<BodyFiles>,
 }
 
 impl Inner {
+    fn files(&self) -> io::Result<&BodyFiles> {
+        self.files
+            .as_ref()
+            .ok_or_else(|| io::Error::other("this store keeps no body files"))
+    }
+
+    /// Stores the next `bytes` of an upload's body: in its file when the
+    /// store has files, else as its next chunk.
+    fn store(&self, upload: &mut Upload, bytes: &[u8]) -> Result<(), QueueError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let id = upload.id;
+        if let Some(files) = &self.files {
+            let written = match &mut upload.file {
+                Some((file, _)) => io::Write::write_all(file, bytes),
+                None => files.create(id).and_then(|(mut file, created)| {
+                    let written = io::Write::write_all(&mut file, bytes);
+                    upload.file = Some((file, created));
+                    written
+                }),
+            };
+            return written.map_err(|e| {
+                QueueError::Storage(format!("cannot write the body of upload {id}: {e}"))
+            });
+        }
+        self.store_chunk(upload, bytes)
+    }
+
+    /// Stores `bytes` as the upload's next chunk in sled.
+    fn store_chunk(&self, upload: &mut Upload, bytes: &[u8]) -> Result<(), QueueError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let id = upload.id;
+        let number = upload.next_chunk;
+        let next = number
+            .checked_add(1)
+            .ok_or_else(|| QueueError::Storage(format!("upload {id} has too many chunks")))?;
+        self.chunks
+            .insert(chunk_key(id, number), bytes)
+            .map_err(storage)?;
+        upload.next_chunk = next;
+        Ok(())
+    }
+
+    /// The bodies `(upload id, length)` of removed items: chunks and markers
+    /// go now, a file (and its marker) after the removal is flushed.
+    fn release_bodies(&self, bodies: &[(u64, u64)]) {
+        let (mut small, mut large) = (Vec::new(), Vec::new());
+        for &(id, len) in bodies {
+            if self.files.is_some() && len > INLINE_BODY_BYTES as u64 {
+                large.push(id);
+            } else {
+                small.push(id);
+            }
+        }
+        self.delete_orphaned_bodies(&small);
+        if let Some(files) = &self.files {
+            if let Err(e) = self.delete_chunks(&large) {
+                warn!(error = %e, "could not delete queued chunks; retried at next start");
+            }
+            files.doom(large);
+        }
+    }
+
+    /// After a flush: deletes the files of removed items, then their markers.
+    /// A failure leaves the markers, so the next `open` finishes the job.
+    fn delete_files(&self, upload_ids: &[u64]) {
+        let Some(files) = &self.files else { return };
+        let mut markers = sled::Batch::default();
+        for &id in upload_ids {
+            match files.remove(id) {
+                Ok(()) => markers.remove(&id.to_be_bytes()[..]),
+                Err(e) => {
+                    warn!(upload_id = id, error = %e, "could not delete a queued body file; retried at next start");
+                }
+            }
+        }
+        if let Err(e) = self.uploads.apply_batch(markers) {
+            warn!(error = %e, "could not delete upload markers; retried at next start");
+        }
+    }
+
     fn lock_usage(&self) -> MutexGuard<'_, BTreeMap<TunnelName, Usage>> {
         // The critical sections cannot leave the map half-updated, so a
         // panic elsewhere while holding the lock does not make it wrong.
@@ -719,12 +878,13 @@ impl Inner {
 
     /// Removes the head at `key`, handing its body to a marker in the same
     /// transaction. `None` when there was no head; `Some(None)` when the head
-    /// was unreadable (its body cannot be found).
+    /// was unreadable (its body cannot be found); else its body's upload id
+    /// and length.
     fn unlink_head(
         &self,
         tunnel: &TunnelName,
         key: &[u8],
-    ) -> Result<Option<Option<u64>>, QueueError> {
+    ) -> Result<Option<Option<(u64, u64)>>, QueueError> {
         let mut all = self.lock_usage();
         let Some(value) = self.heads.get(key).map_err(storage)? else {
             return Ok(None);
@@ -743,12 +903,16 @@ impl Inner {
         if let Some(item) = &item {
             uncount(&mut all, tunnel, 1, item.body_len);
         }
-        Ok(Some(item.map(|item| item.upload_id)))
+        Ok(Some(item.map(|item| (item.upload_id, item.body_len))))
     }
 
     /// Removes up to [`PAGE`] heads of `tunnel` with seq ≤ `last`, as
-    /// [`Inner::unlink_head`] does; returns their upload ids.
-    fn unlink_page(&self, tunnel: &TunnelName, last: u64) -> Result<Vec<Option<u64>>, QueueError> {
+    /// [`Inner::unlink_head`] does; returns their bodies.
+    fn unlink_page(
+        &self,
+        tunnel: &TunnelName,
+        last: u64,
+    ) -> Result<Vec<Option<(u64, u64)>>, QueueError> {
         let mut all = self.lock_usage();
         let mut keys = Vec::new();
         let mut ids = Vec::new();
@@ -761,7 +925,7 @@ impl Inner {
             let (key, value) = entry.map_err(storage)?;
             let item = decode_head(&key, &value);
             bytes = bytes.saturating_add(item.as_ref().map_or(0, |item| item.body_len));
-            ids.push(item.map(|item| item.upload_id));
+            ids.push(item.map(|item| (item.upload_id, item.body_len)));
             keys.push(key);
         }
         if keys.is_empty() {
@@ -772,7 +936,7 @@ impl Inner {
                 for key in &keys {
                     heads.remove(key)?;
                 }
-                for id in ids.iter().flatten() {
+                for (id, _) in ids.iter().flatten() {
                     uploads.insert(&id.to_be_bytes()[..], tunnel.as_str().as_bytes())?;
                 }
                 Ok(())
@@ -786,6 +950,9 @@ impl Inner {
     /// Deletes the chunks of bodies nobody owns any more, then their markers.
     /// A failure leaves the markers, so the next `open` finishes the job.
     fn delete_orphaned_bodies(&self, upload_ids: &[u64]) {
+        if upload_ids.is_empty() {
+            return;
+        }
         let deleted = self.delete_chunks(upload_ids).and_then(|()| {
             let mut markers = sled::Batch::default();
             for id in upload_ids {
@@ -832,7 +999,15 @@ impl Inner {
         for key in self.uploads.iter().keys() {
             let key = key.map_err(storage)?;
             match <[u8; 8]>::try_from(key.as_ref()) {
-                Ok(id) => self.delete_chunks(&[u64::from_be_bytes(id)])?,
+                Ok(id) => {
+                    let id = u64::from_be_bytes(id);
+                    self.delete_chunks(&[id])?;
+                    if let Some(files) = &self.files {
+                        files.remove(id).map_err(|e| {
+                            QueueError::Storage(format!("cannot delete a body file: {e}"))
+                        })?;
+                    }
+                }
                 Err(_) => warn!(key = ?key, "malformed upload marker removed"),
             }
             self.uploads.remove(&key).map_err(storage)?;
@@ -844,9 +1019,11 @@ impl Inner {
         Ok(())
     }
 
-    /// At open: per-tunnel counts from the heads on disk.
-    fn tally_heads(&self) -> Result<BTreeMap<TunnelName, Usage>, QueueError> {
+    /// At open: per-tunnel counts from the heads on disk, and their bodies'
+    /// upload ids.
+    fn tally_heads(&self) -> Result<(BTreeMap<TunnelName, Usage>, HashSet<u64>), QueueError> {
         let mut usage: BTreeMap<TunnelName, Usage> = BTreeMap::new();
+        let mut upload_ids = HashSet::new();
         for entry in self.heads.iter() {
             let (key, value) = entry.map_err(storage)?;
             let Some(tunnel) = parse_head_key(&key) else {
@@ -857,9 +1034,10 @@ impl Inner {
                 let tunnel_usage = usage.entry(tunnel).or_default();
                 tunnel_usage.count += 1;
                 tunnel_usage.bytes += item.body_len;
+                upload_ids.insert(item.upload_id);
             }
         }
-        Ok(usage)
+        Ok((usage, upload_ids))
     }
 
     /// The tunnel's first readable item.
@@ -908,12 +1086,19 @@ impl Inner {
 
 impl UploadOwner for Inner {
     fn abandon(&self, upload: &Upload) {
+        // Never committed, so no head names its file: it can go at once.
+        if upload.file.is_some() {
+            if let Err(e) = self.files().and_then(|files| files.remove(upload.id)) {
+                warn!(upload_id = upload.id, error = %e, "could not delete an unfinished body file; retried at next start");
+            }
+        }
         self.delete_orphaned_bodies(&[upload.id]);
         self.release_slot(&upload.tunnel, upload.reserved);
     }
 }
 
-/// Reads a body's chunks one at a time, checking they add up to its length.
+/// Reads a body's pieces one at a time, from its file or its chunks,
+/// checking they add up to its length.
 struct BodyChunks {
     chunks: sled::Tree,
     upload_id: u64,
@@ -922,11 +1107,41 @@ struct BodyChunks {
     remaining: u64,
     /// Set after an error: the iterator ends.
     failed: bool,
+    file: BodyFile,
+}
+
+/// Where a body is read from when it may be a file.
+enum BodyFile {
+    /// Not looked for yet.
+    Unopened(std::path::PathBuf),
+    /// Found.
+    Open(std::fs::File, std::path::PathBuf),
+    /// No file: the body is in chunks.
+    None,
 }
 
 impl BodyChunks {
     fn read_chunk(&mut self) -> Result<Bytes, QueueError> {
-        let (id, number) = (self.upload_id, self.next_chunk);
+        let id = self.upload_id;
+        if let BodyFile::Unopened(path) = &self.file {
+            self.file = match std::fs::File::open(path) {
+                Ok(file) => BodyFile::Open(file, path.clone()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => BodyFile::None,
+                Err(e) => {
+                    return Err(QueueError::Storage(format!(
+                        "cannot open the body of upload {id}: {e}"
+                    )))
+                }
+            };
+        }
+        if let BodyFile::Open(file, path) = &mut self.file {
+            let piece = read_piece(file, self.remaining, path).map_err(|e| {
+                QueueError::Storage(format!("cannot read the body of upload {id}: {e}"))
+            })?;
+            self.remaining -= piece.len() as u64;
+            return Ok(piece);
+        }
+        let number = self.next_chunk;
         let chunk = self
             .chunks
             .get(chunk_key(id, number))
@@ -1364,8 +1579,9 @@ mod tests {
         let q = SledQueue::temporary(QueueLimits::default()).expect("queue");
         let t = tunnel("broken");
         let mut upload = q.begin(&t, None).expect("begin");
-        q.append(&mut upload, b"one").expect("append");
-        q.append(&mut upload, b"two").expect("append");
+        // Beyond the inline size: stored as it comes, one chunk each.
+        q.append(&mut upload, &[1; 5000]).expect("append");
+        q.append(&mut upload, &[2; 5000]).expect("append");
         let item = q.commit(upload, head(&t, now_ms())).expect("commit");
         q.inner
             .chunks
@@ -1373,7 +1589,7 @@ mod tests {
             .expect("remove chunk");
         let chunks: Vec<_> = q.body(&item).collect();
         assert_eq!(chunks.len(), 2, "stops after the error");
-        assert_eq!(chunks[0].as_ref().expect("first chunk").as_ref(), b"one");
+        assert_eq!(chunks[0].as_ref().expect("first chunk").as_ref(), [1; 5000]);
         assert!(matches!(chunks[1], Err(QueueError::Storage(_))));
     }
 
@@ -1435,7 +1651,9 @@ mod tests {
             let mut upload = q.begin(&t, None).expect("begin");
             q.append(&mut upload, &[9; 4096]).expect("append");
             q.append(&mut upload, &[9; 4096]).expect("append");
-            assert_eq!(q.stored_chunks(), 3);
+            // The committed body is a chunk, the unfinished one (8 KiB) a file.
+            assert_eq!(q.stored_chunks(), 1);
+            assert_eq!(q.files().count(), 1);
             // A crash: neither commit nor abort runs.
             upload.disarm();
             drop(upload);
@@ -1443,10 +1661,107 @@ mod tests {
         }
         let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("reopen");
         assert_eq!(q.stored_chunks(), 1, "only the committed body remains");
+        assert_eq!(q.files().count(), 0, "the unfinished body's file is gone");
         assert_eq!(q.stored_markers(), 0);
         let stats = q.stats(&t);
         assert_eq!((stats.count, stats.bytes), (1, 9));
         assert!(q.inner.lock_usage().get(&t).is_some_and(|u| u.uploads == 0));
+    }
+
+    /// `len` bytes that differ from one position to the next.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_files_deleted_only_after_their_removal_is_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = tunnel("files");
+        let body = noise(300_000);
+        let (large, small) = {
+            let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("open");
+            let mut upload = q.begin(&t, None).expect("begin");
+            for piece in body.chunks(64 * 1024) {
+                q.append(&mut upload, piece).expect("append");
+            }
+            assert!(upload.commit_blocks());
+            let large = q.commit(upload, head(&t, now_ms())).expect("commit");
+            // Exactly at the limit: one sled value, no file.
+            let small = enqueue(&q, &t, &[7; INLINE_BODY_BYTES]);
+            assert_eq!((q.files().count(), q.stored_chunks()), (1, 1));
+            assert!(read_body(&q, &large) == body, "body differs");
+            assert_eq!(q.body(&large).count(), 5, "read in 64 KiB pieces");
+            q.sync().await.expect("sync");
+            (large, small)
+        };
+        let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("reopen");
+        assert!(read_body(&q, &large) == body, "body differs after reopen");
+        assert_eq!(read_body(&q, &small), vec![7; INLINE_BODY_BYTES]);
+
+        assert!(q.remove(&t, large.seq).expect("remove"));
+        // Until the removal is on disk, a crash could bring the head back:
+        // its file stays.
+        assert!(q.files().path(large.upload_id).exists());
+        assert_eq!(q.stored_markers(), 1);
+        q.sync().await.expect("sync");
+        assert_eq!((q.files().count(), q.stored_markers()), (0, 0));
+        assert!(q.remove(&t, small.seq).expect("remove"));
+        assert_eq!((q.stored_chunks(), q.stored_markers()), (0, 0));
+        assert_eq!(q.stats(&t).count, 0);
+    }
+
+    #[tokio::test]
+    async fn a_removal_cut_short_leaves_no_head_without_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = tunnel("cut");
+        let body = noise(100_000);
+        {
+            let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("open");
+            let kept = enqueue(&q, &t, &body);
+            let removed = enqueue(&q, &t, &body);
+            q.sync().await.expect("sync");
+            assert!(q.remove(&t, removed.seq).expect("remove"));
+            assert_eq!(kept.body_len, 100_000);
+            // No sync: whatever sled wrote by itself is all there is.
+        }
+        let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("reopen");
+        let items = q.after(&t, None, 10).expect("after");
+        assert!(!items.is_empty());
+        for item in &items {
+            assert!(read_body(&q, item) == body, "body of {} differs", item.seq);
+        }
+        assert_eq!(q.files().count(), items.len(), "one file per head, no more");
+        assert_eq!(q.stored_markers(), 0);
+    }
+
+    #[test]
+    fn open_deletes_body_files_no_head_owns_and_leaves_other_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = tunnel("strays");
+        let kept = {
+            let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("open");
+            enqueue(&q, &t, &noise(10_000))
+        };
+        let bodies = dir.path().join("queue-bodies");
+        // A file created before a crash lost its upload's marker.
+        std::fs::write(
+            bodies.join(format!("{:016x}.body", kept.upload_id + 1000)),
+            b"x",
+        )
+        .expect("stray");
+        std::fs::write(bodies.join("notes.txt"), b"mine").expect("other file");
+        let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("reopen");
+        assert_eq!(q.files().count(), 2, "the kept body and the other file");
+        assert!(read_body(&q, &kept) == noise(10_000));
+        assert!(bodies.join("notes.txt").exists());
     }
 
     #[test]

@@ -1,0 +1,166 @@
+//! Queued bodies larger than [`INLINE_BODY_BYTES`], one file each, beside the
+//! queue's sled store (`DIR/queue-bodies/UPLOAD_ID.body`).
+//!
+//! sled 0.34 holds far more of its pages in memory than its cache capacity
+//! says: its LRU is split in 256 shards that each keep at least their last
+//! page, and evicts only once 64 accesses to a shard have piled up. Bodies
+//! stored as sled values made the relay's memory grow with the bytes queued
+//! (2,000 queued bodies of 256 KiB: 389 MiB of RSS), so larger bodies live
+//! in files and sled keeps the heads and the small bodies.
+//!
+//! Durability: a file is `fdatasync`ed, and the directory synced once since
+//! its creation, before its head is committed; a removed item's file is
+//! deleted only after the head's removal is on disk (the queue's next flush),
+//! so a crash never leaves a head whose body file is gone. Files of uploads
+//! that never committed are deleted when the queue opens.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File, OpenOptions},
+    io::{self, Read},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, PoisonError,
+    },
+};
+
+use bytes::{Bytes, BytesMut};
+use tracing::{info, warn};
+
+/// Bodies up to this size are one sled value; larger ones are a file.
+pub(crate) const INLINE_BODY_BYTES: usize = 4 * 1024;
+
+/// Largest piece read from a body file at once.
+const READ_BYTES: u64 = 64 * 1024;
+
+/// The directory of body files and what still has to happen to it.
+#[derive(Debug)]
+pub(crate) struct BodyFiles {
+    dir: PathBuf,
+    /// Files created so far.
+    created: AtomicU64,
+    /// The count of `created` the last directory sync covered.
+    dir_synced: Mutex<u64>,
+    /// Upload ids whose items were removed: their files go once the
+    /// removal is on disk.
+    doomed: Mutex<Vec<u64>>,
+}
+
+impl BodyFiles {
+    /// Opens (creating) the directory.
+    pub(crate) fn open(dir: PathBuf) -> io::Result<Self> {
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir)?;
+        Ok(BodyFiles {
+            dir,
+            created: AtomicU64::new(0),
+            dir_synced: Mutex::new(0),
+            doomed: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn path(&self, upload_id: u64) -> PathBuf {
+        self.dir.join(format!("{upload_id:016x}.body"))
+    }
+
+    /// Creates the file of a new upload; the number returned is what
+    /// [`BodyFiles::sync_dir`] needs to cover it.
+    pub(crate) fn create(&self, upload_id: u64) -> io::Result<(File, u64)> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.path(upload_id))?;
+        Ok((file, self.created.fetch_add(1, Ordering::SeqCst) + 1))
+    }
+
+    /// Makes the directory entries of the first `created` files durable,
+    /// unless a sync that covered them has already completed.
+    pub(crate) fn sync_dir(&self, created: u64) -> io::Result<()> {
+        let mut synced = self
+            .dir_synced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *synced >= created {
+            return Ok(());
+        }
+        let covered = self.created.load(Ordering::SeqCst);
+        File::open(&self.dir)?.sync_all()?;
+        *synced = covered;
+        Ok(())
+    }
+
+    /// Deletes a body's file; one that is not there is fine.
+    pub(crate) fn remove(&self, upload_id: u64) -> io::Result<()> {
+        match fs::remove_file(self.path(upload_id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Schedules the files of removed items for deletion after the next flush.
+    pub(crate) fn doom(&self, upload_ids: impl IntoIterator<Item = u64>) {
+        self.doomed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(upload_ids);
+    }
+
+    /// The files scheduled so far, taken just before a flush.
+    pub(crate) fn take_doomed(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.doomed.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// At open: deletes every file whose upload has no head (`kept` holds
+    /// the upload ids of all heads). Returns how many went.
+    pub(crate) fn delete_unowned(&self, kept: &HashSet<u64>) -> io::Result<u64> {
+        let mut deleted = 0;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".body"))
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            else {
+                warn!(file = %entry.path().display(), "unexpected file in the queue's body directory left alone");
+                continue;
+            };
+            if !kept.contains(&id) {
+                self.remove(id)?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            info!(deleted, "deleted the body files of unfinished uploads");
+        }
+        Ok(deleted)
+    }
+
+    /// Files in the directory.
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> usize {
+        fs::read_dir(&self.dir).map_or(0, |d| d.count())
+    }
+}
+
+/// Reads the next piece (at most 64 KiB) of a body file with `remaining`
+/// bytes still to come.
+pub(crate) fn read_piece(file: &mut File, remaining: u64, path: &Path) -> io::Result<Bytes> {
+    let len = usize::try_from(remaining.min(READ_BYTES)).unwrap_or(usize::MAX);
+    let mut buf = BytesMut::zeroed(len);
+    file.read_exact(&mut buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::other(format!(
+                "body file {} ends {remaining} bytes or fewer short of its length",
+                path.display()
+            ))
+        } else {
+            e
+        }
+    })?;
+    Ok(buf.freeze())
+}
