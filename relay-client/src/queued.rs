@@ -21,13 +21,18 @@
 //!
 //! Layout (in the history's sled store, sharing its flushes): `outbox` maps a
 //! local sequence number (u64 BE, increasing in queue-stream order) to an
-//! [`Entry`] in JSON; `outbox_bodies` maps the same key to the body;
+//! [`Entry`] in JSON; `outbox_bodies` maps the same key to a body of up to
+//! 4 KiB; a larger body is a file named after the key in `DATA_DIR/outbox-bodies/`
+//! (sled keeps in memory about what it stores in large values, see
+//! [`hookrelay_shared::body_files`]), synced before its entry is written and
+//! deleted after the flush that makes the entry's removal durable;
 //! `outbox_seen` maps a delivery id (16-byte ULID) to the time it was stored.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, io::Write, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use hookrelay_shared::{
+    body_files::{BodyFiles, INLINE_BODY_BYTES},
     codec::{read_frame, write_frame},
     DeliveryId, QueueAck, QueueOpen, QueuedDelivery, RequestHead,
 };
@@ -131,6 +136,9 @@ pub struct Outbox {
     changed: Arc<Notify>,
     /// Webhooks the relay sent again that were here already (since start).
     repeats: Arc<std::sync::atomic::AtomicU64>,
+    /// Bodies over [`INLINE_BODY_BYTES`], a file each; `None` with an
+    /// in-memory history (they are sled values then).
+    files: Option<Arc<BodyFiles>>,
 }
 
 impl Outbox {
@@ -140,6 +148,16 @@ impl Outbox {
     /// # Errors
     /// A storage error.
     pub fn open(history: &History) -> Result<Outbox, HistoryError> {
+        let files = match history.dir() {
+            Some(dir) => {
+                let dir = dir.join("outbox-bodies");
+                let files = BodyFiles::open(dir.clone()).map_err(|e| {
+                    HistoryError::Storage(format!("cannot create {}: {e}", dir.display()))
+                })?;
+                Some(Arc::new(files))
+            }
+            None => None,
+        };
         let outbox = Outbox {
             history: history.clone(),
             items: history.tree("outbox")?,
@@ -147,7 +165,21 @@ impl Outbox {
             seen: history.tree("outbox_seen")?,
             changed: Arc::default(),
             repeats: Arc::default(),
+            files,
         };
+        if let Some(files) = &outbox.files {
+            // Files of webhooks whose entry a crash kept off the disk, or
+            // removed before their file went.
+            let mut kept = HashSet::new();
+            for key in outbox.items.iter().keys() {
+                if let Ok(seq) = <[u8; 8]>::try_from(&key.map_err(storage)?[..]) {
+                    kept.insert(u64::from_be_bytes(seq));
+                }
+            }
+            files.delete_unowned(&kept).map_err(|e| {
+                HistoryError::Storage(format!("cannot clear the outbox's files: {e}"))
+            })?;
+        }
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
         for item in outbox.seen.iter() {
             let (key, value) = item.map_err(storage)?;
@@ -196,7 +228,25 @@ impl Outbox {
             next_at_ms: 0,
             with_app: false,
         };
-        self.bodies.insert(seq, body).map_err(storage)?;
+        match &self.files {
+            Some(files) if body.len() > INLINE_BODY_BYTES => {
+                // On disk, and findable, before the entry naming it is.
+                let id = u64::from_be_bytes(seq);
+                files
+                    .create(id)
+                    .and_then(|(mut file, created)| {
+                        file.write_all(body)?;
+                        file.sync_data()?;
+                        files.sync_dir(created)
+                    })
+                    .map_err(|e| {
+                        HistoryError::Storage(format!("cannot store a queued body: {e}"))
+                    })?;
+            }
+            _ => {
+                self.bodies.insert(seq, body).map_err(storage)?;
+            }
+        }
         self.put(seq, &entry)?;
         self.seen
             .insert(id, &now_ms().to_be_bytes())
@@ -210,7 +260,23 @@ impl Outbox {
     /// # Errors
     /// A storage error.
     pub async fn flush(&self) -> Result<(), HistoryError> {
-        self.history.flush().await
+        // Taken first: the removals behind them were written before this
+        // flush was asked for, so they are on disk once it returns.
+        let doomed = self.files.as_ref().map(|files| files.take_doomed());
+        if let Err(err) = self.history.flush().await {
+            if let (Some(files), Some(doomed)) = (&self.files, doomed) {
+                files.doom(doomed);
+            }
+            return Err(err);
+        }
+        if let (Some(files), Some(doomed)) = (&self.files, doomed) {
+            for id in doomed {
+                if let Err(e) = files.remove(id) {
+                    warn!(error = %e, "cannot delete a delivered queued body; retried at next start");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn put(&self, seq: [u8; 8], entry: &Entry) -> Result<(), HistoryError> {
@@ -241,17 +307,30 @@ impl Outbox {
     }
 
     fn body(&self, seq: [u8; 8]) -> Result<Bytes, HistoryError> {
-        Ok(self
-            .bodies
-            .get(seq)
-            .map_err(storage)?
-            .map(|v| Bytes::copy_from_slice(&v))
-            .unwrap_or_default())
+        if let Some(body) = self.bodies.get(seq).map_err(storage)? {
+            return Ok(Bytes::copy_from_slice(&body));
+        }
+        let Some(files) = &self.files else {
+            return Ok(Bytes::new());
+        };
+        match std::fs::read(files.path(u64::from_be_bytes(seq))) {
+            Ok(body) => Ok(Bytes::from(body)),
+            // An empty body has neither.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Bytes::new()),
+            Err(e) => Err(HistoryError::Storage(format!(
+                "cannot read a queued body: {e}"
+            ))),
+        }
     }
 
+    /// Removes a webhook; its body file goes with the next flush.
     fn remove(&self, seq: [u8; 8]) -> Result<(), HistoryError> {
         self.items.remove(seq).map_err(storage)?;
-        self.bodies.remove(seq).map_err(storage)?;
+        if self.bodies.remove(seq).map_err(storage)?.is_none() {
+            if let Some(files) = &self.files {
+                files.doom([u64::from_be_bytes(seq)]);
+            }
+        }
         Ok(())
     }
 }
@@ -497,9 +576,16 @@ pub(crate) async fn receive(connection: quinn::Connection, outbox: Outbox) -> Re
             }
             let body = read_exact(&mut recv, delivery.body_len).await?;
             let id = delivery.head.delivery_id;
-            outbox
-                .store(delivery.head, &body)
-                .map_err(|e| e.to_string())?;
+            if body.len() > INLINE_BODY_BYTES {
+                // Its file is written and synced: not on a worker.
+                let outbox = outbox.clone();
+                tokio::task::spawn_blocking(move || outbox.store(delivery.head, &body))
+                    .await
+                    .map_err(|e| e.to_string())?
+            } else {
+                outbox.store(delivery.head, &body)
+            }
+            .map_err(|e| e.to_string())?;
             stored_tx.send_replace(Some(id));
         }
     };
@@ -527,6 +613,76 @@ async fn read_exact(recv: &mut quinn::RecvStream, len: u64) -> Result<Vec<u8>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(n: u8) -> RequestHead {
+        RequestHead {
+            delivery_id: DeliveryId(ulid::Ulid::from_parts(1, u128::from(n))),
+            tunnel: "t".parse().expect("tunnel name"),
+            method: "POST".into(),
+            path: "/".into(),
+            headers: Vec::new(),
+            remote_addr: ([127, 0, 0, 1], 1).into(),
+            public_url: "http://t.example/".into(),
+            received_at_ms: 1,
+            timeout_ms: 1000,
+            body_len: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_files_deleted_after_the_flush_and_strays_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let large: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let small = vec![7u8; INLINE_BODY_BYTES];
+        let outbox_files = dir.path().join("outbox-bodies");
+        {
+            let history =
+                History::open(dir.path(), crate::history::Retention::default()).expect("history");
+            let outbox = Outbox::open(&history).expect("outbox");
+            assert!(outbox.store(head(1), &large).expect("store"));
+            assert!(outbox.store(head(2), &small).expect("store"));
+            assert!(outbox.store(head(3), b"").expect("store"));
+            outbox.flush().await.expect("flush");
+            assert_eq!(
+                BodyFiles::open(outbox_files.clone()).expect("dir").count(),
+                1
+            );
+            let (seq, entry) = outbox.first().expect("first").expect("an entry");
+            assert_eq!(entry.head.delivery_id, head(1).delivery_id);
+            assert!(outbox.body(seq).expect("body") == large);
+            outbox.remove(seq).expect("remove");
+            // Until the removal is on disk, a crash could bring it back.
+            assert_eq!(
+                BodyFiles::open(outbox_files.clone()).expect("dir").count(),
+                1
+            );
+            outbox.flush().await.expect("flush");
+            assert_eq!(
+                BodyFiles::open(outbox_files.clone()).expect("dir").count(),
+                0
+            );
+            let (seq, _) = outbox.first().expect("first").expect("an entry");
+            assert_eq!(outbox.body(seq).expect("body"), small);
+            outbox.remove(seq).expect("remove");
+            let (seq, _) = outbox.first().expect("first").expect("an entry");
+            assert!(outbox.body(seq).expect("body").is_empty());
+            outbox.remove(seq).expect("remove");
+            outbox.flush().await.expect("flush");
+        }
+        // A file whose entry a crash kept off the disk, and a file of the
+        // user's own.
+        std::fs::write(outbox_files.join(format!("{:016x}.body", 999)), b"x").expect("stray");
+        std::fs::write(outbox_files.join("mine.txt"), b"x").expect("other");
+        let history =
+            History::open(dir.path(), crate::history::Retention::default()).expect("history");
+        let outbox = Outbox::open(&history).expect("outbox");
+        assert!(outbox.is_empty());
+        assert_eq!(
+            BodyFiles::open(outbox_files.clone()).expect("dir").count(),
+            1
+        );
+        assert!(outbox_files.join("mine.txt").exists());
+    }
 
     #[test]
     fn retry_delays_grow_are_capped_and_jittered() {

@@ -29,7 +29,6 @@ pub mod ingress;
 pub mod metrics;
 pub mod policy;
 pub mod queue;
-mod queue_files;
 pub mod relay;
 pub mod routing;
 pub mod sled_walk;

@@ -22,7 +22,7 @@
 //! - tree `chunks`: `upload id (u64 BE) ++ chunk number (u32 BE)` → the raw
 //!   bytes of one body chunk: a body of up to 4 KiB is one chunk.
 //! - directory `DIR/queue-bodies`: a larger body is a file of its own (see
-//!   [`crate::queue_files`]: sled holds in memory about as much as it stores
+//!   [`hookrelay_shared::body_files`]: sled holds in memory about as much as it stores
 //!   in large values, whatever its cache size). A body is read from its file
 //!   when there is one, else from its chunks (bodies queued by earlier
 //!   versions are chunks of any size).
@@ -52,7 +52,11 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use hookrelay_shared::{durable::GroupCommit, RequestHead, TunnelName};
+use hookrelay_shared::{
+    body_files::{read_piece, BodyFiles, INLINE_BODY_BYTES},
+    durable::GroupCommit,
+    RequestHead, TunnelName,
+};
 use serde::{Deserialize, Serialize};
 use sled::{transaction::TransactionError, Transactional};
 use tokio::sync::Notify;
@@ -60,7 +64,6 @@ use tracing::{info, warn};
 
 use crate::{
     now_ms,
-    queue_files::{read_piece, BodyFiles, INLINE_BODY_BYTES},
     sled_walk::{walk, Direction},
 };
 

@@ -10,6 +10,7 @@
 //! - [`policy`]: what the relay enforces per tunnel (signatures, sources, rates).
 //! - [`signature`]: webhook signature detection, verification and re-signing.
 
+pub mod body_files;
 pub mod codec;
 pub mod durable;
 pub mod http;

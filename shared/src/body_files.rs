@@ -1,18 +1,22 @@
-//! Queued bodies larger than [`INLINE_BODY_BYTES`], one file each, beside the
-//! queue's sled store (`DIR/queue-bodies/UPLOAD_ID.body`).
+//! Bodies too large to keep as sled values, one file each in a directory
+//! beside the store: the relay's queue (`DATA_DIR/queue-bodies/`) and the
+//! agent's outbox (`DATA_DIR/outbox-bodies/`).
 //!
 //! sled 0.34 holds far more of its pages in memory than its cache capacity
 //! says: its LRU is split in 256 shards that each keep at least their last
 //! page, and evicts only once 64 accesses to a shard have piled up. Bodies
-//! stored as sled values made the relay's memory grow with the bytes queued
-//! (2,000 queued bodies of 256 KiB: 389 MiB of RSS), so larger bodies live
-//! in files and sled keeps the heads and the small bodies.
+//! stored as sled values made memory grow with the bytes stored (2,000
+//! queued bodies of 256 KiB: 396 MiB of the relay's RSS, 450 MiB of the
+//! agent's while it drained them), so larger bodies live in files and sled
+//! keeps the small ones.
 //!
-//! Durability: a file is `fdatasync`ed, and the directory synced once since
-//! its creation, before its head is committed; a removed item's file is
-//! deleted only after the head's removal is on disk (the queue's next flush),
-//! so a crash never leaves a head whose body file is gone. Files of uploads
-//! that never committed are deleted when the queue opens.
+//! What the stores do with them: a file is `fdatasync`ed, and the directory
+//! synced once since its creation ([`BodyFiles::sync_dir`]), before the
+//! record naming it is written; a removed record's file is deleted only
+//! after the removal is on disk ([`BodyFiles::doom`], then
+//! [`BodyFiles::take_doomed`] before a flush), so a crash never leaves a
+//! record whose body file is gone; files no record owns are deleted when the
+//! store opens ([`BodyFiles::delete_unowned`]).
 
 use std::{
     collections::HashSet,
@@ -28,28 +32,28 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
-/// Bodies up to this size are one sled value; larger ones are a file.
-pub(crate) const INLINE_BODY_BYTES: usize = 4 * 1024;
+/// Bodies up to this size stay sled values; larger ones are a file.
+pub const INLINE_BODY_BYTES: usize = 4 * 1024;
 
 /// Largest piece read from a body file at once.
 const READ_BYTES: u64 = 64 * 1024;
 
 /// The directory of body files and what still has to happen to it.
 #[derive(Debug)]
-pub(crate) struct BodyFiles {
+pub struct BodyFiles {
     dir: PathBuf,
     /// Files created so far.
     created: AtomicU64,
     /// The count of `created` the last directory sync covered.
     dir_synced: Mutex<u64>,
-    /// Upload ids whose items were removed: their files go once the
-    /// removal is on disk.
+    /// Ids whose records were removed: their files go once the removal is
+    /// on disk.
     doomed: Mutex<Vec<u64>>,
 }
 
 impl BodyFiles {
     /// Opens (creating) the directory.
-    pub(crate) fn open(dir: PathBuf) -> io::Result<Self> {
+    pub fn open(dir: PathBuf) -> io::Result<Self> {
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
@@ -63,23 +67,23 @@ impl BodyFiles {
         })
     }
 
-    pub(crate) fn path(&self, upload_id: u64) -> PathBuf {
-        self.dir.join(format!("{upload_id:016x}.body"))
+    pub fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}.body"))
     }
 
-    /// Creates the file of a new upload; the number returned is what
+    /// Creates the file of a new body; the number returned is what
     /// [`BodyFiles::sync_dir`] needs to cover it.
-    pub(crate) fn create(&self, upload_id: u64) -> io::Result<(File, u64)> {
+    pub fn create(&self, id: u64) -> io::Result<(File, u64)> {
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(self.path(upload_id))?;
+            .open(self.path(id))?;
         Ok((file, self.created.fetch_add(1, Ordering::SeqCst) + 1))
     }
 
     /// Makes the directory entries of the first `created` files durable,
     /// unless a sync that covered them has already completed.
-    pub(crate) fn sync_dir(&self, created: u64) -> io::Result<()> {
+    pub fn sync_dir(&self, created: u64) -> io::Result<()> {
         let mut synced = self
             .dir_synced
             .lock()
@@ -94,29 +98,29 @@ impl BodyFiles {
     }
 
     /// Deletes a body's file; one that is not there is fine.
-    pub(crate) fn remove(&self, upload_id: u64) -> io::Result<()> {
-        match fs::remove_file(self.path(upload_id)) {
+    pub fn remove(&self, id: u64) -> io::Result<()> {
+        match fs::remove_file(self.path(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
 
-    /// Schedules the files of removed items for deletion after the next flush.
-    pub(crate) fn doom(&self, upload_ids: impl IntoIterator<Item = u64>) {
+    /// Schedules the files of removed records for deletion after the next flush.
+    pub fn doom(&self, ids: impl IntoIterator<Item = u64>) {
         self.doomed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend(upload_ids);
+            .extend(ids);
     }
 
     /// The files scheduled so far, taken just before a flush.
-    pub(crate) fn take_doomed(&self) -> Vec<u64> {
+    pub fn take_doomed(&self) -> Vec<u64> {
         std::mem::take(&mut *self.doomed.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// At open: deletes every file whose upload has no head (`kept` holds
-    /// the upload ids of all heads). Returns how many went.
-    pub(crate) fn delete_unowned(&self, kept: &HashSet<u64>) -> io::Result<u64> {
+    /// At open: deletes every file whose id is not in `kept` (the ids of all
+    /// records). Returns how many went.
+    pub fn delete_unowned(&self, kept: &HashSet<u64>) -> io::Result<u64> {
         let mut deleted = 0;
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -126,7 +130,7 @@ impl BodyFiles {
                 .and_then(|n| n.strip_suffix(".body"))
                 .and_then(|n| u64::from_str_radix(n, 16).ok())
             else {
-                warn!(file = %entry.path().display(), "unexpected file in the queue's body directory left alone");
+                warn!(file = %entry.path().display(), "unexpected file among the body files left alone");
                 continue;
             };
             if !kept.contains(&id) {
@@ -135,21 +139,20 @@ impl BodyFiles {
             }
         }
         if deleted > 0 {
-            info!(deleted, "deleted the body files of unfinished uploads");
+            info!(deleted, dir = %self.dir.display(), "deleted body files no record owns");
         }
         Ok(deleted)
     }
 
     /// Files in the directory.
-    #[cfg(test)]
-    pub(crate) fn count(&self) -> usize {
+    pub fn count(&self) -> usize {
         fs::read_dir(&self.dir).map_or(0, |d| d.count())
     }
 }
 
 /// Reads the next piece (at most 64 KiB) of a body file with `remaining`
 /// bytes still to come.
-pub(crate) fn read_piece(file: &mut File, remaining: u64, path: &Path) -> io::Result<Bytes> {
+pub fn read_piece(file: &mut File, remaining: u64, path: &Path) -> io::Result<Bytes> {
     let len = usize::try_from(remaining.min(READ_BYTES)).unwrap_or(usize::MAX);
     let mut buf = BytesMut::zeroed(len);
     file.read_exact(&mut buf).map_err(|e| {
