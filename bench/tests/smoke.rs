@@ -140,3 +140,26 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         "the restarted agent lists its whole history: {report}"
     );
 }
+
+#[test]
+fn a_backlog_of_large_bodies_keeps_both_processes_small() {
+    // 400 queued webhooks of 256 KiB (100 MiB): bodies stored as sled values
+    // took the relay to 158 MiB and the agent to 111 MiB (release binaries);
+    // as files, about 42 and 34 MiB.
+    let report = run_bench(&["queue", "--count", "400", "--body-bytes", "262144"]);
+    assert_eq!(report["drain"]["app_requests"], 400, "{report}");
+    for (process, figure) in [
+        ("relay", "hwm"),
+        ("relay", "drain_peak"),
+        ("agent", "drain_peak"),
+        ("agent", "hwm"),
+    ] {
+        let mib = report[format!("{process}_rss_mib")][figure]
+            .as_f64()
+            .unwrap_or(f64::MAX);
+        assert!(
+            mib < 80.0,
+            "{process} {figure} {mib} MiB with 100 MiB queued: {report}"
+        );
+    }
+}
