@@ -94,6 +94,9 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         "200",
         "--backlog",
         "3000",
+        // Covered by a_backlog_of_large_bodies_keeps_both_processes_small.
+        "--large-backlog",
+        "0",
         "--history",
         "3000",
         "--agents",

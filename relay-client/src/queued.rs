@@ -27,6 +27,10 @@
 //! [`hookrelay_shared::body_files`]), synced before its entry is written and
 //! deleted after the flush that makes the entry's removal durable;
 //! `outbox_seen` maps a delivery id (16-byte ULID) to the time it was stored.
+//! What the queue stream brings is staged in memory (a large body already in
+//! its file) and written by the next [`Outbox::flush`], in order, after one
+//! sync of all the staged files: one `fdatasync` per file and one of the
+//! directory per acknowledged batch, off the async worker.
 
 use std::{collections::HashSet, io::Write, sync::Arc, time::Duration};
 
@@ -126,6 +130,29 @@ struct Entry {
     with_app: bool,
 }
 
+/// A webhook received and not yet written to the store.
+struct Staged {
+    seq: [u8; 8],
+    delivery_id: [u8; 16],
+    entry: Entry,
+    body: StagedBody,
+}
+
+enum StagedBody {
+    /// Small: goes to `outbox_bodies`.
+    Inline(Vec<u8>),
+    /// Written to its file, not yet synced; the creation count
+    /// [`BodyFiles::sync_dir`] needs.
+    File(std::fs::File, u64),
+}
+
+/// Staged webhooks, and the delivery ids of those being written.
+#[derive(Default)]
+struct Pending {
+    staged: Vec<Staged>,
+    writing: HashSet<[u8; 16]>,
+}
+
 /// The agent's durable store of queued webhooks. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
@@ -139,6 +166,10 @@ pub struct Outbox {
     /// Bodies over [`INLINE_BODY_BYTES`], a file each; `None` with an
     /// in-memory history (they are sled values then).
     files: Option<Arc<BodyFiles>>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+    /// Held while staged webhooks are written, so that they reach the
+    /// store in the order they came.
+    writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Outbox {
@@ -166,6 +197,8 @@ impl Outbox {
             changed: Arc::default(),
             repeats: Arc::default(),
             files,
+            pending: Arc::default(),
+            writing: Arc::default(),
         };
         if let Some(files) = &outbox.files {
             // Files of webhooks whose entry a crash kept off the disk, or
@@ -190,14 +223,15 @@ impl Outbox {
         Ok(outbox)
     }
 
-    /// Webhooks waiting for the app.
+    /// Webhooks waiting for the app (those received and not yet written
+    /// included).
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.items.len() + self.lock_pending().staged.len()
     }
 
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.len() == 0
     }
 
     /// How many webhooks the relay sent again that this outbox had stored
@@ -208,15 +242,21 @@ impl Outbox {
         self.repeats.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stores a webhook from the relay's queue, unless its delivery id was
-    /// stored before; `Ok(false)` for such a repeat. Not flushed: call
-    /// [`Outbox::flush`] before acknowledging.
+    /// Takes a webhook from the relay's queue, unless its delivery id was
+    /// stored (or taken) before; `Ok(false)` for such a repeat. A body over
+    /// [`INLINE_BODY_BYTES`] is written to its file now; the webhook reaches
+    /// the store with the next [`Outbox::flush`], which the acknowledgement
+    /// waits for.
     ///
     /// # Errors
     /// A storage error.
     pub fn store(&self, head: RequestHead, body: &[u8]) -> Result<bool, HistoryError> {
-        let id = head.delivery_id.0.to_bytes();
-        if self.seen.contains_key(id).map_err(storage)? {
+        let delivery_id = head.delivery_id.0.to_bytes();
+        let mut pending = self.lock_pending();
+        if pending.writing.contains(&delivery_id)
+            || pending.staged.iter().any(|s| s.delivery_id == delivery_id)
+            || self.seen.contains_key(delivery_id).map_err(storage)?
+        {
             self.repeats
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
@@ -228,38 +268,96 @@ impl Outbox {
             next_at_ms: 0,
             with_app: false,
         };
-        match &self.files {
-            Some(files) if body.len() > INLINE_BODY_BYTES => {
-                // On disk, and findable, before the entry naming it is.
-                let id = u64::from_be_bytes(seq);
-                files
-                    .create(id)
-                    .and_then(|(mut file, created)| {
-                        file.write_all(body)?;
-                        file.sync_data()?;
-                        files.sync_dir(created)
-                    })
-                    .map_err(|e| {
-                        HistoryError::Storage(format!("cannot store a queued body: {e}"))
-                    })?;
-            }
-            _ => {
-                self.bodies.insert(seq, body).map_err(storage)?;
-            }
-        }
-        self.put(seq, &entry)?;
-        self.seen
-            .insert(id, &now_ms().to_be_bytes())
-            .map_err(storage)?;
-        self.changed.notify_one();
+        let body = match &self.files {
+            Some(files) if body.len() > INLINE_BODY_BYTES => files
+                .create(u64::from_be_bytes(seq))
+                .and_then(|(mut file, created)| {
+                    file.write_all(body)?;
+                    Ok(StagedBody::File(file, created))
+                })
+                .map_err(|e| HistoryError::Storage(format!("cannot store a queued body: {e}")))?,
+            _ => StagedBody::Inline(body.to_vec()),
+        };
+        pending.staged.push(Staged {
+            seq,
+            delivery_id,
+            entry,
+            body,
+        });
         Ok(true)
     }
 
-    /// Makes everything stored so far durable.
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes what was staged, in order, once its files are durable (on the
+    /// blocking pool when there are files).
+    async fn write_staged(&self) -> Result<(), HistoryError> {
+        let _order = self.writing.lock().await;
+        let staged = {
+            let mut pending = self.lock_pending();
+            let staged = std::mem::take(&mut pending.staged);
+            pending.writing.extend(staged.iter().map(|s| s.delivery_id));
+            staged
+        };
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let has_files = staged
+            .iter()
+            .any(|s| matches!(s.body, StagedBody::File(..)));
+        let outbox = self.clone();
+        let written = if has_files {
+            tokio::task::spawn_blocking(move || outbox.write(staged))
+                .await
+                .unwrap_or_else(|e| Err(HistoryError::Storage(e.to_string())))
+        } else {
+            outbox.write(staged)
+        };
+        self.lock_pending().writing.clear();
+        written
+    }
+
+    fn write(&self, staged: Vec<Staged>) -> Result<(), HistoryError> {
+        let mut created = 0;
+        for s in &staged {
+            if let StagedBody::File(file, c) = &s.body {
+                file.sync_data().map_err(|e| {
+                    HistoryError::Storage(format!("cannot sync a queued body: {e}"))
+                })?;
+                created = created.max(*c);
+            }
+        }
+        if let (Some(files), true) = (&self.files, created > 0) {
+            // Findable too, before an entry names them.
+            files
+                .sync_dir(created)
+                .map_err(|e| HistoryError::Storage(format!("cannot sync the outbox: {e}")))?;
+        }
+        for s in staged {
+            if let StagedBody::Inline(body) = &s.body {
+                self.bodies
+                    .insert(s.seq, body.as_slice())
+                    .map_err(storage)?;
+            }
+            self.put(s.seq, &s.entry)?;
+            self.seen
+                .insert(s.delivery_id, &now_ms().to_be_bytes())
+                .map_err(storage)?;
+        }
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Writes what was staged and makes everything stored so far durable.
     ///
     /// # Errors
     /// A storage error.
     pub async fn flush(&self) -> Result<(), HistoryError> {
+        self.write_staged().await?;
         // Taken first: the removals behind them were written before this
         // flush was asked for, so they are on disk once it returns.
         let doomed = self.files.as_ref().map(|files| files.take_doomed());
@@ -576,16 +674,9 @@ pub(crate) async fn receive(connection: quinn::Connection, outbox: Outbox) -> Re
             }
             let body = read_exact(&mut recv, delivery.body_len).await?;
             let id = delivery.head.delivery_id;
-            if body.len() > INLINE_BODY_BYTES {
-                // Its file is written and synced: not on a worker.
-                let outbox = outbox.clone();
-                tokio::task::spawn_blocking(move || outbox.store(delivery.head, &body))
-                    .await
-                    .map_err(|e| e.to_string())?
-            } else {
-                outbox.store(delivery.head, &body)
-            }
-            .map_err(|e| e.to_string())?;
+            outbox
+                .store(delivery.head, &body)
+                .map_err(|e| e.to_string())?;
             stored_tx.send_replace(Some(id));
         }
     };
@@ -642,7 +733,19 @@ mod tests {
             assert!(outbox.store(head(1), &large).expect("store"));
             assert!(outbox.store(head(2), &small).expect("store"));
             assert!(outbox.store(head(3), b"").expect("store"));
+            // Staged: the large body is in its file, nothing is in the store
+            // until the flush (which syncs the file first), and a repeat is
+            // recognised already.
+            assert_eq!(
+                BodyFiles::open(outbox_files.clone()).expect("dir").count(),
+                1
+            );
+            assert!(outbox.first().expect("first").is_none());
+            assert_eq!(outbox.len(), 3);
+            assert!(!outbox.store(head(1), &large).expect("repeat"));
             outbox.flush().await.expect("flush");
+            assert!(!outbox.store(head(1), &large).expect("repeat"));
+            assert_eq!(outbox.len(), 3);
             assert_eq!(
                 BodyFiles::open(outbox_files.clone()).expect("dir").count(),
                 1
