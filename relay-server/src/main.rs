@@ -20,13 +20,32 @@ mod queue_cli;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+    // One worker thread unless TOKIO_WORKER_THREADS says otherwise, as for
+    // the agent: a delivery crosses several tasks (the sender's connection,
+    // quinn's endpoint and connection drivers, the delivery stream), and
+    // with one worker per core each hand-over can wake another thread.
+    // Three interleaved pairs of `hookrelay-bench http --workloads a,b,c,d`:
+    // relay CPU per request in a 75/61/70 -> 52/49/67 µs and in c
+    // 176/165/169 -> 124/132/129 µs, c's p99 1.00/0.91/0.94 -> 0.80/0.84/0.84
+    // ms, b and d within the noise (README, Benchmarks). Blocking work
+    // (flushes, large queued bodies' commits) runs on the blocking pool.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        runtime.worker_threads(1);
+    }
+    match runtime.build() {
+        Ok(runtime) => match runtime.block_on(run(cli)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: cannot start the async runtime: {err}");
             ExitCode::FAILURE
         }
     }
