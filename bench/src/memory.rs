@@ -553,16 +553,8 @@ async fn backlog(
     dir: &Path,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let n = args.backlog;
-    let queue_args = queue::QueueArgs {
-        count: n,
-        body_bytes: SMALL_BODY,
-        concurrency: 32,
-        timeout: args.timeout,
-        tmp_dir: Some(dir.to_owned()),
-    };
-    let r = queue::measure(binaries, &queue_args).await?;
+    let r = queue_run(binaries, args, dir, n, SMALL_BODY, report).await?;
     let full = match (r.relay_fill_peak_kib, r.relay_idle_kib) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -583,13 +575,6 @@ async fn backlog(
         (n, "webhook"),
         Target::Peak(TARGET_RSS_KIB),
     ));
-    report.notes.push(format!(
-        "backlog: the queue benchmark with {n} webhooks of {SMALL_BODY} B (32 senders): relay {} idle with all {n} queued, VmHWM {}; the agent peaked at {} during the drain; the app got {} requests",
-        show_mib(r.relay_idle_kib),
-        show_mib(r.relay_hwm_kib),
-        show_mib(r.agent_drain_peak_kib),
-        r.app_requests
-    ));
     Ok(())
 }
 
@@ -601,16 +586,8 @@ async fn large_backlog(
     dir: &Path,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let n = args.large_backlog;
-    let queue_args = queue::QueueArgs {
-        count: n,
-        body_bytes: UPLOAD_BYTES as u64,
-        concurrency: 32,
-        timeout: args.timeout,
-        tmp_dir: Some(dir.to_owned()),
-    };
-    let r = queue::measure(binaries, &queue_args).await?;
+    let r = queue_run(binaries, args, dir, n, UPLOAD_BYTES as u64, report).await?;
     let peak = [
         r.relay_fill_peak_kib,
         r.relay_idle_kib,
@@ -621,7 +598,7 @@ async fn large_backlog(
     .max();
     report.rows.push(Row::new(
         "large_backlog",
-        format!("{n} webhooks of 256 KiB queued, drained"),
+        format!("{n} of 256 KiB queued, drained"),
         "relay",
         (r.relay_before_fill_kib, peak),
         (n, "webhook"),
@@ -629,20 +606,42 @@ async fn large_backlog(
     ));
     report.rows.push(Row::new(
         "large_backlog_agent",
-        format!("{n} webhooks of 256 KiB drained"),
+        format!("{n} of 256 KiB drained"),
         "agent",
         (None, r.agent_drain_peak_kib),
         (n, "webhook"),
         Target::Peak(TARGET_RSS_KIB),
     ));
+    Ok(())
+}
+
+/// The queue benchmark with `n` webhooks of `body_bytes` (32 senders) in
+/// `dir`, noted in the report.
+async fn queue_run(
+    binaries: &Binaries,
+    args: &MemoryArgs,
+    dir: &Path,
+    n: u64,
+    body_bytes: u64,
+    report: &mut Report,
+) -> anyhow::Result<queue::Results> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let queue_args = queue::QueueArgs {
+        count: n,
+        body_bytes,
+        concurrency: 32,
+        timeout: args.timeout,
+        tmp_dir: Some(dir.to_owned()),
+    };
+    let r = queue::measure(binaries, &queue_args).await?;
     report.notes.push(format!(
-        "large backlog: the queue benchmark with {n} webhooks of {UPLOAD_BYTES} B (32 senders): relay {} idle with all {n} queued, VmHWM {}; the agent peaked at {} during the drain; the app got {} requests",
+        "backlog: the queue benchmark with {n} webhooks of {body_bytes} B (32 senders): relay {} idle with all {n} queued, VmHWM {}; the agent peaked at {} during the drain; the app got {} requests",
         show_mib(r.relay_idle_kib),
         show_mib(r.relay_hwm_kib),
         show_mib(r.agent_drain_peak_kib),
         r.app_requests
     ));
-    Ok(())
+    Ok(r)
 }
 
 // ---------------------------------------------------------------------------
