@@ -521,10 +521,13 @@ impl Queue for SledQueue {
                     // Taken first: every removal behind these ids is in
                     // sled before the flush starts, so on disk after it.
                     let doomed = inner.files.as_ref().map(BodyFiles::take_doomed);
-                    inner
-                        .db
-                        .flush()
-                        .map_err(|e| io::Error::other(e.to_string()))?;
+                    if let Err(e) = inner.db.flush() {
+                        // Still to go after a flush that works.
+                        if let (Some(files), Some(doomed)) = (&inner.files, doomed) {
+                            files.doom(doomed);
+                        }
+                        return Err(io::Error::other(e.to_string()));
+                    }
                     if let Some(doomed) = doomed {
                         inner.delete_files(&doomed);
                     }
@@ -568,8 +571,11 @@ impl Queue for SledQueue {
         &self,
         item: &QueuedItem,
     ) -> Box<dyn Iterator<Item = Result<Bytes, QueueError>> + Send> {
+        // A body of up to INLINE_BODY_BYTES is never a file.
         let file = match &self.inner.files {
-            Some(files) if item.body_len > 0 => BodyFile::Unopened(files.path(item.upload_id)),
+            Some(files) if item.body_len > INLINE_BODY_BYTES as u64 => {
+                BodyFile::Unopened(files.path(item.upload_id))
+            }
             _ => BodyFile::None,
         };
         Box::new(BodyChunks {
@@ -1089,8 +1095,10 @@ impl Inner {
 
 impl UploadOwner for Inner {
     fn abandon(&self, upload: &Upload) {
-        // Never committed, so no head names its file: it can go at once.
-        if upload.file.is_some() {
+        // Never committed, so no head names its file: it can go at once. (A
+        // body that outgrew INLINE_BODY_BYTES has one, even when a failed
+        // commit took its handle.)
+        if self.files.is_some() && upload.written > INLINE_BODY_BYTES as u64 {
             if let Err(e) = self.files().and_then(|files| files.remove(upload.id)) {
                 warn!(upload_id = upload.id, error = %e, "could not delete an unfinished body file; retried at next start");
             }
@@ -1743,6 +1751,24 @@ mod tests {
         }
         assert_eq!(q.files().count(), items.len(), "one file per head, no more");
         assert_eq!(q.stored_markers(), 0);
+    }
+
+    #[test]
+    fn an_aborted_or_refused_large_upload_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("open");
+        let t = tunnel("gone");
+        let mut upload = q.begin(&t, None).expect("begin");
+        q.append(&mut upload, &noise(10_000)).expect("append");
+        assert_eq!(q.files().count(), 1);
+        q.abort(upload);
+        assert_eq!((q.files().count(), q.stored_markers()), (0, 0));
+        // A refused commit (a head of another tunnel) cleans up too.
+        let mut upload = q.begin(&t, None).expect("begin");
+        q.append(&mut upload, &noise(10_000)).expect("append");
+        assert!(q.commit(upload, head(&tunnel("other"), now_ms())).is_err());
+        assert_eq!((q.files().count(), q.stored_markers()), (0, 0));
+        assert_eq!(q.stats(&t).count, 0);
     }
 
     #[test]
