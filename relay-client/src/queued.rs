@@ -153,6 +153,14 @@ struct Pending {
     writing: HashSet<[u8; 16]>,
 }
 
+impl Pending {
+    /// Whether this delivery is staged or being written.
+    fn has(&self, delivery_id: &[u8; 16]) -> bool {
+        self.writing.contains(delivery_id)
+            || self.staged.iter().any(|s| &s.delivery_id == delivery_id)
+    }
+}
+
 /// The agent's durable store of queued webhooks. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
@@ -169,7 +177,7 @@ pub struct Outbox {
     pending: Arc<std::sync::Mutex<Pending>>,
     /// Held while staged webhooks are written, so that they reach the
     /// store in the order they came.
-    writing: Arc<tokio::sync::Mutex<()>>,
+    writing: Arc<std::sync::Mutex<()>>,
 }
 
 impl Outbox {
@@ -252,10 +260,8 @@ impl Outbox {
     /// A storage error.
     pub fn store(&self, head: RequestHead, body: &[u8]) -> Result<bool, HistoryError> {
         let delivery_id = head.delivery_id.0.to_bytes();
-        let mut pending = self.lock_pending();
-        if pending.writing.contains(&delivery_id)
-            || pending.staged.iter().any(|s| s.delivery_id == delivery_id)
-            || self.seen.contains_key(delivery_id).map_err(storage)?
+        if self.seen.contains_key(delivery_id).map_err(storage)?
+            || self.lock_pending().has(&delivery_id)
         {
             self.repeats
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -278,6 +284,17 @@ impl Outbox {
                 .map_err(|e| HistoryError::Storage(format!("cannot store a queued body: {e}")))?,
             _ => StagedBody::Inline(body.to_vec()),
         };
+        // The file was written outside the lock: look again.
+        let mut pending = self.lock_pending();
+        if pending.has(&delivery_id) {
+            drop(pending);
+            if let (Some(files), StagedBody::File(..)) = (&self.files, &body) {
+                let _ = files.remove(u64::from_be_bytes(seq));
+            }
+            self.repeats
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(false);
+        }
         pending.staged.push(Staged {
             seq,
             delivery_id,
@@ -293,37 +310,61 @@ impl Outbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes what was staged, in order, once its files are durable (on the
-    /// blocking pool when there are files).
+    /// Writes what was staged, in order, once its files are durable: on the
+    /// blocking pool when there are files to sync or another write is under
+    /// way (it is waited for: what it took may have been staged before this
+    /// call), else here.
     async fn write_staged(&self) -> Result<(), HistoryError> {
-        let _order = self.writing.lock().await;
+        let has_files = self
+            .lock_pending()
+            .staged
+            .iter()
+            .any(|s| matches!(s.body, StagedBody::File(..)));
+        if !has_files {
+            if let Ok(order) = self.writing.try_lock() {
+                return self.write_batch(order);
+            }
+        }
+        let outbox = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let order = outbox
+                .writing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            outbox.write_batch(order)
+        })
+        .await
+        .unwrap_or_else(|e| Err(HistoryError::Storage(e.to_string())))
+    }
+
+    /// Takes everything staged and writes it, holding `_order`. Once begun
+    /// it runs to its end even if the flush that asked for it is dropped.
+    /// On failure the batch is staged again, ahead of anything newer, so
+    /// that the next flush (the one an acknowledgement waits for, too)
+    /// writes it or fails: nothing is acknowledged unwritten. Writing is
+    /// idempotent (every key is the webhook's own seq).
+    fn write_batch(&self, _order: std::sync::MutexGuard<'_, ()>) -> Result<(), HistoryError> {
         let staged = {
             let mut pending = self.lock_pending();
             let staged = std::mem::take(&mut pending.staged);
             pending.writing.extend(staged.iter().map(|s| s.delivery_id));
             staged
         };
-        if staged.is_empty() {
-            return Ok(());
+        let written = self.write(&staged);
+        let mut pending = self.lock_pending();
+        for s in &staged {
+            pending.writing.remove(&s.delivery_id);
         }
-        let has_files = staged
-            .iter()
-            .any(|s| matches!(s.body, StagedBody::File(..)));
-        let outbox = self.clone();
-        let written = if has_files {
-            tokio::task::spawn_blocking(move || outbox.write(staged))
-                .await
-                .unwrap_or_else(|e| Err(HistoryError::Storage(e.to_string())))
-        } else {
-            outbox.write(staged)
-        };
-        self.lock_pending().writing.clear();
+        if written.is_err() {
+            let newer = std::mem::replace(&mut pending.staged, staged);
+            pending.staged.extend(newer);
+        }
         written
     }
 
-    fn write(&self, staged: Vec<Staged>) -> Result<(), HistoryError> {
+    fn write(&self, staged: &[Staged]) -> Result<(), HistoryError> {
         let mut created = 0;
-        for s in &staged {
+        for s in staged {
             if let StagedBody::File(file, c) = &s.body {
                 file.sync_data().map_err(|e| {
                     HistoryError::Storage(format!("cannot sync a queued body: {e}"))
@@ -336,6 +377,9 @@ impl Outbox {
             files
                 .sync_dir(created)
                 .map_err(|e| HistoryError::Storage(format!("cannot sync the outbox: {e}")))?;
+        }
+        if staged.is_empty() {
+            return Ok(());
         }
         for s in staged {
             if let StagedBody::Inline(body) = &s.body {
@@ -785,6 +829,29 @@ mod tests {
             1
         );
         assert!(outbox_files.join("mine.txt").exists());
+    }
+
+    /// A write that fails (here: the directory cannot be synced) leaves its
+    /// webhooks staged, so the flush an acknowledgement waits for fails
+    /// too, and the next one writes them.
+    #[tokio::test]
+    async fn a_failed_write_keeps_its_webhooks_staged_for_the_next_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history =
+            History::open(dir.path(), crate::history::Retention::default()).expect("history");
+        let outbox = Outbox::open(&history).expect("outbox");
+        let outbox_files = dir.path().join("outbox-bodies");
+        assert!(outbox.store(head(1), &[1; 10_000]).expect("store"));
+        std::fs::remove_dir_all(&outbox_files).expect("remove");
+        assert!(outbox.flush().await.is_err());
+        assert!(outbox.first().expect("first").is_none(), "nothing written");
+        assert_eq!(outbox.len(), 1, "still staged");
+        assert!(!outbox.store(head(1), &[1; 10_000]).expect("repeat"));
+        std::fs::create_dir_all(&outbox_files).expect("mkdir");
+        outbox.flush().await.expect("flush");
+        let (_, entry) = outbox.first().expect("first").expect("written");
+        assert_eq!(entry.head.delivery_id, head(1).delivery_id);
+        assert_eq!(outbox.len(), 1);
     }
 
     #[test]
