@@ -67,6 +67,7 @@ impl BodyFiles {
         })
     }
 
+    /// Where the body with this id is (or would be).
     pub fn path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:016x}.body"))
     }
