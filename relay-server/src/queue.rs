@@ -1771,6 +1771,32 @@ mod tests {
         assert_eq!(q.stats(&t).count, 0);
     }
 
+    /// A body file that cannot be written (here: its directory is gone; a
+    /// full disk alike) fails the append with a storage error, and the
+    /// aborted upload leaves nothing behind; the next one works again.
+    #[test]
+    fn a_body_file_that_cannot_be_written_is_a_storage_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = SledQueue::open(dir.path(), QueueLimits::default()).expect("open");
+        let t = tunnel("full");
+        let bodies = dir.path().join("queue-bodies");
+        std::fs::remove_dir_all(&bodies).expect("remove");
+        let mut upload = q.begin(&t, None).expect("begin");
+        match q.append(&mut upload, &noise(10_000)) {
+            Err(QueueError::Storage(why)) => assert!(why.contains("cannot write"), "{why}"),
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+        q.abort(upload);
+        assert_eq!(q.stored_markers(), 0);
+        assert!(
+            q.inner.lock_usage().get(&t).is_none(),
+            "nothing counted or reserved"
+        );
+        std::fs::create_dir_all(&bodies).expect("mkdir");
+        let item = enqueue(&q, &t, &noise(10_000));
+        assert!(read_body(&q, &item) == noise(10_000));
+    }
+
     #[test]
     fn open_deletes_body_files_no_head_owns_and_leaves_other_files() {
         let dir = tempfile::tempdir().expect("tempdir");
