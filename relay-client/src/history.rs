@@ -75,9 +75,13 @@ pub const MAX_PAGE: usize = 500;
 /// Bodies up to this size are kept inside the exchange's record instead of
 /// as chunks of their own. Larger ones go to the segments: sled keeps in
 /// memory about what it stores in large values (see
-/// [`hookrelay_shared::body_files`]); at 64 KiB, 12,000 webhooks of 32 KiB
-/// took the agent to 173 MiB.
-pub const INLINE_BODY_MAX: usize = 4 * 1024;
+/// [`hookrelay_shared::body_files`]; at 64 KiB, 12,000 webhooks of 32 KiB
+/// took the agent to 173 MiB), and it rewrites whole leaves of records as
+/// they are inserted and removed, so small records cost it less: with 1 KiB
+/// bodies in the segments instead of the records, six pairs of `http
+/// --workloads a,c` put c's p99 at 0.69/0.67/0.66/0.65/0.72/0.69 ms against
+/// 0.75/0.70/0.73/0.78/0.79/0.66 (README, Benchmarks).
+pub const INLINE_BODY_MAX: usize = 256;
 
 /// Identifies one recorded exchange (sortable by time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
