@@ -405,20 +405,11 @@ impl Outbox {
         // Taken first: the removals behind them were written before this
         // flush was asked for, so they are on disk once it returns.
         let doomed = self.files.as_ref().map(|files| files.take_doomed());
-        if let Err(err) = self.history.flush().await {
-            if let (Some(files), Some(doomed)) = (&self.files, doomed) {
-                files.doom(doomed);
-            }
-            return Err(err);
-        }
+        let flushed = self.history.flush().await;
         if let (Some(files), Some(doomed)) = (&self.files, doomed) {
-            for id in doomed {
-                if let Err(e) = files.remove(id) {
-                    warn!(error = %e, "cannot delete a delivered queued body; retried at next start");
-                }
-            }
+            files.settle_doomed(doomed, flushed.is_ok());
         }
-        Ok(())
+        flushed
     }
 
     fn put(&self, seq: [u8; 8], entry: &Entry) -> Result<(), HistoryError> {

@@ -521,17 +521,18 @@ impl Queue for SledQueue {
                     // Taken first: every removal behind these ids is in
                     // sled before the flush starts, so on disk after it.
                     let doomed = inner.files.as_ref().map(BodyFiles::take_doomed);
-                    if let Err(e) = inner.db.flush() {
-                        // Still to go after a flush that works.
-                        if let (Some(files), Some(doomed)) = (&inner.files, doomed) {
-                            files.doom(doomed);
+                    let flushed = inner.db.flush();
+                    if let (Some(files), Some(doomed)) = (&inner.files, doomed) {
+                        // A file that could not be deleted keeps its
+                        // marker: the next open finishes the job.
+                        let deleted = files.settle_doomed(doomed, flushed.is_ok());
+                        if let Err(e) = inner.delete_markers(&deleted) {
+                            warn!(error = %e, "could not delete upload markers; retried at next start");
                         }
-                        return Err(io::Error::other(e.to_string()));
                     }
-                    if let Some(doomed) = doomed {
-                        inner.delete_files(&doomed);
-                    }
-                    Ok(())
+                    flushed
+                        .map(drop)
+                        .map_err(|e| io::Error::other(e.to_string()))
                 })
                 .await
                 .map_err(|e: io::Error| QueueError::Storage(format!("flush failed: {e}")))
@@ -755,22 +756,16 @@ impl Inner {
         }
     }
 
-    /// After a flush: deletes the files of removed items, then their markers.
-    /// A failure leaves the markers, so the next `open` finishes the job.
-    fn delete_files(&self, upload_ids: &[u64]) {
-        let Some(files) = &self.files else { return };
+    /// Removes the upload markers of bodies that are gone.
+    fn delete_markers(&self, upload_ids: &[u64]) -> Result<(), QueueError> {
+        if upload_ids.is_empty() {
+            return Ok(());
+        }
         let mut markers = sled::Batch::default();
-        for &id in upload_ids {
-            match files.remove(id) {
-                Ok(()) => markers.remove(&id.to_be_bytes()[..]),
-                Err(e) => {
-                    warn!(upload_id = id, error = %e, "could not delete a queued body file; retried at next start");
-                }
-            }
+        for id in upload_ids {
+            markers.remove(&id.to_be_bytes()[..]);
         }
-        if let Err(e) = self.uploads.apply_batch(markers) {
-            warn!(error = %e, "could not delete upload markers; retried at next start");
-        }
+        self.uploads.apply_batch(markers).map_err(storage)
     }
 
     fn lock_usage(&self) -> MutexGuard<'_, BTreeMap<TunnelName, Usage>> {
@@ -962,13 +957,9 @@ impl Inner {
         if upload_ids.is_empty() {
             return;
         }
-        let deleted = self.delete_chunks(upload_ids).and_then(|()| {
-            let mut markers = sled::Batch::default();
-            for id in upload_ids {
-                markers.remove(&id.to_be_bytes()[..]);
-            }
-            self.uploads.apply_batch(markers).map_err(storage)
-        });
+        let deleted = self
+            .delete_chunks(upload_ids)
+            .and_then(|()| self.delete_markers(upload_ids));
         if let Err(e) = deleted {
             warn!(
                 bodies = upload_ids.len(),
@@ -1098,8 +1089,9 @@ impl UploadOwner for Inner {
         // Never committed, so no head names its file: it can go at once. (A
         // body that outgrew INLINE_BODY_BYTES has one, even when a failed
         // commit took its handle.)
-        if self.files.is_some() && upload.written > INLINE_BODY_BYTES as u64 {
-            if let Err(e) = self.files().and_then(|files| files.remove(upload.id)) {
+        let spilled = upload.written > INLINE_BODY_BYTES as u64;
+        if let Some(files) = self.files.as_ref().filter(|_| spilled) {
+            if let Err(e) = files.remove(upload.id) {
                 warn!(upload_id = upload.id, error = %e, "could not delete an unfinished body file; retried at next start");
             }
         }

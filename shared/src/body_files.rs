@@ -14,7 +14,8 @@
 //! synced once since its creation ([`BodyFiles::sync_dir`]), before the
 //! record naming it is written; a removed record's file is deleted only
 //! after the removal is on disk ([`BodyFiles::doom`], then
-//! [`BodyFiles::take_doomed`] before a flush), so a crash never leaves a
+//! [`BodyFiles::take_doomed`] before a flush and [`BodyFiles::settle_doomed`]
+//! after it), so a crash never leaves a
 //! record whose body file is gone; files no record owns are deleted when the
 //! store opens ([`BodyFiles::delete_unowned`]).
 
@@ -114,9 +115,31 @@ impl BodyFiles {
             .extend(ids);
     }
 
-    /// The files scheduled so far, taken just before a flush.
+    /// The files scheduled so far, taken just before a flush; hand them to
+    /// [`BodyFiles::settle_doomed`] once it is over.
     pub fn take_doomed(&self) -> Vec<u64> {
         std::mem::take(&mut *self.doomed.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// After the flush that followed [`BodyFiles::take_doomed`]: when it
+    /// `flushed`, deletes those files and returns the ids whose file is gone
+    /// (a failure is logged and the file left for the next start); when it
+    /// did not, schedules them again for the next flush and returns none.
+    pub fn settle_doomed(&self, doomed: Vec<u64>, flushed: bool) -> Vec<u64> {
+        if !flushed {
+            self.doom(doomed);
+            return Vec::new();
+        }
+        doomed
+            .into_iter()
+            .filter(|&id| match self.remove(id) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(id, dir = %self.dir.display(), error = %e, "cannot delete a body file; retried at next start");
+                    false
+                }
+            })
+            .collect()
     }
 
     /// At open: deletes every file whose id is not in `kept` (the ids of all
