@@ -25,22 +25,25 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The agent (`http`) runs on one worker thread unless TOKIO_WORKER_THREADS
-    // says otherwise: a delivery crosses several tasks (quinn's endpoint and
-    // connection drivers, the stream, the app connection), and on one thread
-    // each hand-over is a queue push instead of a futex wake-up of another
-    // thread. Workload c, one worker against one per core: agent CPU per
-    // request about a quarter lower and the added median about 15 % lower,
-    // workloads a and d unchanged (README, Benchmarks). The history's sled
-    // reads for the inspector run on the blocking pool, so a long listing
-    // does not hold deliveries up. `demo` runs a relay, an agent and an app
-    // in one process and keeps one worker per core.
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // The agent (`http`) runs on one thread unless TOKIO_WORKER_THREADS asks
+    // for a pool of workers: a delivery crosses several tasks (quinn's
+    // endpoint and connection drivers, the stream, the app connection), and
+    // on one thread each hand-over is a queue push instead of a futex
+    // wake-up of another thread. A current-thread runtime rather than a pool
+    // of one: the pool runs a task it has just woken next, so quinn's
+    // connection driver sent each answer in a datagram of its own (README,
+    // Benchmarks). The history's sled reads for the inspector run on the
+    // blocking pool, so a long listing does not hold deliveries up. `demo`
+    // runs a relay, an agent and an app in one process and keeps one worker
+    // per core.
+    let one_thread = matches!(cli.command, Command::Http(_))
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none();
+    let mut runtime = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     runtime.enable_all();
-    if matches!(cli.command, Command::Http(_)) && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
-    {
-        runtime.worker_threads(1);
-    }
     match runtime.build() {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(err) => {

@@ -22,20 +22,23 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One worker thread unless TOKIO_WORKER_THREADS says otherwise, as for
-    // the agent: a delivery crosses several tasks (the sender's connection,
-    // quinn's endpoint and connection drivers, the delivery stream), and
-    // with one worker per core each hand-over can wake another thread.
-    // Three interleaved pairs of `hookrelay-bench http --workloads a,b,c,d`:
-    // relay CPU per request in a 75/61/70 -> 52/49/67 µs and in c
-    // 176/165/169 -> 124/132/129 µs, c's p99 1.00/0.91/0.94 -> 0.80/0.84/0.84
-    // ms, b and d within the noise (README, Benchmarks). Blocking work
-    // (flushes, large queued bodies' commits) runs on the blocking pool.
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One thread for everything unless TOKIO_WORKER_THREADS asks for a pool
+    // of workers, as for the agent: a delivery crosses several tasks (the
+    // sender's connection, quinn's endpoint and connection drivers, the
+    // delivery stream), and with one worker per core each hand-over can wake
+    // another thread. A current-thread runtime rather than a pool of one:
+    // the pool's worker runs a task it has just woken next (its LIFO slot),
+    // so quinn's connection driver ran after each request's stream write and
+    // sent one datagram per webhook; queued behind the other ready
+    // connections, it sends the data of several in one go (README,
+    // Benchmarks). Blocking work (flushes, large queued bodies' commits)
+    // runs on the blocking pool.
+    let mut runtime = if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
     runtime.enable_all();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        runtime.worker_threads(1);
-    }
     match runtime.build() {
         Ok(runtime) => match runtime.block_on(run(cli)) {
             Ok(()) => ExitCode::SUCCESS,
