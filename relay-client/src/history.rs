@@ -501,16 +501,16 @@ pub struct History {
     /// Where large bodies go; `None` for an in-memory store (tree `bodies`).
     segments: Option<Arc<Segments>>,
     /// Large bodies of stores from before the segments, one file each.
-    files: Option<Arc<BodyFiles>>,
+    files: Option<Arc<LegacyBodyFiles>>,
 }
 
 /// Large bodies as stores from before [`segments`] kept them: one file each,
 /// in the segments' directory. Read and removed, never written.
-struct BodyFiles {
+struct LegacyBodyFiles {
     dir: PathBuf,
 }
 
-impl BodyFiles {
+impl LegacyBodyFiles {
     fn path(&self, id: ExchangeId, part: Part) -> PathBuf {
         self.dir
             .join(format!("{}.{}", hex::encode(id.key()), part as u8))
@@ -937,7 +937,7 @@ impl History {
             })?;
         let dir = dir.join("history-bodies");
         let segments = Segments::open(&dir, segment_bytes).map_err(file_error)?;
-        let files = BodyFiles { dir };
+        let files = LegacyBodyFiles { dir };
         Self::from_db(db, retention, Some((Arc::new(segments), Arc::new(files))))
     }
 
@@ -976,7 +976,7 @@ impl History {
     fn from_db(
         db: sled::Db,
         retention: Retention,
-        on_disk: Option<(Arc<Segments>, Arc<BodyFiles>)>,
+        on_disk: Option<(Arc<Segments>, Arc<LegacyBodyFiles>)>,
     ) -> Result<Self, HistoryError> {
         let (segments, files) = on_disk.unzip();
         let exchanges = db.open_tree("exchanges").map_err(storage)?;

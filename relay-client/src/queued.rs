@@ -171,6 +171,10 @@ pub struct Outbox {
     changed: Arc<Notify>,
     /// Webhooks the relay sent again that were here already (since start).
     repeats: Arc<std::sync::atomic::AtomicU64>,
+    /// Entries in `items`, kept as they are written and removed: sled
+    /// counts a tree by walking it, and the inspector's status and metrics
+    /// ask on the agent's one thread (100,000 waiting: a walk per request).
+    stored: Arc<std::sync::atomic::AtomicUsize>,
     /// Bodies over [`INLINE_BODY_BYTES`], a file each; `None` with an
     /// in-memory history (they are sled values then).
     files: Option<Arc<BodyFiles>>,
@@ -204,6 +208,7 @@ impl Outbox {
             seen: history.tree("outbox_seen")?,
             changed: Arc::default(),
             repeats: Arc::default(),
+            stored: Arc::default(),
             files,
             pending: Arc::default(),
             writing: Arc::default(),
@@ -221,6 +226,9 @@ impl Outbox {
                 HistoryError::Storage(format!("cannot clear the outbox's files: {e}"))
             })?;
         }
+        outbox
+            .stored
+            .store(outbox.items.len(), std::sync::atomic::Ordering::Relaxed);
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
         for item in outbox.seen.iter() {
             let (key, value) = item.map_err(storage)?;
@@ -234,7 +242,7 @@ impl Outbox {
     /// Webhooks waiting for the app (those received and not yet written
     /// included).
     pub fn len(&self) -> usize {
-        self.items.len() + self.lock_pending().staged.len()
+        self.stored.load(std::sync::atomic::Ordering::Relaxed) + self.lock_pending().staged.len()
     }
 
     /// Whether nothing waits.
@@ -414,7 +422,22 @@ impl Outbox {
 
     fn put(&self, seq: [u8; 8], entry: &Entry) -> Result<(), HistoryError> {
         let json = serde_json::to_vec(entry).map_err(|e| HistoryError::Storage(e.to_string()))?;
-        self.items.insert(seq, json).map_err(storage)?;
+        if self.items.insert(seq, json).map_err(storage)?.is_none() {
+            self.stored
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Removes `key` from `items`, counting it out if it was there.
+    fn remove_item(&self, key: impl AsRef<[u8]>) -> Result<(), HistoryError> {
+        if self.items.remove(key).map_err(storage)?.is_some() {
+            let _ = self.stored.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| Some(n.saturating_sub(1)),
+            );
+        }
         Ok(())
     }
 
@@ -423,7 +446,7 @@ impl Outbox {
         for item in self.items.iter() {
             let (key, value) = item.map_err(storage)?;
             let Ok(seq) = <[u8; 8]>::try_from(&key[..]) else {
-                self.items.remove(key).map_err(storage)?;
+                self.remove_item(key)?;
                 continue;
             };
             match serde_json::from_slice::<Entry>(&value) {
@@ -432,7 +455,7 @@ impl Outbox {
                     // Cannot be delivered; keep the bytes visible in the log
                     // rather than block everything behind it.
                     warn!(error = %err, "dropping an unreadable outbox entry");
-                    self.items.remove(key).map_err(storage)?;
+                    self.remove_item(key)?;
                 }
             }
         }
@@ -458,7 +481,7 @@ impl Outbox {
 
     /// Removes a webhook; its body file goes with the next flush.
     fn remove(&self, seq: [u8; 8]) -> Result<(), HistoryError> {
-        self.items.remove(seq).map_err(storage)?;
+        self.remove_item(seq)?;
         if self.bodies.remove(seq).map_err(storage)?.is_none() {
             if let Some(files) = &self.files {
                 files.doom([u64::from_be_bytes(seq)]);
@@ -825,6 +848,49 @@ mod tests {
     /// A write that fails (here: the directory cannot be synced) leaves its
     /// webhooks staged, so the flush an acknowledgement waits for fails
     /// too, and the next one writes them.
+    #[tokio::test]
+    async fn the_waiting_count_follows_writes_updates_removals_and_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let history =
+                History::open(dir.path(), crate::history::Retention::default()).expect("history");
+            let outbox = Outbox::open(&history).expect("outbox");
+            for n in 1..=4 {
+                assert!(outbox.store(head(n), b"{}").expect("store"));
+            }
+            assert_eq!(outbox.len(), 4, "staged");
+            outbox.flush().await.expect("flush");
+            assert_eq!(outbox.len(), 4, "written");
+            // An update (the next attempt's time, "with the app") is no new entry.
+            let (seq, mut entry) = outbox.first().expect("first").expect("an entry");
+            entry.attempts += 1;
+            outbox.put(seq, &entry).expect("put");
+            assert_eq!(outbox.len(), 4);
+            outbox.remove(seq).expect("remove");
+            outbox.remove(seq).expect("removed twice");
+            assert_eq!(outbox.len(), 3);
+            // An entry that cannot be read (a key sorting first) is dropped by
+            // `first`, and counted out.
+            outbox
+                .items
+                .insert([0u8; 1], b"junk".as_slice())
+                .expect("insert");
+            outbox
+                .stored
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(outbox.len(), 4);
+            let _ = outbox.first().expect("first");
+            assert_eq!(outbox.len(), 3);
+            assert_eq!(outbox.len(), outbox.items.len());
+            outbox.flush().await.expect("flush");
+            history.close().await.expect("close");
+        }
+        let history =
+            History::open(dir.path(), crate::history::Retention::default()).expect("reopen");
+        let outbox = Outbox::open(&history).expect("outbox");
+        assert_eq!(outbox.len(), 3, "counted again at open");
+    }
+
     #[tokio::test]
     async fn a_failed_write_keeps_its_webhooks_staged_for_the_next_flush() {
         let dir = tempfile::tempdir().expect("tempdir");
