@@ -132,10 +132,11 @@ async fn readyz(State(state): State<InspectorState>) -> Response {
 
 async fn metrics(State(state): State<InspectorState>) -> Response {
     let connected = matches!(*state.status.borrow(), Status::Connected { .. });
-    // A few stat calls: off the agent's one worker like other store reads.
-    let history = state
+    // A few stat calls: off the agent's one thread like other store reads.
+    let outbox = state.outbox.clone();
+    let (history, outbox_bytes) = state
         .history
-        .off_runtime(|h| Ok(h.figures()))
+        .off_runtime(move |h| Ok((h.figures(), outbox.file_bytes())))
         .await
         .unwrap_or_default();
     let text = state.metrics.render(
@@ -143,6 +144,7 @@ async fn metrics(State(state): State<InspectorState>) -> Response {
         state.outbox.len(),
         state.outbox.repeats(),
         history,
+        outbox_bytes,
     );
     (
         [(

@@ -46,6 +46,7 @@ pub struct AgentMetrics {
     queued_waiting: Gauge,
     history_exchanges: Gauge,
     history_disk_bytes: Gauge,
+    disk_bytes: Gauge,
     link: Link,
 }
 
@@ -162,6 +163,12 @@ impl AgentMetrics {
             "Bytes the history takes on disk: its sled store and its body segments",
             history_disk_bytes.clone(),
         );
+        let disk_bytes = Gauge::default();
+        r.register(
+            "hookrelay_agent_disk_bytes",
+            "Bytes the agent keeps on disk: its sled store (history and outbox), the history's body segments and the outbox's body files",
+            disk_bytes.clone(),
+        );
         let link = Link {
             connection: std::sync::Mutex::new(None),
             rtt: Gauge::default(),
@@ -221,6 +228,7 @@ impl AgentMetrics {
             queued_waiting,
             history_exchanges,
             history_disk_bytes,
+            disk_bytes,
             link,
         }
     }
@@ -293,12 +301,16 @@ impl AgentMetrics {
         queued_waiting: usize,
         queued_repeats: u64,
         history: crate::history::Figures,
+        outbox_file_bytes: u64,
     ) -> String {
         self.connected.set(i64::from(connected));
         self.history_exchanges
             .set(i64::try_from(history.exchanges).unwrap_or(i64::MAX));
         self.history_disk_bytes
             .set(i64::try_from(history.disk_bytes).unwrap_or(i64::MAX));
+        self.disk_bytes.set(
+            i64::try_from(history.disk_bytes.saturating_add(outbox_file_bytes)).unwrap_or(i64::MAX),
+        );
         relay_server::metrics::follow(&self.queued_repeats, queued_repeats);
         self.queued_waiting
             .set(i64::try_from(queued_waiting).unwrap_or(i64::MAX));

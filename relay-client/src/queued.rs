@@ -245,6 +245,12 @@ impl Outbox {
         self.stored.load(std::sync::atomic::Ordering::Relaxed) + self.lock_pending().staged.len()
     }
 
+    /// Bytes of the bodies waiting in files (those over
+    /// [`INLINE_BODY_BYTES`]; smaller ones are in the history's sled store).
+    pub fn file_bytes(&self) -> u64 {
+        self.files.as_ref().map_or(0, |files| files.disk_bytes())
+    }
+
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -805,6 +811,11 @@ mod tests {
             assert!(!outbox.store(head(1), &large).expect("repeat"));
             assert_eq!(outbox.len(), 3);
             assert_eq!(
+                outbox.file_bytes(),
+                large.len() as u64,
+                "the large body's file"
+            );
+            assert_eq!(
                 BodyFiles::open(outbox_files.clone()).expect("dir").count(),
                 1
             );
@@ -818,6 +829,7 @@ mod tests {
                 1
             );
             outbox.flush().await.expect("flush");
+            assert_eq!(outbox.file_bytes(), 0);
             assert_eq!(
                 BodyFiles::open(outbox_files.clone()).expect("dir").count(),
                 0

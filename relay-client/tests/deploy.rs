@@ -67,6 +67,7 @@ const METRICS: &[&str] = &[
     "hookrelay_agent_queued_repeats_total",
     "hookrelay_agent_history_exchanges",
     "hookrelay_agent_history_disk_bytes",
+    "hookrelay_agent_disk_bytes",
     "hookrelay_agent_connected",
     "hookrelay_agent_queued_waiting",
 ];

@@ -233,6 +233,12 @@ async fn both_metrics_endpoints_move_with_the_traffic() -> anyhow::Result<()> {
         a1.sum("hookrelay_agent_history_disk_bytes", &[]) > 0.0,
         "{a1:?}"
     );
+    // The history and the outbox's files: at least the history.
+    assert!(
+        a1.sum("hookrelay_agent_disk_bytes", &[])
+            >= a1.sum("hookrelay_agent_history_disk_bytes", &[]),
+        "{a1:?}"
+    );
     assert_eq!(
         adelta("hookrelay_agent_app_duration_seconds_count", &[]),
         3.0

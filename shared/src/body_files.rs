@@ -172,6 +172,15 @@ impl BodyFiles {
     pub fn count(&self) -> usize {
         fs::read_dir(&self.dir).map_or(0, |d| d.count())
     }
+
+    /// Bytes of the files in the directory (0 when it cannot be read).
+    pub fn disk_bytes(&self) -> u64 {
+        fs::read_dir(&self.dir).map_or(0, |dir| {
+            dir.filter_map(|entry| entry.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+    }
 }
 
 /// Reads the next piece (at most 64 KiB) of a body file with `remaining`
