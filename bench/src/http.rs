@@ -146,6 +146,10 @@ pub struct Figures {
     pub cpu_us_per_req: Vec<f64>,
     /// Peak RSS in KiB of each tunnel process.
     pub peak_rss_kib: Vec<Option<u64>>,
+    /// UDP datagrams sent on this machine per request while it was driven
+    /// (`/proc/net/snmp`): the QUIC link both ways for Hookrelay, about
+    /// none for the app and the TCP tunnels. `None` off Linux.
+    pub udp_datagrams_per_req: Option<f64>,
 }
 
 /// Somewhere to send the workload: the app itself or a tunnel in front of it.
@@ -285,7 +289,9 @@ async fn measure(
         .map(|(_, pid)| RssSampler::start(*pid))
         .collect();
     let cpu_before: Vec<Option<u64>> = target.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+    let udp_before = udp_out_datagrams();
     let driven = drive(target, workload, duration).await?;
+    let udp_after = udp_out_datagrams();
     let cpu_after: Vec<Option<u64>> = target.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
     let tick_us = 1_000_000.0 / clock_ticks_per_s() as f64;
     let done = driven.requests.max(1) as f64;
@@ -318,7 +324,20 @@ async fn measure(
         max_us: lat.last().copied().map_or(0, u64::from),
         cpu_us_per_req,
         peak_rss_kib,
+        udp_datagrams_per_req: udp_before
+            .zip(udp_after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / done),
     })
+}
+
+/// UDP datagrams this network namespace has sent (`OutDatagrams` in the
+/// `Udp:` rows of `/proc/net/snmp`); `None` where there is no such file.
+fn udp_out_datagrams() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut rows = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (rows.next()?, rows.next()?);
+    let at = names.split_whitespace().position(|n| n == "OutDatagrams")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 struct Driven {
@@ -457,6 +476,11 @@ fn median(runs: &[Figures]) -> Figures {
         peak_rss_kib: (0..first.peak_rss_kib.len())
             .map(|i| runs.iter().filter_map(|f| f.peak_rss_kib[i]).max())
             .collect(),
+        udp_datagrams_per_req: runs
+            .iter()
+            .map(|f| f.udp_datagrams_per_req)
+            .collect::<Option<Vec<f64>>>()
+            .map(mid),
     }
 }
 
@@ -552,6 +576,15 @@ fn table(
                 ));
             }
         }
+        if let Some(n) = targets
+            .iter()
+            .position(|t| t.name == "hookrelay")
+            .and_then(|ti| medians[wi][ti].udp_datagrams_per_req)
+        {
+            out.push_str(&format!(
+                "hookrelay's QUIC link: {n:.2} UDP datagrams per request, both ways\n"
+            ));
+        }
     }
     out.push_str(&format!(
         "\nhigh-water RSS over the whole run: relay {}, agent {}\n",
@@ -596,6 +629,7 @@ fn to_json(
                         "max_ms": f.max_us as f64 / 1000.0,
                         "ratio_to_direct": if direct_rps > 0.0 { ((f.req_per_s / direct_rps) * 1000.0).round() / 1000.0 } else { 0.0 },
                         "cpu_us_per_req": t.pids.iter().zip(&f.cpu_us_per_req).map(|((l, _), us)| (l.to_string(), json!((us * 10.0).round() / 10.0))).collect::<serde_json::Map<_, _>>(),
+                        "udp_datagrams_per_req": f.udp_datagrams_per_req.map(|n| (n * 100.0).round() / 100.0),
                         "peak_rss_mib": t.pids.iter().zip(&f.peak_rss_kib).map(|((l, _), k)| (l.to_string(), json!(k.map(|k| (k as f64 / 102.4).round() / 10.0)))).collect::<serde_json::Map<_, _>>(),
                     })
                 })
@@ -629,6 +663,20 @@ mod tests {
     #[test]
     fn cpu_ticks_of_this_process_are_read() {
         assert!(cpu_ticks(std::process::id()).is_some());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn udp_datagrams_sent_are_counted() {
+        let before = udp_out_datagrams().expect("/proc/net/snmp has a Udp row");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = socket.local_addr().expect("address");
+        for _ in 0..10 {
+            socket.send_to(b"x", to).expect("send");
+        }
+        let after = udp_out_datagrams().expect("still there");
+        // Other processes may send some too, never fewer.
+        assert!(after >= before + 10, "{before} -> {after}");
     }
 
     #[test]
