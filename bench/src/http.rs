@@ -146,9 +146,10 @@ pub struct Figures {
     pub cpu_us_per_req: Vec<f64>,
     /// Peak RSS in KiB of each tunnel process.
     pub peak_rss_kib: Vec<Option<u64>>,
-    /// UDP datagrams sent on this machine per request while it was driven
-    /// (`/proc/net/snmp`): the QUIC link both ways for Hookrelay, about
-    /// none for the app and the TCP tunnels. `None` off Linux.
+    /// UDP sends on this machine per request while it was driven
+    /// (`OutDatagrams` of `/proc/net/snmp`, which counts a GSO batch of
+    /// packets once): the QUIC link both ways for Hookrelay, about none for
+    /// the app and the TCP tunnels. `None` off Linux.
     pub udp_datagrams_per_req: Option<f64>,
 }
 
@@ -582,7 +583,7 @@ fn table(
             .and_then(|ti| medians[wi][ti].udp_datagrams_per_req)
         {
             out.push_str(&format!(
-                "hookrelay's QUIC link: {n:.2} UDP datagrams per request, both ways\n"
+                "hookrelay's QUIC link: {n:.2} UDP sends per request, both ways (a GSO batch counts once)\n"
             ));
         }
     }
