@@ -857,9 +857,6 @@ mod tests {
         assert!(outbox_files.join("mine.txt").exists());
     }
 
-    /// A write that fails (here: the directory cannot be synced) leaves its
-    /// webhooks staged, so the flush an acknowledgement waits for fails
-    /// too, and the next one writes them.
     #[tokio::test]
     async fn the_waiting_count_follows_writes_updates_removals_and_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -903,6 +900,9 @@ mod tests {
         assert_eq!(outbox.len(), 3, "counted again at open");
     }
 
+    /// A write that fails (here: the directory cannot be synced) leaves its
+    /// webhooks staged, so the flush an acknowledgement waits for fails
+    /// too, and the next one writes them.
     #[tokio::test]
     async fn a_failed_write_keeps_its_webhooks_staged_for_the_next_flush() {
         let dir = tempfile::tempdir().expect("tempdir");
