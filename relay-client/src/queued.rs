@@ -36,7 +36,7 @@ use std::{collections::HashSet, io::Write, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use hookrelay_shared::{
-    body_files::{BodyFiles, INLINE_BODY_BYTES},
+    body_files::{kept_in_file, BodyFiles},
     codec::{read_frame, write_frame},
     DeliveryId, QueueAck, QueueOpen, QueuedDelivery, RequestHead,
 };
@@ -175,7 +175,7 @@ pub struct Outbox {
     /// counts a tree by walking it, and the inspector's status and metrics
     /// ask on the agent's one thread (100,000 waiting: a walk per request).
     stored: Arc<std::sync::atomic::AtomicUsize>,
-    /// Bodies over [`INLINE_BODY_BYTES`], a file each; `None` with an
+    /// Bodies over [`INLINE_BODY_BYTES`](hookrelay_shared::body_files::INLINE_BODY_BYTES), a file each; `None` with an
     /// in-memory history (they are sled values then).
     files: Option<Arc<BodyFiles>>,
     pending: Arc<std::sync::Mutex<Pending>>,
@@ -213,22 +213,25 @@ impl Outbox {
             pending: Arc::default(),
             writing: Arc::default(),
         };
+        // One walk: the count, and the entries whose files are kept.
+        let mut kept = HashSet::new();
+        let mut stored = 0;
+        for key in outbox.items.iter().keys() {
+            stored += 1;
+            if let Ok(seq) = <[u8; 8]>::try_from(&key.map_err(storage)?[..]) {
+                kept.insert(u64::from_be_bytes(seq));
+            }
+        }
+        outbox
+            .stored
+            .store(stored, std::sync::atomic::Ordering::Relaxed);
         if let Some(files) = &outbox.files {
             // Files of webhooks whose entry a crash kept off the disk, or
             // removed before their file went.
-            let mut kept = HashSet::new();
-            for key in outbox.items.iter().keys() {
-                if let Ok(seq) = <[u8; 8]>::try_from(&key.map_err(storage)?[..]) {
-                    kept.insert(u64::from_be_bytes(seq));
-                }
-            }
             files.delete_unowned(&kept).map_err(|e| {
                 HistoryError::Storage(format!("cannot clear the outbox's files: {e}"))
             })?;
         }
-        outbox
-            .stored
-            .store(outbox.items.len(), std::sync::atomic::Ordering::Relaxed);
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
         for item in outbox.seen.iter() {
             let (key, value) = item.map_err(storage)?;
@@ -246,7 +249,7 @@ impl Outbox {
     }
 
     /// Bytes of the bodies waiting in files (those over
-    /// [`INLINE_BODY_BYTES`]; smaller ones are in the history's sled store).
+    /// [`INLINE_BODY_BYTES`](hookrelay_shared::body_files::INLINE_BODY_BYTES); smaller ones are in the history's sled store).
     pub fn file_bytes(&self) -> u64 {
         self.files.as_ref().map_or(0, |files| files.disk_bytes())
     }
@@ -266,7 +269,7 @@ impl Outbox {
 
     /// Takes a webhook from the relay's queue, unless its delivery id was
     /// stored (or taken) before; `Ok(false)` for such a repeat. A body over
-    /// [`INLINE_BODY_BYTES`] is written to its file now; the webhook reaches
+    /// [`INLINE_BODY_BYTES`](hookrelay_shared::body_files::INLINE_BODY_BYTES) is written to its file now; the webhook reaches
     /// the store with the next [`Outbox::flush`], which the acknowledgement
     /// waits for.
     ///
@@ -289,7 +292,7 @@ impl Outbox {
             with_app: false,
         };
         let body = match &self.files {
-            Some(files) if body.len() > INLINE_BODY_BYTES => files
+            Some(files) if kept_in_file(body.len() as u64) => files
                 .create(u64::from_be_bytes(seq))
                 .and_then(|(mut file, created)| {
                     file.write_all(body)?;
@@ -767,6 +770,8 @@ async fn read_exact(recv: &mut quinn::RecvStream, len: u64) -> Result<Vec<u8>, S
 
 #[cfg(test)]
 mod tests {
+    use hookrelay_shared::body_files::INLINE_BODY_BYTES;
+
     use super::*;
 
     fn head(n: u8) -> RequestHead {

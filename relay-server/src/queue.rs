@@ -53,7 +53,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use hookrelay_shared::{
-    body_files::{read_piece, BodyFiles, INLINE_BODY_BYTES},
+    body_files::{kept_in_file, read_piece, BodyFiles, INLINE_BODY_BYTES},
     durable::GroupCommit,
     RequestHead, TunnelName,
 };
@@ -572,12 +572,9 @@ impl Queue for SledQueue {
         &self,
         item: &QueuedItem,
     ) -> Box<dyn Iterator<Item = Result<Bytes, QueueError>> + Send> {
-        // A body of up to INLINE_BODY_BYTES is never a file.
-        let file = match &self.inner.files {
-            Some(files) if item.body_len > INLINE_BODY_BYTES as u64 => {
-                BodyFile::Unopened(files.path(item.upload_id))
-            }
-            _ => BodyFile::None,
+        let file = match self.inner.file_of(item.body_len) {
+            Some(files) => BodyFile::Unopened(files.path(item.upload_id)),
+            None => BodyFile::None,
         };
         Box::new(BodyChunks {
             chunks: self.inner.chunks.clone(),
@@ -696,6 +693,12 @@ impl Inner {
             .ok_or_else(|| io::Error::other("this store keeps no body files"))
     }
 
+    /// The body files, when a body of `len` bytes is one of them (a small
+    /// body never is; a temporary store keeps every body as chunks).
+    fn file_of(&self, len: u64) -> Option<&BodyFiles> {
+        self.files.as_ref().filter(|_| kept_in_file(len))
+    }
+
     /// Stores the next `bytes` of an upload's body: in its file when the
     /// store has files, else as its next chunk.
     fn store(&self, upload: &mut Upload, bytes: &[u8]) -> Result<(), QueueError> {
@@ -741,7 +744,7 @@ impl Inner {
     fn release_bodies(&self, bodies: &[(u64, u64)]) {
         let (mut small, mut large) = (Vec::new(), Vec::new());
         for &(id, len) in bodies {
-            if self.files.is_some() && len > INLINE_BODY_BYTES as u64 {
+            if self.file_of(len).is_some() {
                 large.push(id);
             } else {
                 small.push(id);
@@ -1089,8 +1092,7 @@ impl UploadOwner for Inner {
         // Never committed, so no head names its file: it can go at once. (A
         // body that outgrew INLINE_BODY_BYTES has one, even when a failed
         // commit took its handle.)
-        let spilled = upload.written > INLINE_BODY_BYTES as u64;
-        if let Some(files) = self.files.as_ref().filter(|_| spilled) {
+        if let Some(files) = self.file_of(upload.written) {
             if let Err(e) = files.remove(upload.id) {
                 warn!(upload_id = upload.id, error = %e, "could not delete an unfinished body file; retried at next start");
             }

@@ -36,6 +36,12 @@ use tracing::{info, warn};
 /// Bodies up to this size stay sled values; larger ones are a file.
 pub const INLINE_BODY_BYTES: usize = 4 * 1024;
 
+/// Whether a body of `len` bytes is kept as a file (in a store that has
+/// them) rather than as a sled value.
+pub fn kept_in_file(len: u64) -> bool {
+    len > INLINE_BODY_BYTES as u64
+}
+
 /// Largest piece read from a body file at once.
 const READ_BYTES: u64 = 64 * 1024;
 
