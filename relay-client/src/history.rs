@@ -1,36 +1,51 @@
-//! Exchange history: every delivery and replay the agent handles, persisted in
-//! sled and broadcast to live inspector sessions.
+//! Exchange history: every delivery and replay the agent handles, persisted
+//! beside the agent and broadcast to live inspector sessions.
 //!
-//! Layout (known only to this module): tree `exchanges` maps a 16-byte ULID to
-//! the exchange's record: its JSON, then, for bodies of at most
-//! [`INLINE_BODY_MAX`] bytes, a newline and the bodies themselves (per body:
-//! one byte for the part, 0 request or 1 response, its length as u32 BE, the
-//! bytes). Larger bodies are appended, piece by piece as they stream past, to
-//! segment files in directory `history-bodies` beside the store (see
-//! [`segments`]), so that recording never holds a large body in memory; the
-//! record then names where its pieces went (per body: one byte, 2 + the part,
-//! the list's length as u32 BE, then 16 bytes per piece). The flush that makes
-//! a record durable syncs the segments written before it. sled holds large
-//! bodies no more: written into its leaves in pieces they cost two thirds of
-//! the agent's CPU for 256 KiB uploads, and its RSS tripled with larger
-//! pieces. Stores written before keep theirs as one file per body in
-//! `history-bodies` (named by the ULID in hex and the part, `<ulid>.0`), or
-//! in tree `bodies` (ULID, part and chunk number to raw bytes); both are
-//! still read and removed, and the tree is what an in-memory store uses. A
-//! typical webhook is thus one write and, when retention drops it, one removal.
-//! Records from before the inline bodies are JSON alone and still read. Tree `settings` keeps what
-//! commands reading the store without the agent must know of the agent's
-//! configuration: key `redact_headers`, a JSON list of header names; and key
-//! `kept_index`, what retention knows of every record, saved by a clean close
+//! Layout (known only to this module). An exchange's record is its JSON,
+//! then, for bodies of at most [`INLINE_BODY_MAX`] bytes, a newline and the
+//! bodies themselves (per body: one byte for the part, 0 request or 1
+//! response, its length as u32 BE, the bytes). Larger bodies are appended,
+//! piece by piece as they stream past, to segment files in directory
+//! `history-bodies` beside the store (see [`segments`]), so that recording
+//! never holds a large body in memory; the record then names where its pieces
+//! went (per body: one byte, 2 + the part, the list's length as u32 BE, then
+//! 16 bytes per piece).
+//!
+//! The record itself is appended to the segments too, in one write, and the
+//! sled tree `records` lists where: batches keyed by a u64 BE number, each
+//! value 32 bytes per record (its ULID, then its extent). The flush that
+//! makes records durable syncs the segments, then writes one batch for all
+//! of its records (a record stored for a caller that flushes itself is
+//! listed at once), so a webhook costs one `pwrite` on the agent's thread
+//! and no sled write: a sled insert per record (a leaf rewritten, a log
+//! entry) was a quarter of the agent's CPU per webhook and most of its RSS.
+//! What is kept, and where, is in memory (the totals); a batch is rewritten
+//! without the records deleted or evicted from it, and removed with its last.
+//!
+//! sled holds large bodies no more either: written into its leaves in pieces
+//! they cost two thirds of the agent's CPU for 256 KiB uploads, and its RSS
+//! tripled with larger pieces. Stores written before keep their records in
+//! tree `exchanges` (16-byte ULID to record) and their bodies as one file per
+//! body in `history-bodies` (named by the ULID in hex and the part,
+//! `<ulid>.0`), or in tree `bodies` (ULID, part and chunk number to raw
+//! bytes); all are still read and removed, and the two trees are what an
+//! in-memory store uses. Records from before the inline bodies are JSON alone
+//! and still read. Tree `settings` keeps what commands reading the store
+//! without the agent must know of the agent's configuration: key
+//! `redact_headers`, a JSON list of header names; and key `kept_index`, what
+//! retention knows of every record and where it is, saved by a clean close
 //! and taken out by the next open, so that opening reads one value instead of
 //! every record.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, HashMap, VecDeque},
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -68,6 +83,9 @@ pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
 /// Live-feed buffer per subscriber; a slower reader skips ahead (and is told).
 const EVENT_BUFFER: usize = 1024;
+
+/// Records a listing reads the place of at a time.
+const LIST_CHUNK: usize = 256;
 
 /// Most exchanges one list call returns.
 pub const MAX_PAGE: usize = 500;
@@ -502,6 +520,66 @@ pub struct History {
     segments: Option<Arc<Segments>>,
     /// Large bodies of stores from before the segments, one file each.
     files: Option<Arc<LegacyBodyFiles>>,
+    /// Batches of where records are in the segments (see the module docs).
+    records: sled::Tree,
+    /// Records in the segments that no batch lists yet: the next flush
+    /// lists them.
+    unlisted: Arc<Mutex<Vec<(ExchangeId, Extent)>>>,
+    /// Number of the next batch in tree `records`.
+    next_batch: Arc<AtomicU64>,
+    /// Held while writing tree `records` or a record into tree `exchanges`,
+    /// so that two writers of one batch never undo each other.
+    tree_writes: Arc<Mutex<()>>,
+}
+
+/// When [`History::store_as`] lists a record in tree `records`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Before it returns, ahead of the caller's own writes.
+    Now,
+    /// In the flush the caller waits for, with every other record of it.
+    ByFlush,
+}
+
+/// A stored record's bytes.
+enum RecordBytes {
+    Tree(sled::IVec),
+    Segment(Vec<u8>),
+}
+
+impl std::ops::Deref for RecordBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Tree(bytes) => bytes,
+            Self::Segment(bytes) => bytes,
+        }
+    }
+}
+
+/// [`Place::Segment`]'s batch of a record no batch lists yet.
+const UNLISTED: u64 = u64::MAX;
+
+/// Bytes per record in a batch of tree `records`: id, extent.
+const BATCH_ENTRY: usize = 16 + EXTENT_BYTES;
+
+/// Most records one batch lists (64 KiB): sled rewrites a leaf with all of
+/// its values, so they stay small.
+const BATCH_ENTRIES: usize = 2048;
+
+/// The records a batch of tree `records` lists; an entry that cannot be
+/// read is skipped.
+fn batch_entries(value: &[u8]) -> impl Iterator<Item = (ExchangeId, Extent)> + '_ {
+    value.chunks_exact(BATCH_ENTRY).filter_map(|entry| {
+        let id = ExchangeId::from_key(entry.get(..16)?)?;
+        Some((id, Extent::decode(entry.get(16..)?)?))
+    })
+}
+
+/// Key of batch `n` in tree `records`.
+fn batch_key(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
 }
 
 /// Large bodies as stores from before [`segments`] kept them: one file each,
@@ -579,11 +657,17 @@ impl fmt::Debug for History {
 struct Totals {
     bytes: u64,
     sizes: VecDeque<Kept>,
+    /// Records each batch of tree `records` lists that are still kept.
+    live: HashMap<u64, u32>,
 }
 
 /// Bytes per exchange in the retention index: id, size, flags, first
-/// segment.
-const KEPT_INDEX_ENTRY: usize = 16 + 8 + 1 + 4;
+/// segment, place (kind, extent, batch).
+const KEPT_INDEX_ENTRY: usize = 16 + 8 + 1 + 4 + 1 + EXTENT_BYTES + 8;
+
+/// Bytes per exchange in the retention index of version 2 (records in
+/// tree `exchanges` only).
+const KEPT_INDEX_ENTRY_V2: usize = 16 + 8 + 1 + 4;
 
 /// Bytes per exchange in the retention index of version 1 (no segments).
 const KEPT_INDEX_ENTRY_V1: usize = 16 + 8 + 1;
@@ -592,9 +676,9 @@ const KEPT_INDEX_ENTRY_V1: usize = 16 + 8 + 1;
 const NO_SEGMENT: u32 = u32::MAX;
 
 impl Totals {
-    /// Adds the records `iter` yields (a full scan, or what is newer than a
-    /// saved index). A record that cannot be decoded still counts, at its
-    /// stored size, and may have anything to remove.
+    /// Adds the records `iter` yields from tree `exchanges` (a full scan,
+    /// or what is newer than a saved index). A record that cannot be decoded
+    /// still counts, at its stored size, and may have anything to remove.
     fn scan(
         &mut self,
         iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
@@ -612,26 +696,109 @@ impl Totals {
                     delivered: true,
                     chunked: true,
                     first_seg: None,
+                    at: Place::Tree,
                 },
             };
-            self.bytes += kept.size;
             self.sizes.push_back(kept);
         }
         Ok(())
     }
 
-    /// The retention index saved on close: a version byte (2), then per
+    /// Adds the records the batches `iter` yields list, read from the
+    /// segments. One that cannot be read or decoded (zeroed by a deletion
+    /// that a crash kept from its batch, cut short) is left out: its batch
+    /// loses it when next settled.
+    fn scan_batches(
+        &mut self,
+        iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        segments: &Segments,
+    ) -> Result<(), HistoryError> {
+        for item in iter {
+            let (key, value) = item.map_err(storage)?;
+            let Some(batch) = <[u8; 8]>::try_from(key.as_ref())
+                .ok()
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            for (id, extent) in batch_entries(&value) {
+                let Ok(bytes) = segments.read(&[extent]) else {
+                    continue;
+                };
+                let Ok(record) = Record::decode(&bytes) else {
+                    continue;
+                };
+                if record.exchange.id != id {
+                    continue;
+                }
+                let mut kept = record.kept();
+                kept.place_in(extent, batch);
+                self.sizes.push_back(kept);
+            }
+        }
+        Ok(())
+    }
+
+    /// Orders what open gathered by id, keeps the newest copy of a record
+    /// stored twice, and counts bytes and each batch's records.
+    fn settle(&mut self) {
+        let mut sizes = Vec::from(std::mem::take(&mut self.sizes));
+        sizes.sort_by(|a, b| a.id.cmp(&b.id).then(b.at.order().cmp(&a.at.order())));
+        sizes.dedup_by_key(|k| k.id);
+        self.bytes = sizes.iter().map(|k| k.size).sum();
+        self.live.clear();
+        for kept in &sizes {
+            if let Some(batch) = kept.at.batch() {
+                *self.live.entry(batch).or_default() += 1;
+            }
+        }
+        self.sizes = sizes.into();
+    }
+
+    /// Where `id` is in [`Totals::sizes`].
+    fn position(&self, id: ExchangeId) -> Option<usize> {
+        let pos = self.sizes.partition_point(|k| k.id < id);
+        self.sizes.get(pos).filter(|k| k.id == id).map(|_| pos)
+    }
+
+    fn find(&self, id: ExchangeId) -> Option<&Kept> {
+        self.position(id).and_then(|pos| self.sizes.get(pos))
+    }
+
+    /// Takes a record no longer kept out of its batch's count.
+    fn forget(&mut self, kept: &Kept) {
+        if let Some(batch) = kept.at.batch() {
+            if let Some(n) = self.live.get_mut(&batch) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.live.remove(&batch);
+                }
+            }
+        }
+    }
+
+    /// The retention index saved on close: a version byte (3), then per
     /// kept exchange, oldest first, its id (16 bytes), stored size (u64 BE),
-    /// flags (1 delivered, 2 chunked) and first segment (u32 BE, `u32::MAX`
-    /// for none). Version 1 had no segment.
+    /// flags (1 delivered, 2 chunked), first segment (u32 BE, `u32::MAX`
+    /// for none), and where its record is: a byte (0 tree `exchanges`, 1
+    /// the segments), its extent and its batch (u64 BE). Version 2 had no
+    /// place (every record in the tree), version 1 no segment either.
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + self.sizes.len() * KEPT_INDEX_ENTRY);
-        out.push(2);
+        out.push(3);
         for kept in &self.sizes {
             out.extend_from_slice(&kept.id.key());
             out.extend_from_slice(&kept.size.to_be_bytes());
             out.push(u8::from(kept.delivered) | (u8::from(kept.chunked) << 1));
             out.extend_from_slice(&kept.first_seg.unwrap_or(NO_SEGMENT).to_be_bytes());
+            match kept.at {
+                Place::Tree => out.extend_from_slice(&[0; 1 + EXTENT_BYTES + 8]),
+                Place::Segment { extent, batch } => {
+                    out.push(1);
+                    extent.encode_into(&mut out);
+                    out.extend_from_slice(&batch.to_be_bytes());
+                }
+            }
         }
         out
     }
@@ -642,7 +809,8 @@ impl Totals {
         let (&version, entries) = bytes.split_first()?;
         let entry_len = match version {
             1 => KEPT_INDEX_ENTRY_V1,
-            2 => KEPT_INDEX_ENTRY,
+            2 => KEPT_INDEX_ENTRY_V2,
+            3 => KEPT_INDEX_ENTRY,
             _ => return None,
         };
         if entries.len() % entry_len != 0 {
@@ -659,6 +827,14 @@ impl Totals {
                 None => None,
             }
             .filter(|seg| *seg != NO_SEGMENT);
+            let at = match entry.get(29..) {
+                Some([1, place @ ..]) => Place::Segment {
+                    extent: Extent::decode(place.get(..EXTENT_BYTES)?)?,
+                    batch: u64::from_be_bytes(place.get(EXTENT_BYTES..)?.try_into().ok()?),
+                },
+                Some([0, ..]) | Some([]) | None => Place::Tree,
+                Some(_) => return None,
+            };
             totals.bytes = totals.bytes.saturating_add(size);
             totals.sizes.push_back(Kept {
                 id,
@@ -666,6 +842,7 @@ impl Totals {
                 delivered: flags & 1 != 0,
                 chunked: flags & 2 != 0,
                 first_seg,
+                at,
             });
             newest = newest.max(Some(id));
         }
@@ -684,8 +861,48 @@ struct Kept {
     /// It may have bodies in tree `bodies` or files of their own (stores
     /// from before the segments).
     chunked: bool,
-    /// The oldest segment its bodies are in, held for it in [`Segments`].
+    /// The oldest segment its record or bodies are in, held for it in
+    /// [`Segments`].
     first_seg: Option<u32>,
+    /// Where its record is.
+    at: Place,
+}
+
+impl Kept {
+    /// Its record is at `extent` in the segments, listed by `batch`.
+    fn place_in(&mut self, extent: Extent, batch: u64) {
+        self.first_seg = Some(self.first_seg.map_or(extent.seg(), |s| s.min(extent.seg())));
+        self.at = Place::Segment { extent, batch };
+    }
+}
+
+/// Where a record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// In tree `exchanges`: stores from before the records went to the
+    /// segments, and in-memory stores.
+    Tree,
+    /// In the segments at `extent`, listed in tree `records` by `batch`
+    /// ([`UNLISTED`] until a flush lists it).
+    Segment { extent: Extent, batch: u64 },
+}
+
+impl Place {
+    /// The batch listing it, if one does.
+    fn batch(self) -> Option<u64> {
+        match self {
+            Place::Segment { batch, .. } if batch != UNLISTED => Some(batch),
+            _ => None,
+        }
+    }
+
+    /// Of two copies of one record, the later has the larger.
+    fn order(self) -> u64 {
+        match self {
+            Place::Tree => 0,
+            Place::Segment { batch, .. } => batch.saturating_add(1).max(1),
+        }
+    }
 }
 
 /// One stored record, decoded.
@@ -773,6 +990,7 @@ impl Kept {
             delivered: delivered_key(e).is_some(),
             chunked,
             first_seg,
+            at: Place::Tree,
         }
     }
 }
@@ -982,6 +1200,7 @@ impl History {
         let exchanges = db.open_tree("exchanges").map_err(storage)?;
         let bodies = db.open_tree("bodies").map_err(storage)?;
         let delivered = db.open_tree("delivered").map_err(storage)?;
+        let records = db.open_tree("records").map_err(storage)?;
         // Taken out as it is read: from now on only the next clean close
         // writes a current one, so a crash leaves none and the next open
         // scans instead of trusting a stale index.
@@ -997,6 +1216,18 @@ impl History {
             .unwrap_or_default();
         let after = newest.map(|id| sled::IVec::from(&id.key()[..]));
         totals.scan(walk(&exchanges, after, Direction::OldestFirst))?;
+        if let Some(segments) = &segments {
+            // The batches written after the index (none normally).
+            let listed_to = totals.sizes.iter().filter_map(|k| k.at.batch()).max();
+            let from = listed_to.map_or(0, |n| n.saturating_add(1));
+            totals.scan_batches(records.range(batch_key(from)..), segments)?;
+        }
+        totals.settle();
+        let next_batch = match records.last().map_err(storage)? {
+            Some((key, _)) => <[u8; 8]>::try_from(key.as_ref())
+                .map_or(1, |n| u64::from_be_bytes(n).saturating_add(1)),
+            None => 1,
+        };
         // Bodies of exchanges that never finished (a crash mid-delivery) would
         // otherwise leak: drop those without a record.
         if let Some(segments) = &segments {
@@ -1016,6 +1247,10 @@ impl History {
             commits: Arc::default(),
             segments,
             files,
+            records,
+            unlisted: Arc::default(),
+            next_batch: Arc::new(AtomicU64::new(next_batch)),
+            tree_writes: Arc::default(),
         };
         history.drop_orphan_bodies()?;
         history.enforce_retention()?;
@@ -1042,19 +1277,17 @@ impl History {
             };
             if last != Some(prefix) {
                 last = Some(prefix);
-                orphan = !self.exchanges.contains_key(prefix).map_err(storage)?;
+                orphan = !ExchangeId::from_key(&prefix)
+                    .map(|id| self.is_kept(id))
+                    .transpose()?
+                    .unwrap_or(false);
             }
             if orphan {
                 self.bodies.remove(&key).map_err(storage)?;
             }
         }
         if let Some(files) = &self.files {
-            files.remove_where(|id| {
-                self.exchanges
-                    .contains_key(id.key())
-                    .map(|kept| !kept)
-                    .map_err(storage)
-            })?;
+            files.remove_where(|id| self.is_kept(id).map(|kept| !kept))?;
         }
         Ok(())
     }
@@ -1152,7 +1385,7 @@ impl History {
         bodies: &[(Part, Body<'_>)],
     ) -> Result<(), HistoryError> {
         let exchange = exchange.into();
-        self.store(&exchange, bodies)?;
+        self.store_as(&exchange, bodies, Write::ByFlush)?;
         self.flush().await?;
         self.announce(exchange);
         Ok(())
@@ -1161,7 +1394,9 @@ impl History {
     /// The first half of [`History::record`]: writes the record without
     /// waiting for the disk. The caller flushes, then
     /// [announces](Self::announce) it, so that one fsync can cover this and
-    /// the caller's own writes.
+    /// the caller's own writes. Listed before it returns, so that a crash
+    /// never keeps a write the caller makes after it (the outbox's removal
+    /// of the webhook) without this record.
     ///
     /// # Errors
     /// A storage error.
@@ -1170,41 +1405,180 @@ impl History {
         exchange: &Exchange,
         bodies: &[(Part, Body<'_>)],
     ) -> Result<(), HistoryError> {
-        let (value, kept) = encode_record(exchange, bodies)?;
-        self.exchanges
-            .insert(exchange.id.key(), value)
-            .map_err(storage)?;
+        self.store_as(exchange, bodies, Write::Now)
+    }
+
+    /// Writes a record: appended to the segments (one write, no sled insert
+    /// on the thread deliveries wait for) and listed by a batch of tree
+    /// `records` `write` says when; in tree `exchanges` for an in-memory
+    /// store.
+    fn store_as(
+        &self,
+        exchange: &Exchange,
+        bodies: &[(Part, Body<'_>)],
+        write: Write,
+    ) -> Result<(), HistoryError> {
+        let (value, mut kept) = encode_record(exchange, bodies)?;
+        let id = exchange.id;
+        // Holds the record's segment until `kept` holds it.
+        let mut spilled = Spilled::default();
+        match &self.segments {
+            Some(segments) => {
+                segments.append(&mut spilled, &value).map_err(file_error)?;
+                let [extent] = spilled.extents() else {
+                    return Err(HistoryError::Storage(
+                        "a record was not written in one piece".into(),
+                    ));
+                };
+                kept.place_in(*extent, UNLISTED);
+            }
+            None => {
+                let _writes = lock(&self.tree_writes);
+                self.exchanges.insert(id.key(), value).map_err(storage)?;
+            }
+        }
         if let Some(key) = delivered_key(exchange) {
             // First accepted delivery wins; a later one never replaces it.
             let _ = self
                 .delivered
-                .compare_and_swap(key, None as Option<&[u8]>, Some(&exchange.id.key()[..]))
+                .compare_and_swap(key, None as Option<&[u8]>, Some(&id.key()[..]))
                 .map_err(storage)?;
         }
-        {
-            let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let replaced = {
+            let mut totals = lock(&self.totals);
             totals.bytes += kept.size;
             if let (Some(segments), Some(seg)) = (&self.segments, kept.first_seg) {
                 segments.hold(seg);
             }
             // Ids are time-ordered; a replay recorded late still sorts by its start.
-            let pos = totals.sizes.partition_point(|k| k.id < exchange.id);
+            let pos = totals.sizes.partition_point(|k| k.id < id);
             match totals.sizes.get_mut(pos) {
                 // Stored again: it replaces the record, and what it held.
-                Some(old) if old.id == exchange.id => {
+                Some(old) if old.id == id => {
                     let old = std::mem::replace(old, kept);
                     totals.bytes = totals.bytes.saturating_sub(old.size);
+                    totals.forget(&old);
                     if let (Some(segments), Some(seg)) = (&self.segments, old.first_seg) {
                         segments.release(seg);
                     }
+                    Some(old)
                 }
-                _ => totals.sizes.insert(pos, kept),
+                _ => {
+                    totals.sizes.insert(pos, kept);
+                    None
+                }
             }
+        };
+        drop(spilled);
+        if let Place::Segment { extent, .. } = kept.at {
+            lock(&self.unlisted).push((id, extent));
+        }
+        if let Some(old) = replaced {
+            self.drop_copy(id, old.at, kept.at)?;
+        }
+        if write == Write::Now {
+            self.list_unlisted()?;
         }
         // Retention is applied by the flush that makes this record durable
         // (on the blocking pool, with every other record of that flush):
         // once the history is full, each record evicts the oldest, and that
         // removal (sled, and the body files' unlinks) held the agent's worker.
+        Ok(())
+    }
+
+    /// Drops the copy of a record stored again that was at `old` (now at
+    /// `new`).
+    fn drop_copy(&self, id: ExchangeId, old: Place, new: Place) -> Result<(), HistoryError> {
+        match old {
+            Place::Tree if new != Place::Tree => {
+                let _writes = lock(&self.tree_writes);
+                self.exchanges.remove(id.key()).map_err(storage)?;
+            }
+            Place::Tree => {}
+            Place::Segment { extent, batch } if batch == UNLISTED => {
+                lock(&self.unlisted).retain(|entry| *entry != (id, extent));
+            }
+            Place::Segment { batch, .. } => {
+                let _writes = lock(&self.tree_writes);
+                self.settle(batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists the records written to the segments since the last listing,
+    /// in new batches of tree `records`.
+    fn list_unlisted(&self) -> Result<(), HistoryError> {
+        let _writes = lock(&self.tree_writes);
+        let taken = std::mem::take(&mut *lock(&self.unlisted));
+        for (i, chunk) in taken.chunks(BATCH_ENTRIES).enumerate() {
+            let n = self.next_batch.fetch_add(1, Ordering::Relaxed);
+            let mut value = Vec::with_capacity(chunk.len() * BATCH_ENTRY);
+            for (id, extent) in chunk {
+                value.extend_from_slice(&id.key());
+                extent.encode_into(&mut value);
+            }
+            if let Err(err) = self.records.insert(batch_key(n), value) {
+                // Listed by a later flush, if any succeeds.
+                let rest = taken.get(i * BATCH_ENTRIES..).unwrap_or_default();
+                lock(&self.unlisted).splice(0..0, rest.iter().copied());
+                return Err(storage(err));
+            }
+            let listed = {
+                let mut totals = lock(&self.totals);
+                let mut listed = 0u32;
+                for &(id, extent) in chunk {
+                    let unlisted = Place::Segment {
+                        extent,
+                        batch: UNLISTED,
+                    };
+                    if let Some(pos) = totals.position(id) {
+                        if let Some(kept) = totals.sizes.get_mut(pos).filter(|k| k.at == unlisted) {
+                            kept.at = Place::Segment { extent, batch: n };
+                            listed += 1;
+                        }
+                    }
+                }
+                if listed > 0 {
+                    totals.live.insert(n, listed);
+                }
+                listed as usize
+            };
+            // Some were deleted or stored again meanwhile.
+            if listed < chunk.len() {
+                self.settle(n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites batch `n` of tree `records` with only the records still kept
+    /// there, or removes it when none is. The caller holds `tree_writes`.
+    fn settle(&self, n: u64) -> Result<(), HistoryError> {
+        let Some(value) = self.records.get(batch_key(n)).map_err(storage)? else {
+            return Ok(());
+        };
+        let still: Vec<u8> = {
+            let totals = lock(&self.totals);
+            value
+                .chunks_exact(BATCH_ENTRY)
+                .filter(|entry| {
+                    let Some((id, extent)) = batch_entries(entry).next() else {
+                        return false;
+                    };
+                    totals
+                        .find(id)
+                        .is_some_and(|k| k.at == Place::Segment { extent, batch: n })
+                })
+                .flatten()
+                .copied()
+                .collect()
+        };
+        if still.is_empty() {
+            self.records.remove(batch_key(n)).map_err(storage)?;
+        } else if still.len() < value.len() {
+            self.records.insert(batch_key(n), still).map_err(storage)?;
+        }
         Ok(())
     }
 
@@ -1221,7 +1595,7 @@ impl History {
         bodies: &[(Part, Body<'_>)],
     ) -> Result<(), HistoryError> {
         let exchange = exchange.into();
-        self.store(&exchange, bodies)?;
+        self.store_as(&exchange, bodies, Write::ByFlush)?;
         self.commits
             .flush_lingering(RECORD_LINGER, self.flush_fn())
             .await?;
@@ -1254,6 +1628,8 @@ impl History {
     /// # Errors
     /// A storage error.
     pub async fn close(&self) -> Result<(), HistoryError> {
+        // Every record listed first: the index names their batches.
+        self.flush().await?;
         let index = self
             .totals
             .lock()
@@ -1271,6 +1647,7 @@ impl History {
     fn flush_fn(&self) -> impl FnOnce() -> Result<(), HistoryError> + Send + 'static {
         let history = self.clone();
         move || {
+            history.list_unlisted()?;
             history.enforce_retention()?;
             let Some(segments) = &history.segments else {
                 return history.db.flush().map(drop).map_err(storage);
@@ -1286,40 +1663,79 @@ impl History {
     }
 
     fn enforce_retention(&self) -> Result<(), HistoryError> {
+        let mut batches = BTreeSet::new();
         loop {
             let victim = {
-                let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+                let mut totals = lock(&self.totals);
                 let over = totals.sizes.len() as u64 > self.retention.max_exchanges
                     || (totals.bytes > self.retention.max_bytes && totals.sizes.len() > 1);
                 if !over {
-                    return Ok(());
+                    break;
                 }
                 let Some(kept) = totals.sizes.pop_front() else {
-                    return Ok(());
+                    break;
                 };
                 totals.bytes = totals.bytes.saturating_sub(kept.size);
+                totals.forget(&kept);
                 kept
             };
-            if self.remove_stored(victim, false)? {
+            if self.remove_stored(victim, false, &mut batches)? {
                 // Live views drop it too.
                 let _ = self.events.send(HistoryEvent::Deleted { id: victim.id });
             }
         }
+        // Each batch the victims were in, once: the oldest go whole.
+        self.settle_all(batches)
     }
 
-    /// Removes a record, its `delivered` index entry and its chunked bodies,
-    /// reading back and scanning only what `kept` says may be there. Its
-    /// bodies in the segments are overwritten with zeros if `zero`, and
-    /// otherwise left for their segment's deletion (retention drops the
-    /// oldest, whose segments go next).
-    fn remove_stored(&self, kept: Kept, zero: bool) -> Result<bool, HistoryError> {
+    fn settle_all(&self, batches: BTreeSet<u64>) -> Result<(), HistoryError> {
+        let _writes = lock(&self.tree_writes);
+        batches.into_iter().try_for_each(|n| self.settle(n))
+    }
+
+    /// Removes a record no longer in the totals, its `delivered` index entry
+    /// and its chunked bodies, reading back and scanning only what `kept`
+    /// says may be there. The record and its bodies in the segments are
+    /// overwritten with zeros if `zero`, and otherwise left for their
+    /// segment's deletion (retention drops the oldest, whose segments go
+    /// next). The batch listing it goes into `batches`, for the caller to
+    /// [settle](Self::settle).
+    fn remove_stored(
+        &self,
+        kept: Kept,
+        zero: bool,
+        batches: &mut BTreeSet<u64>,
+    ) -> Result<bool, HistoryError> {
         let id = kept.id;
-        let removed = self.exchanges.remove(id.key()).map_err(storage)?;
-        let existed = removed.is_some();
         let in_segments = kept.first_seg.is_some();
+        let needed = kept.delivered || (zero && in_segments);
+        let (existed, removed) = match (kept.at, &self.segments) {
+            (Place::Segment { extent, .. }, Some(segments)) => {
+                match kept.at.batch() {
+                    Some(batch) => {
+                        batches.insert(batch);
+                    }
+                    None => lock(&self.unlisted).retain(|entry| *entry != (id, extent)),
+                }
+                let removed = if needed {
+                    segments.read(&[extent]).ok().map(RecordBytes::Segment)
+                } else {
+                    None
+                };
+                if zero {
+                    segments.zero(&[extent]).map_err(file_error)?;
+                }
+                (true, removed)
+            }
+            _ => {
+                let _writes = lock(&self.tree_writes);
+                let removed = self.exchanges.remove(id.key()).map_err(storage)?;
+                (removed.is_some(), removed.map(RecordBytes::Tree))
+            }
+        };
         let record = removed
-            .as_ref()
-            .filter(|_| kept.delivered || (zero && in_segments))
+            .as_deref()
+            .filter(|_| needed)
             .and_then(|v| Record::decode(v).ok());
         if let (Some(segments), Some(seg)) = (&self.segments, kept.first_seg) {
             if existed {
@@ -1386,11 +1802,7 @@ impl History {
     /// # Errors
     /// [`HistoryError::NotFound`] or a storage error.
     pub fn get(&self, id: ExchangeId) -> Result<Exchange, HistoryError> {
-        let value = self
-            .exchanges
-            .get(id.key())
-            .map_err(storage)?
-            .ok_or(HistoryError::NotFound(id))?;
+        let value = self.record_value(id)?.ok_or(HistoryError::NotFound(id))?;
         Record::decode(&value)
             .map(|r| r.exchange)
             .map_err(|e| HistoryError::Storage(format!("damaged record {id}: {e}")))
@@ -1401,12 +1813,49 @@ impl History {
     /// # Errors
     /// A storage error.
     pub fn body(&self, id: ExchangeId, part: Part) -> Result<Vec<u8>, HistoryError> {
-        if let Some(value) = self.exchanges.get(id.key()).map_err(storage)? {
+        if let Some(value) = self.record_value(id)? {
             if let Ok(record) = Record::decode(&value) {
                 return self.record_body(&record, part);
             }
         }
         self.unplaced_body(id, part)
+    }
+
+    /// The stored record of `id`, wherever it is.
+    fn record_value(&self, id: ExchangeId) -> Result<Option<RecordBytes>, HistoryError> {
+        let at = lock(&self.totals).find(id).map(|k| k.at);
+        self.read_record(id, at)
+    }
+
+    /// The record of `id` at `at` (`None`: look in tree `exchanges`).
+    fn read_record(
+        &self,
+        id: ExchangeId,
+        at: Option<Place>,
+    ) -> Result<Option<RecordBytes>, HistoryError> {
+        match (at, &self.segments) {
+            (Some(Place::Segment { extent, .. }), Some(segments)) => {
+                match segments.read(&[extent]) {
+                    Ok(bytes) => Ok(Some(RecordBytes::Segment(bytes))),
+                    // Its segment went: retention dropped it meanwhile.
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(err) => Err(file_error(err)),
+                }
+            }
+            _ => Ok(self
+                .exchanges
+                .get(id.key())
+                .map_err(storage)?
+                .map(RecordBytes::Tree)),
+        }
+    }
+
+    /// Whether `id` is still kept.
+    fn is_kept(&self, id: ExchangeId) -> Result<bool, HistoryError> {
+        if lock(&self.totals).find(id).is_some() {
+            return Ok(true);
+        }
+        self.exchanges.contains_key(id.key()).map_err(storage)
     }
 
     /// The body of `part` of a record in hand: inside it, in the segments,
@@ -1445,10 +1894,7 @@ impl History {
     ) -> Result<Vec<u8>, HistoryError> {
         match segments.read(extents) {
             Ok(body) => Ok(body),
-            Err(err)
-                if err.kind() == std::io::ErrorKind::NotFound
-                    && !self.exchanges.contains_key(id.key()).map_err(storage)? =>
-            {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !self.is_kept(id)? => {
                 Err(HistoryError::NotFound(id))
             }
             Err(err) => Err(file_error(err)),
@@ -1481,19 +1927,63 @@ impl History {
         let limit = limit.clamp(1, MAX_PAGE);
         let mut exchanges = Vec::new();
         let mut next_before = None;
-        let from = before.map(|b| sled::IVec::from(&b.key()[..]));
-        for item in walk(&self.exchanges, from, Direction::NewestFirst) {
-            let (_, value) = item.map_err(storage)?;
-            let Ok(record) = Record::decode(&value) else {
-                continue;
+        let mut below = before;
+        loop {
+            // A few at a time, newest first, without holding the totals
+            // while reading them.
+            let chunk: Vec<(ExchangeId, Place)> = {
+                let totals = lock(&self.totals);
+                let end = match below {
+                    Some(id) => totals.sizes.partition_point(|k| k.id < id),
+                    None => totals.sizes.len(),
+                };
+                totals
+                    .sizes
+                    .range(end.saturating_sub(LIST_CHUNK)..end)
+                    .rev()
+                    .map(|k| (k.id, k.at))
+                    .collect()
             };
-            if !filter.matches_meta(&record.exchange) {
-                continue;
+            let Some(&(oldest, _)) = chunk.last() else {
+                break;
+            };
+            below = Some(oldest);
+            for (id, at) in chunk {
+                let Some(value) = self.read_record(id, Some(at))? else {
+                    continue;
+                };
+                let Ok(record) = Record::decode(&value) else {
+                    continue;
+                };
+                if !filter.matches_meta(&record.exchange) {
+                    continue;
+                }
+                if filter.needs_bodies() && !self.body_matches(filter, &record) {
+                    continue;
+                }
+                if exchanges.len() == limit {
+                    next_before = exchanges.last().map(|x: &Exchange| x.id);
+                    return Ok(Page {
+                        exchanges,
+                        next_before,
+                    });
+                }
+                exchanges.push(record.exchange);
             }
-            if filter.needs_bodies() {
+        }
+        Ok(Page {
+            exchanges,
+            next_before,
+        })
+    }
+
+    /// Whether a body of `record` holds the filter's text.
+    fn body_matches(&self, filter: &Filter, record: &Record<'_>) -> bool {
+        {
+            {
                 let q = filter.q.as_deref().unwrap_or_default().as_bytes();
                 let id = record.exchange.id;
-                let body = |part| self.record_body(&record, part);
+                let body = |part| self.record_body(record, part);
                 let hit = match body(Part::Request)
                     .and_then(|b| Ok(contains_ci(&b, q) || contains_ci(&body(Part::Response)?, q)))
                 {
@@ -1510,20 +2000,9 @@ impl History {
                         false
                     }
                 };
-                if !hit {
-                    continue;
-                }
+                hit
             }
-            if exchanges.len() == limit {
-                next_before = exchanges.last().map(|x: &Exchange| x.id);
-                break;
-            }
-            exchanges.push(record.exchange);
         }
-        Ok(Page {
-            exchanges,
-            next_before,
-        })
     }
 
     /// Deletes one exchange; returns whether it existed.
@@ -1539,6 +2018,7 @@ impl History {
                     let kept = *kept;
                     totals.sizes.remove(pos);
                     totals.bytes = totals.bytes.saturating_sub(kept.size);
+                    totals.forget(&kept);
                     kept
                 }
                 // Not kept (or removed meanwhile): look for everything.
@@ -1548,10 +2028,13 @@ impl History {
                     delivered: true,
                     chunked: true,
                     first_seg: None,
+                    at: Place::Tree,
                 },
             }
         };
-        let existed = self.remove_stored(kept, true)?;
+        let mut batches = BTreeSet::new();
+        let existed = self.remove_stored(kept, true, &mut batches)?;
+        self.settle_all(batches)?;
         if existed {
             let _ = self.events.send(HistoryEvent::Deleted { id });
         }
@@ -1563,7 +2046,12 @@ impl History {
     /// # Errors
     /// A storage error.
     pub fn clear(&self) -> Result<(), HistoryError> {
-        self.exchanges.clear().map_err(storage)?;
+        {
+            let _writes = lock(&self.tree_writes);
+            lock(&self.unlisted).clear();
+            self.records.clear().map_err(storage)?;
+            self.exchanges.clear().map_err(storage)?;
+        }
         self.bodies.clear().map_err(storage)?;
         self.delivered.clear().map_err(storage)?;
         if let Some(files) = &self.files {
@@ -1669,6 +2157,12 @@ fn body_key(id: ExchangeId, part: Part, seq: u32) -> [u8; 21] {
     key[16] = part as u8;
     key[17..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// Locks `mutex`, also after a panic elsewhere held it (what it guards stays
+/// consistent between statements).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn storage(e: sled::Error) -> HistoryError {
@@ -1948,8 +2442,8 @@ pub(crate) mod tests {
         }
         assert_eq!(
             segment_files(dir.path()).len(),
-            3,
-            "the evicted records' segments are gone"
+            6,
+            "the evicted records' segments are gone (a body and its record each)"
         );
         let figures = h.figures();
         assert_eq!(figures.exchanges, 3);
@@ -2241,16 +2735,18 @@ pub(crate) mod tests {
             let mut slow = Spilled::default();
             h.append_body(slow_id, Part::Request, &mut slow, &piece)
                 .expect("append");
-            // Quick ones in segments 1 and 2; retention keeps the newest.
+            // Quick ones: a's body in segment 1, its record and b's body in
+            // 2, b's record in 3; retention keeps the newest.
             record_with_body(&h, exchange("POST", "/a", Some(200)), &piece).await;
             let b = record_with_body(&h, exchange("POST", "/b", Some(200)), &piece).await;
             assert_eq!(h.len(), 1);
             assert_eq!(
                 segment_files(dir.path()).len(),
-                3,
-                "segment 0 is held by the upload in progress, 1 by being newer"
+                4,
+                "segment 0 is held by the upload in progress, the others by being newer"
             );
-            // The upload goes on into segment 3, then finishes.
+            // The upload goes on into segment 3, then finishes (its record
+            // in 4).
             h.append_body(slow_id, Part::Request, &mut slow, &piece)
                 .expect("append");
             let mut e = exchange("POST", "/slow", Some(200));
@@ -2267,13 +2763,19 @@ pub(crate) mod tests {
             h.flush().await.expect("flush");
             assert_eq!(
                 segment_files(dir.path()),
-                ["0000000002.seg", "0000000003.seg"],
-                "b's, and the one appended to"
+                [
+                    "0000000002.seg",
+                    "0000000003.seg",
+                    "0000000004.seg",
+                    "0000000005.seg"
+                ],
+                "0 and 1 went: none before b's body needs them"
             );
             assert_eq!(h.body(b, Part::Request).expect("body"), piece);
             // As if b's removal reached the disk but a crash came before
-            // its segment's deletion.
-            h.exchanges.remove(b.key()).expect("remove");
+            // its segments' deletion.
+            assert_eq!(h.records.len(), 1, "one batch lists b");
+            h.records.clear().expect("remove");
             h.db.flush().expect("flush");
         }
         let h = open_small(dir.path(), retention, 1000);
@@ -2334,14 +2836,14 @@ pub(crate) mod tests {
         assert!(h.redact_headers().expect("read").is_empty());
     }
 
-    type KeptTuple = (ExchangeId, u64, bool, bool, Option<u32>);
+    type KeptTuple = (ExchangeId, u64, bool, bool, Option<u32>, Place);
 
     fn totals_of(h: &History) -> (u64, Vec<KeptTuple>) {
         let t = h.totals.lock().expect("totals");
         let sizes = t
             .sizes
             .iter()
-            .map(|k| (k.id, k.size, k.delivered, k.chunked, k.first_seg))
+            .map(|k| (k.id, k.size, k.delivered, k.chunked, k.first_seg, k.at))
             .collect();
         (t.bytes, sizes)
     }
@@ -2401,8 +2903,12 @@ pub(crate) mod tests {
         };
         assert_eq!(by_id(&reference), by_id(&scanned), "index and scan agree");
         assert!(
-            scanned.1.iter().filter(|k| k.4 == Some(0)).count() == 4,
-            "the bodies are in segment 0: {scanned:?}"
+            scanned.1.len() == 6
+                && scanned
+                    .1
+                    .iter()
+                    .all(|k| k.4 == Some(0) && k.5.batch().is_some()),
+            "records and bodies are in segment 0, each record listed: {scanned:?}"
         );
 
         let h = History::open(
@@ -2434,29 +2940,33 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut big = b"needle".to_vec();
         big.resize(INLINE_BODY_MAX + 1, b'.');
-        // One body per segment.
+        // One body per segment, its record in the next.
         let h = open_small(dir.path(), Retention::default(), big.len() as u64);
         let ids: Vec<ExchangeId> = (0..3).map(|_| store_kept(&h, &big)).collect();
         h.flush().await.expect("flush");
         let segment = |n: u32| dir.path().join(format!("history-bodies/{n:010}.seg"));
         // Read, then dropped by retention (record, then segment) before its
         // body is read.
-        let value = h.exchanges.get(ids[0].key()).expect("get").expect("kept");
+        let value = h.record_value(ids[0]).expect("get").expect("kept");
         let extents = Record::decode(&value)
             .expect("decode")
             .extents(Part::Request)
             .expect("extents");
-        h.exchanges.remove(ids[0].key()).expect("remove");
+        {
+            let mut totals = lock(&h.totals);
+            let pos = totals.position(ids[0]).expect("kept");
+            totals.sizes.remove(pos);
+        }
         std::fs::remove_file(segment(0)).expect("remove segment 0");
         let segments = h.segments.as_ref().expect("on disk");
         assert!(matches!(
             h.read_segments(segments, ids[0], &extents),
             Err(HistoryError::NotFound(_))
         ));
-        std::fs::remove_file(segment(1)).expect("remove segment 1");
+        std::fs::remove_file(segment(2)).expect("remove segment 2");
         let err = h.body(ids[1], Part::Request).expect_err("segment gone");
         assert!(
-            matches!(&err, HistoryError::Storage(m) if m.contains("0000000001.seg")),
+            matches!(&err, HistoryError::Storage(m) if m.contains("0000000002.seg")),
             "{err}"
         );
         let found = h
@@ -2473,6 +2983,124 @@ pub(crate) mod tests {
             found.exchanges.iter().map(|e| e.id).collect::<Vec<_>>(),
             [ids[2]]
         );
+    }
+
+    /// Records on disk go to the segments, listed in tree `records` by one
+    /// batch per flush, not a sled write each. A crash (no close) finds
+    /// them all again, and neither a deletion, one made before its record's
+    /// flush, nor retention's evictions come back; a deletion zeroes the
+    /// record's bytes in its segment.
+    #[tokio::test]
+    async fn records_go_to_the_segments_one_batch_per_flush_and_deletions_survive_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let retention = Retention {
+            max_exchanges: 8,
+            max_bytes: u64::MAX,
+        };
+        let secret = |i: usize| format!("secret-{i:02}-4242424242424242");
+        let (ids, early) = {
+            let h = History::open(dir.path(), retention).expect("open");
+            let exchanges: Vec<Exchange> = (0..10)
+                .map(|i| exchange("POST", &format!("/r{i}"), Some(200)))
+                .collect();
+            let ids: Vec<ExchangeId> = exchanges.iter().map(|e| e.id).collect();
+            // Recorded at once, as concurrent deliveries are: one flush.
+            let tasks: Vec<_> = exchanges
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let h = h.clone();
+                    tokio::spawn(async move {
+                        let body = secret(i);
+                        h.record_lingering(e, &[(Part::Request, Body::Inline(body.as_bytes()))])
+                            .await
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("task").expect("record");
+            }
+            assert!(h.exchanges.is_empty(), "no record in tree `exchanges`");
+            let batches = h.records.len();
+            assert!(
+                (1..=2).contains(&batches),
+                "{batches} batches for 10 records"
+            );
+            // Retention kept the newest 8, and the batch lists only those.
+            assert_eq!(h.len(), 8);
+            let listed: usize = h
+                .records
+                .iter()
+                .values()
+                .map(|v| v.expect("batch").len() / BATCH_ENTRY)
+                .sum();
+            assert_eq!(listed, 8, "evicted records are no longer listed");
+            assert!(h.delete(ids[5]).expect("delete"));
+            // A record stored for a flush that has not run yet, deleted.
+            let early = exchange("POST", "/early", Some(200));
+            h.store_as(
+                &early,
+                &[(Part::Request, Body::Inline(b"early"))],
+                Write::ByFlush,
+            )
+            .expect("store");
+            assert_eq!(
+                h.get(early.id).expect("readable before its flush").path,
+                "/early"
+            );
+            assert!(h.delete(early.id).expect("delete"));
+            // One stored for the caller's flush is listed at once.
+            let before = h.records.len();
+            let now = store_kept(&h, b"now");
+            assert_eq!(h.records.len(), before + 1, "listed before store returns");
+            assert!(h.delete(now).expect("delete"));
+            h.flush().await.expect("flush");
+            h.db.flush().expect("sled flush");
+            (ids, early.id)
+        };
+        let segments: Vec<u8> = segment_files(dir.path())
+            .iter()
+            .flat_map(|name| {
+                std::fs::read(dir.path().join("history-bodies").join(name)).expect("read")
+            })
+            .collect();
+        let holds = |text: &str| segments.windows(text.len()).any(|w| w == text.as_bytes());
+        assert!(!holds(&secret(5)), "the deleted record was zeroed");
+        assert!(holds(&secret(6)));
+
+        // No close: the open scans the batches.
+        let h = History::open(dir.path(), retention).expect("reopen");
+        let kept: Vec<ExchangeId> = ids[2..]
+            .iter()
+            .copied()
+            .filter(|id| *id != ids[5])
+            .collect();
+        let listed = |h: &History| {
+            let page = h.list(&Filter::default(), None, 100).expect("list");
+            page.exchanges.into_iter().map(|e| e.id).collect::<Vec<_>>()
+        };
+        assert_eq!(listed(&h), kept.iter().rev().copied().collect::<Vec<_>>());
+        for gone in [ids[0], ids[1], ids[5], early] {
+            assert!(matches!(h.get(gone), Err(HistoryError::NotFound(_))));
+        }
+        assert_eq!(
+            h.body(ids[9], Part::Request).expect("body"),
+            secret(9).as_bytes()
+        );
+        let scanned = totals_of(&h);
+
+        // A clean close, and the open takes the index: the same records.
+        h.close().await.expect("close");
+        drop(h);
+        let h = History::open(dir.path(), retention).expect("reopen");
+        assert_eq!(totals_of(&h), scanned, "index and scan agree");
+        assert_eq!(listed(&h), kept.iter().rev().copied().collect::<Vec<_>>());
+        let search = Filter {
+            q: Some(secret(7)),
+            ..Filter::default()
+        };
+        let found = h.list(&search, None, 10).expect("search").exchanges;
+        assert_eq!(found.iter().map(|e| e.id).collect::<Vec<_>>(), [ids[7]]);
     }
 
     #[test]
@@ -2510,7 +3138,8 @@ pub(crate) mod tests {
                 &b"\x02whatever"[..],
                 &b"\x01short"[..],
                 &b""[..],
-                &b"\x03"[..],
+                &b"\x04"[..],
+                &b"\x03short"[..],
             ] {
                 assert!(Totals::decode(bad).is_none());
             }

@@ -52,6 +52,14 @@ impl Extent {
         out.extend_from_slice(&self.len.to_be_bytes());
     }
 
+    /// One extent: `bytes` holds exactly one.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Extent> {
+        match Self::decode_all(bytes)?.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
     /// `None` unless `bytes` is a whole number of extents.
     pub(crate) fn decode_all(bytes: &[u8]) -> Option<Vec<Extent>> {
         if !bytes.len().is_multiple_of(EXTENT_BYTES) {
