@@ -713,6 +713,7 @@ impl Totals {
         iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
         segments: &Segments,
     ) -> Result<(), HistoryError> {
+        let mut open = None;
         for item in iter {
             let (key, value) = item.map_err(storage)?;
             let Some(batch) = <[u8; 8]>::try_from(key.as_ref())
@@ -722,7 +723,7 @@ impl Totals {
                 continue;
             };
             for (id, extent) in batch_entries(&value) {
-                let Ok(bytes) = segments.read(&[extent]) else {
+                let Ok(bytes) = segments.read_in(&[extent], &mut open) else {
                     continue;
                 };
                 let Ok(record) = Record::decode(&bytes) else {
@@ -1824,18 +1825,20 @@ impl History {
     /// The stored record of `id`, wherever it is.
     fn record_value(&self, id: ExchangeId) -> Result<Option<RecordBytes>, HistoryError> {
         let at = lock(&self.totals).find(id).map(|k| k.at);
-        self.read_record(id, at)
+        self.read_record(id, at, &mut None)
     }
 
-    /// The record of `id` at `at` (`None`: look in tree `exchanges`).
+    /// The record of `id` at `at` (`None`: look in tree `exchanges`),
+    /// reading its segment from `open` when that is the one.
     fn read_record(
         &self,
         id: ExchangeId,
         at: Option<Place>,
+        open: &mut Option<(u32, std::fs::File)>,
     ) -> Result<Option<RecordBytes>, HistoryError> {
         match (at, &self.segments) {
             (Some(Place::Segment { extent, .. }), Some(segments)) => {
-                match segments.read(&[extent]) {
+                match segments.read_in(&[extent], open) {
                     Ok(bytes) => Ok(Some(RecordBytes::Segment(bytes))),
                     // Its segment went: retention dropped it meanwhile.
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -1928,6 +1931,7 @@ impl History {
         let mut exchanges = Vec::new();
         let mut next_before = None;
         let mut below = before;
+        let mut open = None;
         loop {
             // A few at a time, newest first, without holding the totals
             // while reading them.
@@ -1949,7 +1953,7 @@ impl History {
             };
             below = Some(oldest);
             for (id, at) in chunk {
-                let Some(value) = self.read_record(id, Some(at))? else {
+                let Some(value) = self.read_record(id, Some(at), &mut open)? else {
                     continue;
                 };
                 let Ok(record) = Record::decode(&value) else {

@@ -295,18 +295,29 @@ impl Segments {
 
     /// Reads a body back.
     pub(crate) fn read(&self, extents: &[Extent]) -> io::Result<Vec<u8>> {
+        self.read_in(extents, &mut None)
+    }
+
+    /// [`Segments::read`], reading from `open` when it is the segment wanted
+    /// and leaving there the last segment opened: a walk over many records
+    /// (a listing, the scan at open) opens each segment once, not once per
+    /// record.
+    pub(crate) fn read_in(
+        &self,
+        extents: &[Extent],
+        open: &mut Option<(u32, File)>,
+    ) -> io::Result<Vec<u8>> {
         let total: usize = extents.iter().map(|e| e.len as usize).sum();
         let mut out = vec![0; total];
         let mut at = 0;
-        let mut open: Option<(u32, File)> = None;
         for e in extents {
             if open.as_ref().is_none_or(|(seg, _)| *seg != e.seg) {
                 let file = File::open(self.path(e.seg)).map_err(|err| {
                     io::Error::new(err.kind(), format!("body segment {:010}.seg: {err}", e.seg))
                 })?;
-                open = Some((e.seg, file));
+                *open = Some((e.seg, file));
             }
-            if let Some((_, file)) = &open {
+            if let Some((_, file)) = open.as_ref() {
                 let end = at + e.len as usize;
                 read_at(file, &mut out[at..end], e.off)?;
                 at = end;
