@@ -3107,6 +3107,72 @@ pub(crate) mod tests {
         assert_eq!(found.iter().map(|e| e.id).collect::<Vec<_>>(), [ids[7]]);
     }
 
+    /// Scale check, run by hand (release build; prints its figures):
+    /// `cargo test --release -p relay-client --lib history_after_a_crash_at_100k -- --ignored --nocapture`.
+    /// 100,000 webhooks of 1 KiB recorded by 1,000 concurrent recorders, no
+    /// close (a crash), then the open (a scan of every record) and a listing
+    /// of all of them in pages of 500.
+    #[tokio::test]
+    #[ignore = "a scale check run by hand, in release mode"]
+    async fn history_after_a_crash_at_100k() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let retention = Retention {
+            max_exchanges: 100_000,
+            max_bytes: u64::MAX,
+        };
+        {
+            let h = History::open(dir.path(), retention).expect("open");
+            let body = vec![b'x'; 1024];
+            let t = std::time::Instant::now();
+            for _ in 0..100 {
+                let tasks: Vec<_> = (0..1000)
+                    .map(|_| {
+                        let h = h.clone();
+                        let body = body.clone();
+                        tokio::spawn(async move {
+                            let mut e = exchange("POST", "/x", Some(200));
+                            e.request.body_len = body.len() as u64;
+                            let id = e.id;
+                            let mut spilled = Spilled::default();
+                            h.append_body(id, Part::Request, &mut spilled, &body)
+                                .expect("append");
+                            h.record_lingering(
+                                e,
+                                &[(Part::Request, Body::Spilled(spilled.extents()))],
+                            )
+                            .await
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.expect("task").expect("record");
+                }
+            }
+            eprintln!("recorded 100k in {:?}", t.elapsed());
+            // no close: a crash
+        }
+        let t = std::time::Instant::now();
+        let h = History::open(dir.path(), retention).expect("reopen");
+        eprintln!("crash open: {} exchanges in {:?}", h.len(), t.elapsed());
+        assert_eq!(h.len(), 100_000);
+        let t = std::time::Instant::now();
+        let mut before = None;
+        let mut n = 0;
+        loop {
+            let page = h.list(&Filter::default(), before, 500).expect("list");
+            n += page.exchanges.len();
+            match page.next_before {
+                Some(b) => before = Some(b),
+                None => break,
+            }
+        }
+        eprintln!("listed {n} in {:?}", t.elapsed());
+        assert_eq!(n, 100_000);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak: Vec<&str> = status.lines().filter(|l| l.starts_with("VmHWM")).collect();
+        eprintln!("{}", peak.join(" "));
+    }
+
     #[test]
     fn retention_index_of_version_1_still_reads() {
         let id = ExchangeId::new();
