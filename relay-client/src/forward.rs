@@ -404,7 +404,10 @@ impl Forwarder {
             duplicate_of: forwarded.duplicate_of,
             queued: forwarded.queued,
         };
-        let (request_body, response_body) = (request_tee.finish(), response_tee.finish());
+        let (request_body, response_body) = (
+            request_tee.finish_for_record(),
+            response_tee.finish_for_record(),
+        );
         let bodies = [
             (Part::Request, request_body.as_body()),
             (Part::Response, response_body.as_body()),
@@ -959,6 +962,13 @@ enum Teed {
     Inline(Vec<u8>),
     /// Written to the history in pieces, which are here.
     Spilled(Vec<history::Extent>),
+    /// Written in part (`written`, `pieces` of them); `rest` goes with the
+    /// record, in the same write.
+    Tail {
+        written: Vec<history::Extent>,
+        pieces: u32,
+        rest: Vec<u8>,
+    },
 }
 
 impl Teed {
@@ -966,6 +976,15 @@ impl Teed {
         match self {
             Teed::Inline(bytes) => history::Body::Inline(bytes),
             Teed::Spilled(extents) => history::Body::Spilled(extents),
+            Teed::Tail {
+                written,
+                pieces,
+                rest,
+            } => history::Body::Tail {
+                written,
+                pieces: *pieces,
+                rest,
+            },
         }
     }
 }
@@ -1033,15 +1052,40 @@ impl Tee {
         Teed::Spilled(state.spilled.extents().to_vec())
     }
 
-    /// The whole body as recorded so far (ends it, see [`Tee::finish`]).
-    fn body(&self) -> Vec<u8> {
-        if let Teed::Inline(body) = self.finish() {
-            return body;
-        }
+    /// Ends the body for its record, which the caller stores next: as
+    /// [`Tee::finish`], but what is still buffered of a body too large to go
+    /// inside the record is left to the record's own write (one `pwrite` for
+    /// both; a webhook of a few KiB has nothing else to write).
+    fn finish_for_record(&self) -> Teed {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.history
+        let inline = state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64;
+        if !inline && state.failed.is_none() && !state.buf.is_empty() {
+            return Teed::Tail {
+                written: state.spilled.extents().to_vec(),
+                pieces: state.spilled.pieces,
+                rest: state.buf.clone(),
+            };
+        }
+        drop(state);
+        self.finish()
+    }
+
+    /// The whole body as recorded so far: the pieces written, then what is
+    /// still buffered (left there for the record's write), unless a piece
+    /// could not be written (then only the pieces before it).
+    fn body(&self) -> Vec<u8> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64 {
+            return state.buf.clone();
+        }
+        let mut body = self
+            .history
             .spilled_body(self.id, self.part, &state.spilled)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if state.failed.is_none() {
+            body.extend_from_slice(&state.buf);
+        }
+        body
     }
 }
 
@@ -1226,6 +1270,62 @@ mod tests {
             .tree("bodies")
             .map(|t| t.len())
             .unwrap_or(usize::MAX)
+    }
+
+    /// A body still buffered when its exchange is recorded goes to the
+    /// segments in the record's own write; one partly written already keeps
+    /// its pieces and adds the rest; an in-memory store keeps the rest as
+    /// the body's next piece. Each reads back whole, also through the tee
+    /// before the record is stored.
+    #[tokio::test]
+    async fn a_buffered_body_goes_with_its_record_in_one_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let on_disk = History::open(dir.path(), Retention::default()).expect("history");
+        let in_memory = History::temporary(Retention::default()).expect("history");
+        for history in [&on_disk, &in_memory] {
+            for len in [1024, history.piece_bytes() + 5000] {
+                let mut e = crate::history::tests::exchange("POST", "/x", Some(200));
+                let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                e.request.body_len = sent.len() as u64;
+                let tee = Tee::new(history.clone(), e.id, Part::Request);
+                for chunk in sent.chunks(1200) {
+                    tee.append(chunk);
+                }
+                assert_eq!(tee.body(), sent, "read through the tee first");
+                let teed = tee.finish_for_record();
+                let Teed::Tail { pieces, rest, .. } = &teed else {
+                    panic!("{len} bytes, partly buffered: {teed:?}");
+                };
+                assert_eq!(
+                    *pieces == 0,
+                    len == 1024,
+                    "{len} bytes: {pieces} pieces written"
+                );
+                assert!(!rest.is_empty() && (rest.len() == len) == (*pieces == 0));
+                let id = e.id;
+                history
+                    .record(e, &[(Part::Request, teed.as_body())])
+                    .await
+                    .expect("record");
+                drop(tee);
+                assert_eq!(history.body(id, Part::Request).expect("body"), sent);
+            }
+        }
+        // Read back after a reopen too (the extents are in the record).
+        let ids: Vec<_> = on_disk
+            .list(&crate::history::Filter::default(), None, 10)
+            .expect("list")
+            .exchanges
+            .into_iter()
+            .map(|e| (e.id, e.request.body_len))
+            .collect();
+        drop(on_disk);
+        let reopened = History::open(dir.path(), Retention::default()).expect("reopen");
+        for (id, len) in ids {
+            let body = reopened.body(id, Part::Request).expect("body");
+            assert_eq!(body.len() as u64, len);
+            assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+        }
     }
 
     #[test]

@@ -1031,6 +1031,27 @@ pub enum Body<'a> {
     /// Appended already with [`History::append_body`]; these are its
     /// pieces (none for an in-memory store, which finds them by id).
     Spilled(&'a [Extent]),
+    /// Appended in part (`written`, `pieces` of them, as for
+    /// [`Body::Spilled`]), with the `rest` still to write: the record takes
+    /// it along in its own write.
+    Tail {
+        written: &'a [Extent],
+        pieces: u32,
+        rest: &'a [u8],
+    },
+}
+
+/// `bodies` with each one not inline named by `extents` (the same order):
+/// what [`encode_record`] takes once every piece has its place.
+fn placed<'a>(bodies: &[(Part, Body<'a>)], extents: &'a [Vec<Extent>]) -> Vec<(Part, Body<'a>)> {
+    bodies
+        .iter()
+        .zip(extents)
+        .map(|((part, body), extents)| match body {
+            Body::Inline(bytes) => (*part, Body::Inline(bytes)),
+            _ => (*part, Body::Spilled(extents)),
+        })
+        .collect()
 }
 
 /// Roughly how long `e`'s JSON is: its strings and headers plus room for
@@ -1067,7 +1088,10 @@ fn encode_record(
         .filter_map(|(part, body)| {
             let (tag, len) = match body {
                 Body::Inline(bytes) => (*part as u8, bytes.len()),
-                Body::Spilled(extents) => (EXTENTS_TAG + *part as u8, extents.len() * EXTENT_BYTES),
+                Body::Spilled(extents)
+                | Body::Tail {
+                    written: extents, ..
+                } => (EXTENTS_TAG + *part as u8, extents.len() * EXTENT_BYTES),
             };
             (len > 0 && u32::try_from(len).is_ok()).then_some((tag, len, body))
         })
@@ -1088,7 +1112,10 @@ fn encode_record(
             value.extend_from_slice(&len.to_be_bytes());
             match body {
                 Body::Inline(bytes) => value.extend_from_slice(bytes),
-                Body::Spilled(extents) => {
+                Body::Spilled(extents)
+                | Body::Tail {
+                    written: extents, ..
+                } => {
                     for extent in *extents {
                         extent.encode_into(&mut value);
                     }
@@ -1104,7 +1131,10 @@ fn encode_record(
     let first_seg = bodies
         .iter()
         .filter_map(|(_, body)| match body {
-            Body::Spilled(extents) => extents.iter().map(|e| e.seg()).min(),
+            Body::Spilled(extents)
+            | Body::Tail {
+                written: extents, ..
+            } => extents.iter().map(|e| e.seg()).min(),
             Body::Inline(_) => None,
         })
         .min();
@@ -1419,25 +1449,60 @@ impl History {
         bodies: &[(Part, Body<'_>)],
         write: Write,
     ) -> Result<(), HistoryError> {
-        let (value, mut kept) = encode_record(exchange, bodies)?;
         let id = exchange.id;
         // Holds the record's segment until `kept` holds it.
         let mut spilled = Spilled::default();
-        match &self.segments {
+        let kept = match &self.segments {
             Some(segments) => {
-                segments.append(&mut spilled, &value).map_err(file_error)?;
-                let [extent] = spilled.extents() else {
-                    return Err(HistoryError::Storage(
-                        "a record was not written in one piece".into(),
-                    ));
+                let tails: Vec<&[u8]> = bodies
+                    .iter()
+                    .filter_map(|(_, body)| match body {
+                        Body::Tail { rest, .. } => Some(*rest),
+                        _ => None,
+                    })
+                    .collect();
+                let mut kept = None;
+                let (_, at) = segments
+                    .append_record(&mut spilled, &tails, |tail_extents| {
+                        let mut tail_extents = tail_extents.iter();
+                        let whole: Vec<Vec<Extent>> = bodies
+                            .iter()
+                            .map(|(_, body)| match body {
+                                Body::Inline(_) => Vec::new(),
+                                Body::Spilled(written) => written.to_vec(),
+                                Body::Tail { written, .. } => {
+                                    written.iter().chain(tail_extents.next()).copied().collect()
+                                }
+                            })
+                            .collect();
+                        let (value, k) = encode_record(exchange, &placed(bodies, &whole))
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        kept = Some(k);
+                        Ok(value)
+                    })
+                    .map_err(file_error)?;
+                let Some(mut kept) = kept else {
+                    return Err(HistoryError::Storage("a record was not encoded".into()));
                 };
-                kept.place_in(*extent, UNLISTED);
+                kept.place_in(at, UNLISTED);
+                kept
             }
             None => {
+                // An in-memory store keeps a rest as the body's next piece.
+                for (part, body) in bodies {
+                    if let Body::Tail { pieces, rest, .. } = body {
+                        self.bodies
+                            .insert(body_key(id, *part, *pieces), *rest)
+                            .map_err(storage)?;
+                    }
+                }
+                let none: Vec<Vec<Extent>> = bodies.iter().map(|_| Vec::new()).collect();
+                let (value, kept) = encode_record(exchange, &placed(bodies, &none))?;
                 let _writes = lock(&self.tree_writes);
                 self.exchanges.insert(id.key(), value).map_err(storage)?;
+                kept
             }
-        }
+        };
         if let Some(key) = delivered_key(exchange) {
             // First accepted delivery wins; a later one never replaces it.
             let _ = self

@@ -221,52 +221,13 @@ impl Segments {
 
     /// Appends one piece of `body`.
     pub(crate) fn append(self: &Arc<Self>, body: &mut Spilled, chunk: &[u8]) -> io::Result<()> {
-        let Ok(len) = u32::try_from(chunk.len()) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a body piece over 4 GiB",
-            ));
-        };
+        let len = piece_len(chunk)?;
         let (seg, off, file) = {
             let mut state = self.state();
-            if state
-                .active
-                .as_ref()
-                .is_none_or(|a| a.len >= self.segment_bytes)
-            {
-                let seg = state.next;
-                let next = seg
-                    .checked_add(1)
-                    .filter(|n| *n < u32::MAX)
-                    .ok_or_else(|| io::Error::other("out of segment numbers"))?;
-                let file = std::fs::OpenOptions::new()
-                    .create_new(true)
-                    .read(true)
-                    .write(true)
-                    .open(self.path(seg))?;
-                state.next = next;
-                state.on_disk.insert(seg);
-                state.dir_dirty = true;
-                state.active = Some(Active {
-                    seg,
-                    file: Arc::new(file),
-                    len: 0,
-                });
-            }
-            let Some(active) = state.active.as_mut() else {
-                return Err(io::Error::other("no active segment"));
-            };
-            let at = (active.seg, active.len, Arc::clone(&active.file));
-            active.len += u64::from(len);
+            let at = self.reserve(&mut state, u64::from(len))?;
             // Held from before the write: a segment no longer active is
             // deleted as soon as nothing holds it.
-            if body.hold.is_none() {
-                state.hold(at.0);
-                body.hold = Some(Hold {
-                    log: Arc::clone(self),
-                    seg: at.0,
-                });
-            }
+            self.hold_for(&mut state, body, at.0);
             at
         };
         write_at(&file, chunk, off)?;
@@ -282,6 +243,100 @@ impl Segments {
             _ => body.extents.push(Extent { seg, off, len }),
         }
         Ok(())
+    }
+
+    /// Appends the rests of a record's bodies (`tails`, one after the other)
+    /// and then the record, which `encode` makes once it knows where the
+    /// tails went, all in one write: a webhook whose body is still buffered
+    /// costs one `pwrite`, not two. Returns the tails' extents (one each, in
+    /// order) and the record's; `held` holds their segment.
+    pub(crate) fn append_record(
+        self: &Arc<Self>,
+        held: &mut Spilled,
+        tails: &[&[u8]],
+        encode: impl FnOnce(&[Extent]) -> io::Result<Vec<u8>>,
+    ) -> io::Result<(Vec<Extent>, Extent)> {
+        let mut extents = Vec::with_capacity(tails.len());
+        let (file, bytes, record, start) = {
+            let mut state = self.state();
+            // Reserved empty first: the record's length is known only once
+            // it names where the tails go.
+            let (seg, start, file) = self.reserve(&mut state, 0)?;
+            let mut at = start;
+            for tail in tails {
+                let len = piece_len(tail)?;
+                extents.push(Extent { seg, off: at, len });
+                at += u64::from(len);
+            }
+            let encoded = encode(&extents)?;
+            let record = Extent {
+                seg,
+                off: at,
+                len: piece_len(&encoded)?,
+            };
+            at += u64::from(record.len);
+            if let Some(active) = state.active.as_mut().filter(|a| a.seg == seg) {
+                active.len = at;
+            }
+            self.hold_for(&mut state, held, seg);
+            let mut bytes = Vec::with_capacity(usize::try_from(at - start).unwrap_or(0));
+            for tail in tails {
+                bytes.extend_from_slice(tail);
+            }
+            bytes.extend_from_slice(&encoded);
+            (file, bytes, record, start)
+        };
+        write_at(&file, &bytes, start)?;
+        // Marked after the write, so the next sync covers it.
+        self.state().dirty.insert(record.seg, file);
+        held.extents.push(record);
+        Ok((extents, record))
+    }
+
+    /// Where the next `len` bytes go in the active segment (a new one when
+    /// there is none or it is full), reserved.
+    fn reserve(&self, state: &mut State, len: u64) -> io::Result<(u32, u64, Arc<File>)> {
+        if state
+            .active
+            .as_ref()
+            .is_none_or(|a| a.len >= self.segment_bytes)
+        {
+            let seg = state.next;
+            let next = seg
+                .checked_add(1)
+                .filter(|n| *n < u32::MAX)
+                .ok_or_else(|| io::Error::other("out of segment numbers"))?;
+            let file = std::fs::OpenOptions::new()
+                .create_new(true)
+                .read(true)
+                .write(true)
+                .open(self.path(seg))?;
+            state.next = next;
+            state.on_disk.insert(seg);
+            state.dir_dirty = true;
+            state.active = Some(Active {
+                seg,
+                file: Arc::new(file),
+                len: 0,
+            });
+        }
+        let Some(active) = state.active.as_mut() else {
+            return Err(io::Error::other("no active segment"));
+        };
+        let at = (active.seg, active.len, Arc::clone(&active.file));
+        active.len += len;
+        Ok(at)
+    }
+
+    /// Makes `body` hold segment `seg` unless it holds one already.
+    fn hold_for(self: &Arc<Self>, state: &mut State, body: &mut Spilled, seg: u32) {
+        if body.hold.is_none() {
+            state.hold(seg);
+            body.hold = Some(Hold {
+                log: Arc::clone(self),
+                seg,
+            });
+        }
     }
 
     /// Bytes of the segment files on disk.
@@ -421,6 +476,12 @@ impl Segments {
         }
         Ok(())
     }
+}
+
+/// `bytes`'s length as a piece's, which is at most 4 GiB.
+fn piece_len(bytes: &[u8]) -> io::Result<u32> {
+    u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a body piece over 4 GiB"))
 }
 
 #[cfg(unix)]
