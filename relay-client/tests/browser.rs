@@ -30,6 +30,10 @@ struct Browser {
 }
 
 impl Browser {
+    /// A browser session. The chromedriver's port is picked free and then
+    /// released, so another test's listener can take it first (a CI run
+    /// once met "webdriver server did not respond" there): a failed start
+    /// is tried again on a new port, three times at most.
     async fn start(width: u32, height: u32) -> anyhow::Result<Browser> {
         for path in [CHROMIUM, CHROMEDRIVER] {
             anyhow::ensure!(
@@ -38,6 +42,20 @@ impl Browser {
                  chromium-driver; scripts/test installs them"
             );
         }
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(width, height).await {
+                Ok(browser) => return Ok(browser),
+                Err(err) if attempt < 3 => {
+                    eprintln!("browser start {attempt} of 3 failed, trying again: {err:#}");
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn start_once(width: u32, height: u32) -> anyhow::Result<Browser> {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.port()
