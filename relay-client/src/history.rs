@@ -64,6 +64,15 @@ mod segments;
 pub use segments::{Extent, Spilled};
 use segments::{Segments, EXTENT_BYTES};
 
+/// Key of the store's format in tree `settings` (u64 BE).
+const FORMAT_KEY: &[u8] = b"format";
+
+/// The store format this version writes: 2, records in the segments listed
+/// by tree `records` (1, or no key: records in tree `exchanges`). A store of
+/// a later format is refused, not misread: an earlier version would not see
+/// the records it cannot place, and would delete their segments.
+const STORE_FORMAT: u64 = 2;
+
 /// Key of the redacted header names in tree `settings`.
 const REDACT_HEADERS_KEY: &[u8] = b"redact_headers";
 
@@ -1232,13 +1241,35 @@ impl History {
         let bodies = db.open_tree("bodies").map_err(storage)?;
         let delivered = db.open_tree("delivered").map_err(storage)?;
         let records = db.open_tree("records").map_err(storage)?;
+        let settings = db.open_tree("settings").map_err(storage)?;
+        let found = match settings.get(FORMAT_KEY).map_err(storage)? {
+            None => None,
+            Some(v) => Some(
+                <[u8; 8]>::try_from(v.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        HistoryError::Storage("the store's format marker is unreadable".into())
+                    })?,
+            ),
+        };
+        match found {
+            Some(found) if found > STORE_FORMAT => {
+                return Err(HistoryError::TooNew {
+                    found,
+                    known: STORE_FORMAT,
+                })
+            }
+            Some(STORE_FORMAT) => {}
+            _ => {
+                settings
+                    .insert(FORMAT_KEY, &STORE_FORMAT.to_be_bytes())
+                    .map_err(storage)?;
+            }
+        }
         // Taken out as it is read: from now on only the next clean close
         // writes a current one, so a crash leaves none and the next open
         // scans instead of trusting a stale index.
-        let index = db
-            .open_tree("settings")
-            .and_then(|settings| settings.remove(KEPT_INDEX_KEY))
-            .map_err(storage)?;
+        let index = settings.remove(KEPT_INDEX_KEY).map_err(storage)?;
         // Without an index every record is scanned; with one, those written
         // after it (none normally, as it is taken out on open).
         let (mut totals, newest) = index
@@ -2259,6 +2290,11 @@ pub enum HistoryError {
     Locked(String),
     #[error("history storage failed: {0}")]
     Storage(String),
+    #[error(
+        "the history in this data dir was written by a newer relay-client (store format {found}; \
+         this one reads up to {known}): run that version or a newer one, or use another --data-dir"
+    )]
+    TooNew { found: u64, known: u64 },
 }
 
 impl From<std::io::Error> for HistoryError {
@@ -3236,6 +3272,44 @@ pub(crate) mod tests {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let peak: Vec<&str> = status.lines().filter(|l| l.starts_with("VmHWM")).collect();
         eprintln!("{}", peak.join(" "));
+    }
+
+    /// A store is marked with its format; one marked by a newer version is
+    /// refused with an error that says so, and nothing in it is touched.
+    #[tokio::test]
+    async fn a_store_of_a_newer_format_is_refused_not_misread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = {
+            let h = History::open(dir.path(), Retention::default()).expect("open");
+            let id = record_with_body(&h, exchange("POST", "/a", Some(200)), b"abc").await;
+            let format = h
+                .settings()
+                .expect("settings")
+                .get(FORMAT_KEY)
+                .expect("get");
+            assert_eq!(format.as_deref(), Some(&STORE_FORMAT.to_be_bytes()[..]));
+            h.close().await.expect("close");
+            id
+        };
+        let bump = |format: u64| {
+            let db = sled::open(dir.path().join("history")).expect("sled");
+            let settings = db.open_tree("settings").expect("settings");
+            settings
+                .insert(FORMAT_KEY, &format.to_be_bytes())
+                .expect("insert");
+            db.flush().expect("flush");
+        };
+        bump(STORE_FORMAT + 1);
+        let err = History::open(dir.path(), Retention::default()).expect_err("newer");
+        assert!(
+            matches!(err, HistoryError::TooNew { found, known } if found == STORE_FORMAT + 1 && known == STORE_FORMAT),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer relay-client"), "{err}");
+        // Untouched: marked back, it opens with its record and index.
+        bump(STORE_FORMAT);
+        let h = History::open(dir.path(), Retention::default()).expect("reopen");
+        assert_eq!(h.get(id).expect("kept").path, "/a");
     }
 
     #[test]

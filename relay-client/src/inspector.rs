@@ -476,7 +476,7 @@ impl From<HistoryError> for ApiError {
         let (status, code) = match &e {
             HistoryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             HistoryError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
-            HistoryError::Locked(_) | HistoryError::Storage(_) => {
+            HistoryError::Locked(_) | HistoryError::Storage(_) | HistoryError::TooNew { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "storage")
             }
         };
