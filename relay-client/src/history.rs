@@ -121,7 +121,7 @@ impl ExchangeId {
     /// the history lists in id order).
     pub fn new() -> Self {
         static GENERATOR: Mutex<Option<ulid::Generator>> = Mutex::new(None);
-        let mut generator = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let mut generator = lock(&GENERATOR);
         let generator = generator.get_or_insert_with(ulid::Generator::new);
         // Overflow needs 2^80 ids in one millisecond; fall back to a plain one.
         ExchangeId(generator.generate().unwrap_or_else(|_| Ulid::new()))
@@ -1727,11 +1727,7 @@ impl History {
     pub async fn close(&self) -> Result<(), HistoryError> {
         // Every record listed first: the index names their batches.
         self.flush().await?;
-        let index = self
-            .totals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .encode();
+        let index = lock(&self.totals).encode();
         self.settings()?
             .insert(KEPT_INDEX_KEY, index)
             .map_err(storage)?;
@@ -2111,18 +2107,15 @@ impl History {
     /// A storage error.
     pub fn delete(&self, id: ExchangeId) -> Result<bool, HistoryError> {
         let kept = {
-            let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-            let pos = totals.sizes.partition_point(|k| k.id < id);
-            match totals.sizes.get(pos) {
-                Some(kept) if kept.id == id => {
-                    let kept = *kept;
-                    totals.sizes.remove(pos);
+            let mut totals = lock(&self.totals);
+            match totals.position(id).and_then(|pos| totals.sizes.remove(pos)) {
+                Some(kept) => {
                     totals.bytes = totals.bytes.saturating_sub(kept.size);
                     totals.forget(&kept);
                     kept
                 }
                 // Not kept (or removed meanwhile): look for everything.
-                _ => Kept {
+                None => Kept {
                     id,
                     size: 0,
                     delivered: true,
@@ -2157,7 +2150,7 @@ impl History {
         if let Some(files) = &self.files {
             files.remove_where(|_| Ok(true))?;
         }
-        let totals = std::mem::take(&mut *self.totals.lock().unwrap_or_else(|p| p.into_inner()));
+        let totals = std::mem::take(&mut *lock(&self.totals));
         if let Some(segments) = &self.segments {
             // Deleted by the next flush, once the clearing is on disk.
             segments.retire_all(totals.sizes.iter().filter_map(|k| k.first_seg));
@@ -2215,11 +2208,7 @@ impl History {
 
     /// Number of exchanges kept.
     pub fn len(&self) -> usize {
-        self.totals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sizes
-            .len()
+        lock(&self.totals).sizes.len()
     }
 
     /// Whether nothing is kept.
