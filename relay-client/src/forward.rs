@@ -955,6 +955,13 @@ struct TeeState {
     failed: Option<String>,
 }
 
+impl TeeState {
+    /// Whether the body is small enough, so far, to go inside the record.
+    fn inline(&self) -> bool {
+        self.spilled.pieces == 0 && self.len <= INLINE_BODY_MAX as u64
+    }
+}
+
 /// A body at its end, as [`Tee::finish`] leaves it.
 #[derive(Debug, PartialEq, Eq)]
 enum Teed {
@@ -1003,8 +1010,7 @@ impl Tee {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.len += chunk.len() as u64;
         state.buf.extend_from_slice(chunk);
-        let inline = state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64;
-        if !inline && state.buf.len() >= self.history.piece_bytes() {
+        if !state.inline() && state.buf.len() >= self.history.piece_bytes() {
             self.spill(&mut state);
         }
     }
@@ -1045,7 +1051,7 @@ impl Tee {
     /// tee is dropped, so record it before.
     fn finish(&self) -> Teed {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64 {
+        if state.inline() {
             return Teed::Inline(state.buf.clone());
         }
         self.spill(&mut state);
@@ -1058,8 +1064,7 @@ impl Tee {
     /// both; a webhook of a few KiB has nothing else to write).
     fn finish_for_record(&self) -> Teed {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let inline = state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64;
-        if !inline && state.failed.is_none() && !state.buf.is_empty() {
+        if !state.inline() && state.failed.is_none() && !state.buf.is_empty() {
             return Teed::Tail {
                 written: state.spilled.extents().to_vec(),
                 pieces: state.spilled.pieces,
@@ -1075,7 +1080,7 @@ impl Tee {
     /// could not be written (then only the pieces before it).
     fn body(&self) -> Vec<u8> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.spilled.pieces == 0 && state.len <= INLINE_BODY_MAX as u64 {
+        if state.inline() {
             return state.buf.clone();
         }
         let mut body = self
