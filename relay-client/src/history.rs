@@ -1086,7 +1086,9 @@ fn json_estimate(e: &Exchange) -> usize {
 }
 
 /// Encodes a record: the exchange's JSON, then its inline bodies and where
-/// its other bodies are in the segments.
+/// its other bodies are in the segments. A [`Body::Tail`] counts as the
+/// pieces written so far: the caller places its rest first (see
+/// [`History::store_as`]).
 fn encode_record(
     exchange: &Exchange,
     bodies: &[(Part, Body<'_>)],
@@ -1527,8 +1529,8 @@ impl History {
                             .map_err(storage)?;
                     }
                 }
-                let none: Vec<Vec<Extent>> = bodies.iter().map(|_| Vec::new()).collect();
-                let (value, kept) = encode_record(exchange, &placed(bodies, &none))?;
+                // The pieces are found by id, so a tail needs no extent.
+                let (value, kept) = encode_record(exchange, bodies)?;
                 let _writes = lock(&self.tree_writes);
                 self.exchanges.insert(id.key(), value).map_err(storage)?;
                 kept
