@@ -1060,8 +1060,8 @@ impl Tee {
 
     /// Ends the body for its record, which the caller stores next: as
     /// [`Tee::finish`], but what is still buffered of a body too large to go
-    /// inside the record is left to the record's own write (one `pwrite` for
-    /// both; a webhook of a few KiB has nothing else to write).
+    /// inside the record is left to the record's own append (written with
+    /// it; a webhook of a few KiB has nothing else to write).
     fn finish_for_record(&self) -> Teed {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.inline() && state.failed.is_none() && !state.buf.is_empty() {

@@ -11,14 +11,16 @@
 //! went (per body: one byte, 2 + the part, the list's length as u32 BE, then
 //! 16 bytes per piece).
 //!
-//! The record itself is appended to the segments too, in one write, and the
-//! sled tree `records` lists where: batches keyed by a u64 BE number, each
-//! value 32 bytes per record (its ULID, then its extent). The flush that
-//! makes records durable syncs the segments, then writes one batch for all
-//! of its records (a record stored for a caller that flushes itself is
-//! listed at once), so a webhook costs one `pwrite` on the agent's thread
-//! and no sled write: a sled insert per record (a leaf rewritten, a log
-//! entry) was a quarter of the agent's CPU per webhook and most of its RSS.
+//! The record itself is appended to the segments too, and the sled tree
+//! `records` lists where: batches keyed by a u64 BE number, each value 32
+//! bytes per record (its ULID, then its extent). Appended records gather in
+//! memory; the flush that makes them durable writes them (one `pwrite` for
+//! all of them) and syncs the segments, then writes one batch for all of its
+//! records (a record stored for a caller that flushes itself is written and
+//! listed at once), so a webhook costs no system call and no sled write on
+//! the agent's thread: a sled insert per record (a leaf rewritten, a log
+//! entry) was a quarter of the agent's CPU per webhook and most of its RSS,
+//! and its own `pwrite` a tenth.
 //! What is kept, and where, is in memory (the totals); a batch is rewritten
 //! without the records deleted or evicted from it, and removed with its last.
 //!
@@ -1472,10 +1474,10 @@ impl History {
         self.store_as(exchange, bodies, Write::Now)
     }
 
-    /// Writes a record: appended to the segments (one write, no sled insert
-    /// on the thread deliveries wait for) and listed by a batch of tree
-    /// `records` `write` says when; in tree `exchanges` for an in-memory
-    /// store.
+    /// Writes a record: appended to the segments (gathered for the write of
+    /// the flush or of the listing, no sled insert on the thread deliveries
+    /// wait for) and listed by a batch of tree `records` `write` says when;
+    /// in tree `exchanges` for an in-memory store.
     fn store_as(
         &self,
         exchange: &Exchange,
@@ -1610,6 +1612,15 @@ impl History {
     fn list_unlisted(&self) -> Result<(), HistoryError> {
         let _writes = lock(&self.tree_writes);
         let taken = std::mem::take(&mut *lock(&self.unlisted));
+        // Every record taken is written before a batch names it (it was
+        // appended before it was put in `unlisted`): a kill between the two
+        // never leaves a listed record that is not in its segment.
+        if let Some(segments) = self.segments.as_ref().filter(|_| !taken.is_empty()) {
+            if let Err(err) = segments.write_pending() {
+                lock(&self.unlisted).splice(0..0, taken);
+                return Err(file_error(err));
+            }
+        }
         for (i, chunk) in taken.chunks(BATCH_ENTRIES).enumerate() {
             let n = self.next_batch.fetch_add(1, Ordering::Relaxed);
             let mut value = Vec::with_capacity(chunk.len() * BATCH_ENTRY);
@@ -3197,6 +3208,41 @@ pub(crate) mod tests {
         };
         let found = h.list(&search, None, 10).expect("search").exchanges;
         assert_eq!(found.iter().map(|e| e.id).collect::<Vec<_>>(), [ids[7]]);
+    }
+
+    /// A record listed before `store` returns (the outbox's queued path) is
+    /// in its segment file by then: a batch never names bytes still in
+    /// memory, which a kill would lose.
+    #[tokio::test]
+    async fn a_record_listed_at_once_is_written_before_its_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = {
+            let h = History::open(dir.path(), Retention::default()).expect("open");
+            // Gathered in memory, for the next flush.
+            let lingering = exchange("POST", "/lingering-0001", Some(200));
+            h.store_as(&lingering, &[], Write::ByFlush).expect("store");
+            let raw = || -> Vec<u8> {
+                segment_files(dir.path())
+                    .iter()
+                    .flat_map(|name| {
+                        std::fs::read(dir.path().join("history-bodies").join(name)).expect("read")
+                    })
+                    .collect()
+            };
+            let holds = |text: &str| raw().windows(text.len()).any(|w| w == text.as_bytes());
+            assert!(!holds("/lingering-0001"), "not written before a flush");
+            let id = store_kept(&h, b"listed-at-once-0002");
+            assert!(holds("listed-at-once-0002"), "written before it was listed");
+            assert!(holds("/lingering-0001"), "and what was gathered before it");
+            h.db.flush().expect("sled flush");
+            id
+        };
+        // No flush of the segments, no close.
+        let h = History::open(dir.path(), Retention::default()).expect("reopen");
+        assert_eq!(
+            h.body(id, Part::Request).expect("body"),
+            b"listed-at-once-0002"
+        );
     }
 
     /// Scale check, run by hand (release build; prints its figures):
