@@ -17,8 +17,9 @@
 //!
 //! Records (with their bodies' buffered rests) are gathered in memory and
 //! written by the next flush, a write for every few dozen webhooks instead
-//! of one each on the thread deliveries wait for (or by the append that
-//! fills [`PENDING_MAX`]); reads and zeroing see them there until then.
+//! of one each on the thread deliveries wait for (or, once [`PENDING_MAX`]
+//! are gathered, by the next append); reads and zeroing see them there until
+//! then.
 //!
 //! Durability: pieces are written before the records naming them are
 //! listed, and synced (one `fdatasync` per segment written since the last
@@ -39,9 +40,9 @@ use std::{
 /// (under workload b, 32 MiB is a new file every quarter second).
 pub(crate) const SEGMENT_BYTES: u64 = 32 << 20;
 
-/// Bytes of records gathered in memory before the append that passes this
-/// writes them itself: about a flush's worth (10 ms) of 1 KiB webhooks at
-/// 10,000 a second.
+/// Bytes of records gathered in memory at which the next append writes them
+/// first: about a flush's worth (10 ms) of 1 KiB webhooks at 10,000 a
+/// second. Also the bound on what a failing disk leaves in memory.
 pub(crate) const PENDING_MAX: usize = 256 << 10;
 
 /// A run's buffer: room for [`PENDING_MAX`] and one more record with a body
@@ -151,16 +152,17 @@ struct Run {
 }
 
 impl Run {
+    /// Where `e`'s bytes are in this run, if they are.
+    fn range(&self, e: Extent) -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(e.off.checked_sub(self.off)?).ok()?;
+        let end = start.checked_add(e.len as usize)?;
+        (self.seg == e.seg && end <= self.bytes.len()).then_some(start..end)
+    }
+
     /// Copies `e`'s bytes into `out` if the run holds them.
     fn copy(&self, e: Extent, out: &mut [u8]) -> bool {
-        let Some(start) = e.off.checked_sub(self.off) else {
-            return false;
-        };
-        let Ok(start) = usize::try_from(start) else {
-            return false;
-        };
-        match self.bytes.get(start..start + e.len as usize) {
-            Some(bytes) if self.seg == e.seg && bytes.len() == out.len() => {
+        match self.range(e).and_then(|r| self.bytes.get(r)) {
+            Some(bytes) if bytes.len() == out.len() => {
                 out.copy_from_slice(bytes);
                 true
             }
@@ -316,7 +318,13 @@ impl Segments {
         encode: impl FnOnce(&[Extent]) -> io::Result<Vec<u8>>,
     ) -> io::Result<(Vec<Extent>, Extent)> {
         let mut extents = Vec::with_capacity(tails.len());
-        let (record, full) = {
+        // Full (a flush is late, or writing failed): written first, so that
+        // memory holds at most one more record than the limit, whatever the
+        // disk does; if it cannot be, this record is refused.
+        if self.state().pending_bytes >= PENDING_MAX {
+            self.write_pending()?;
+        }
+        let record = {
             let mut state = self.state();
             // Reserved empty first: the record's length is known only once
             // it names where the tails go.
@@ -364,12 +372,9 @@ impl Segments {
             }
             run.bytes.extend_from_slice(&encoded);
             state.pending_bytes += run.bytes.len() - before;
-            (record, state.pending_bytes >= PENDING_MAX)
+            record
         };
         held.extents.push(record);
-        if full {
-            self.write_pending()?;
-        }
         Ok((extents, record))
     }
 
@@ -538,12 +543,22 @@ impl Segments {
     /// Overwrites a deleted body with zeros (its space comes back with its
     /// segment). A segment already gone is skipped.
     pub(crate) fn zero(&self, extents: &[Extent]) -> io::Result<()> {
-        // Written first, and nothing written from memory until the zeros
-        // are: a deleted record's bytes never come back.
+        // Nothing is written from memory meanwhile (writes hold `io`): a
+        // record still in memory is zeroed there, before it is written.
         let _io = self.io.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_pending_locked()?;
         let zeros = vec![0u8; 64 * 1024];
         for e in extents {
+            let in_memory = {
+                let mut state = self.state();
+                let run = state.pending.iter_mut().find_map(|run| {
+                    let range = run.range(*e)?;
+                    run.bytes.get_mut(range)
+                });
+                run.map(|bytes| bytes.fill(0)).is_some()
+            };
+            if in_memory {
+                continue;
+            }
             let file = match std::fs::OpenOptions::new()
                 .write(true)
                 .open(self.path(e.seg))
@@ -741,37 +756,48 @@ mod tests {
     #[test]
     fn a_record_zeroed_before_it_is_written_never_reaches_the_disk() {
         let (dir, segments) = open();
-        let (tails, at, _held) = record(&segments, &[b"secret-body"], b"secret-record");
+        let (_, written, _h1) = record(&segments, &[], b"written-secret");
+        segments.sync().expect("sync");
+        let (tails, at, _h2) = record(&segments, &[b"secret-body"], b"secret-record");
         segments.zero(&tails).expect("zero");
-        segments.zero(&[at]).expect("zero");
+        segments.zero(&[at, written]).expect("zero");
+        assert_eq!(
+            on_disk(&dir),
+            [0u8; 14],
+            "zeroed in the file, and in memory"
+        );
         segments.sync().expect("sync");
         let raw = on_disk(&dir);
-        assert_eq!(raw.len(), "secret-bodysecret-record".len());
+        assert_eq!(raw.len(), "written-secretsecret-bodysecret-record".len());
         assert!(raw.iter().all(|b| *b == 0), "{raw:?}");
         assert!(segments.read(&[at]).expect("read").iter().all(|b| *b == 0));
     }
 
     #[test]
-    fn the_append_that_fills_the_buffer_writes_it() {
+    fn the_append_after_the_buffer_is_full_writes_it() {
         let (dir, segments) = open();
         let big = vec![7u8; PENDING_MAX / 4];
         let mut holds = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             holds.push(record(&segments, &[], &big));
         }
-        assert!(on_disk(&dir).is_empty(), "under the limit: nothing written");
-        holds.push(record(&segments, &[], &big));
+        assert!(on_disk(&dir).is_empty(), "nothing written up to the limit");
+        holds.push(record(&segments, &[], b"fifth"));
         assert_eq!(
             on_disk(&dir).len(),
             PENDING_MAX,
-            "the fourth wrote all four"
+            "the fifth wrote the first four"
         );
-        assert!(segments.state().pending.is_empty());
+        assert_eq!(segments.state().pending_bytes, "fifth".len());
         assert!(segments.state().dirty.contains_key(&0), "for the next sync");
-        // The written buffer is the next run's.
+        // Written buffers are the next runs'.
+        assert!(segments.state().spare.is_empty(), "the fifth's run took it");
+        segments.sync().expect("sync");
         assert_eq!(segments.state().spare.len(), 1);
-        let (_, at, _held) = record(&segments, &[], b"next");
-        assert!(segments.state().spare.is_empty());
-        assert_eq!(segments.read(&[at]).expect("read"), b"next");
+        let (_, at, _held) = record(&segments, &[], b"sixth");
+        assert!(segments.state().spare.is_empty(), "the sixth's run took it");
+        assert_eq!(segments.read(&[at]).expect("read"), b"sixth");
+        segments.sync().expect("sync");
+        assert!(on_disk(&dir).ends_with(b"fifthsixth"));
     }
 }
