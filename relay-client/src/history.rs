@@ -17,10 +17,10 @@
 //! memory; the flush that makes them durable writes them (one `pwrite` for
 //! all of them) and syncs the segments, then writes one batch for all of its
 //! records (a record stored for a caller that flushes itself is written and
-//! listed at once), so a webhook costs no system call and no sled write on
-//! the agent's thread: a sled insert per record (a leaf rewritten, a log
-//! entry) was a quarter of the agent's CPU per webhook and most of its RSS,
-//! and its own `pwrite` a tenth.
+//! listed at once), so recording a webhook costs no system call and no sled
+//! write on the agent's thread: a sled insert per record (a leaf rewritten,
+//! a log entry) was a quarter of the agent's CPU per webhook and most of its
+//! RSS, and its own `pwrite` a tenth.
 //! What is kept, and where, is in memory (the totals); a batch is rewritten
 //! without the records deleted or evicted from it, and removed with its last.
 //!
