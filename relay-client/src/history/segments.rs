@@ -322,9 +322,8 @@ impl Segments {
         // that memory holds at most one more record than the limit whatever
         // the disk does (if they cannot be, this record is refused), and when
         // this record would not follow them (a large body's pieces went in
-        // between, or a new segment): a buffer per record, each a few dozen
-        // KiB with its body's rest, kept tens of MiB of freed pages around
-        // under workload b.
+        // between, or a new segment): otherwise, under workload b, nearly
+        // every record would start a run, and a buffer, of its own.
         let write_first = {
             let state = self.state();
             let follows = match (state.pending.last(), &state.active) {
