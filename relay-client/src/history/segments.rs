@@ -143,7 +143,7 @@ pub(crate) struct Segments {
 }
 
 /// Bytes appended but not yet written: one contiguous run of a segment.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Run {
     seg: u32,
     off: u64,
@@ -152,6 +152,11 @@ struct Run {
 }
 
 impl Run {
+    /// Whether bytes appended at `off` of segment `seg` follow this run.
+    fn ends_at(&self, seg: u32, off: u64) -> bool {
+        self.seg == seg && self.off + self.bytes.len() as u64 == off
+    }
+
     /// Where `e`'s bytes are in this run, if they are.
     fn range(&self, e: Extent) -> Option<std::ops::Range<usize>> {
         let start = usize::try_from(e.off.checked_sub(self.off)?).ok()?;
@@ -329,9 +334,7 @@ impl Segments {
             let follows = match (state.pending.last(), &state.active) {
                 (None, _) => true,
                 (Some(run), Some(active)) => {
-                    run.seg == active.seg
-                        && run.off + run.bytes.len() as u64 == active.len
-                        && active.len < self.segment_bytes
+                    run.ends_at(active.seg, active.len) && active.len < self.segment_bytes
                 }
                 (Some(_), None) => false,
             };
@@ -364,7 +367,7 @@ impl Segments {
             self.hold_for(&mut state, held, seg);
             let state = &mut *state;
             let run = match state.pending.last_mut() {
-                Some(run) if run.seg == seg && run.off + run.bytes.len() as u64 == start => run,
+                Some(run) if run.ends_at(seg, start) => run,
                 _ => {
                     let bytes = state
                         .spare
@@ -436,16 +439,7 @@ impl Segments {
             }
             Err(err) => {
                 // Kept for the next try, and for readers meanwhile.
-                let mut back = Arc::try_unwrap(runs).unwrap_or_else(|runs| {
-                    runs.iter()
-                        .map(|r| Run {
-                            seg: r.seg,
-                            off: r.off,
-                            file: Arc::clone(&r.file),
-                            bytes: r.bytes.clone(),
-                        })
-                        .collect()
-                });
+                let mut back = Arc::unwrap_or_clone(runs);
                 back.append(&mut state.pending);
                 state.pending_bytes = back.iter().map(|r| r.bytes.len()).sum();
                 state.pending = back;
