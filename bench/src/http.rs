@@ -16,6 +16,11 @@
 //! the real release binaries with their defaults: history recording is on.
 //! CPU time per request comes from `/proc/PID/stat` (user + system) of each
 //! tunnel process over the measured interval; peak RSS is sampled every 100 ms.
+//!
+//! `--compare DIR` adds a second build as target `compared`, measured right
+//! after this one in each workload of each run, and sets the two against each
+//! other run by run ([`Paired`]): on a noisy machine the ratio within a run is
+//! steadier than either figure across runs.
 
 use std::{
     net::SocketAddr,
@@ -130,6 +135,68 @@ pub struct HttpArgs {
     /// Where to create the temporary directory [default: the system's]
     #[arg(long, value_name = "DIR")]
     tmp_dir: Option<PathBuf>,
+
+    /// Also measure the relay-server and relay-client in DIR (an earlier
+    /// build, say) as target `compared`, each workload right after this
+    /// build's in every run, and print this build against it run by run
+    #[arg(long, value_name = "DIR")]
+    compare: Option<PathBuf>,
+}
+
+/// Name of the target `--compare` adds.
+const COMPARED: &str = "compared";
+
+/// This build against `--compare`'s for one workload: the median over the
+/// runs of each run's ratio (or difference), so that a machine whose speed
+/// drifts between runs moves both sides of every figure alike.
+#[derive(Clone, Debug)]
+pub struct Paired {
+    pub runs: usize,
+    /// This build's req/s over the compared build's.
+    pub req_per_s: f64,
+    /// This build's median latency minus the compared build's, in ms.
+    pub p50_ms_delta: f64,
+    /// This build's p99 over the compared build's.
+    pub p99: f64,
+    /// This build's CPU per request over the compared build's, per process.
+    pub cpu_us_per_req: Vec<f64>,
+}
+
+impl Paired {
+    /// `this[i]` against `other[i]`, run by run; `None` without runs.
+    fn of(this: &[Figures], other: &[Figures]) -> Option<Paired> {
+        let runs = this.len().min(other.len());
+        if runs == 0 {
+            return None;
+        }
+        let pairs = || this.iter().zip(other);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let processes = this[0].cpu_us_per_req.len();
+        Some(Paired {
+            runs,
+            req_per_s: mid(pairs()
+                .map(|(a, b)| ratio(a.req_per_s, b.req_per_s))
+                .collect()),
+            p50_ms_delta: mid(pairs()
+                .map(|(a, b)| (a.p50_us as f64 - b.p50_us as f64) / 1000.0)
+                .collect()),
+            p99: mid(pairs()
+                .map(|(a, b)| ratio(a.p99_us as f64, b.p99_us as f64))
+                .collect()),
+            cpu_us_per_req: (0..processes)
+                .map(|i| {
+                    mid(pairs()
+                        .map(|(a, b)| {
+                            ratio(
+                                a.cpu_us_per_req.get(i).copied().unwrap_or(f64::NAN),
+                                b.cpu_us_per_req.get(i).copied().unwrap_or(f64::NAN),
+                            )
+                        })
+                        .collect())
+                })
+                .collect(),
+        })
+    }
 }
 
 /// What one drive of one workload against one target measured.
@@ -181,6 +248,24 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
             pids: vec![("relay", relay.proc.pid()), ("agent", agent.pid())],
         },
     ];
+    let mut compared = match &args.compare {
+        Some(other_dir) => {
+            let other = crate::binaries::locate(Some(other_dir))?;
+            let sub = dir.path().join(COMPARED);
+            std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
+            let (relay_b, agent_b) = start_tunnel(&other, &sub, app.addr())
+                .await
+                .with_context(|| format!("starting the build in {}", other_dir.display()))?;
+            targets.push(Target {
+                name: COMPARED,
+                addr: relay_b.http,
+                prefix: "/t/bench",
+                pids: vec![("relay", relay_b.proc.pid()), ("agent", agent_b.pid())],
+            });
+            Some((relay_b, agent_b))
+        }
+        None => None,
+    };
     let mut peers: Vec<Peer> = Vec::new();
     if args.peers {
         for peer in peers::start_all(dir.path(), app.addr()).await? {
@@ -199,7 +284,8 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
         .collect();
     for run in 0..args.runs {
         for (wi, &workload) in args.workloads.iter().enumerate() {
-            for (ti, target) in targets.iter().enumerate() {
+            for ti in order(targets.len(), compared.is_some(), run) {
+                let target = &targets[ti];
                 eprintln!(
                     "run {}/{}: workload {} ({}) via {}",
                     run + 1,
@@ -223,6 +309,10 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
                 results[wi][ti].push(figures);
                 relay.proc.check_running()?;
                 agent.check_running()?;
+                if let Some((relay_b, agent_b)) = &mut compared {
+                    relay_b.proc.check_running()?;
+                    agent_b.check_running()?;
+                }
             }
         }
     }
@@ -233,7 +323,24 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
         ("relay-server", &mut relay.proc),
     ])
     .await?;
+    if let Some((relay_b, agent_b)) = &mut compared {
+        stop_all(vec![
+            ("compared relay-client", agent_b),
+            ("compared relay-server", &mut relay_b.proc),
+        ])
+        .await?;
+    }
     drop(peers);
+    let paired: Vec<Option<Paired>> = results
+        .iter()
+        .map(|per_target| {
+            let at = |name: &str| targets.iter().position(|t| t.name == name);
+            match (at("hookrelay"), at(COMPARED)) {
+                (Some(this), Some(other)) => Paired::of(&per_target[this], &per_target[other]),
+                _ => None,
+            }
+        })
+        .collect();
 
     let medians: Vec<Vec<Figures>> = results
         .iter()
@@ -242,12 +349,27 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
     if json_out {
         println!(
             "{}",
-            to_json(args, &targets, &medians, relay_hwm, agent_hwm)
+            to_json(args, &targets, &medians, &paired, relay_hwm, agent_hwm)
         );
     } else {
-        print!("{}", table(args, &targets, &medians, relay_hwm, agent_hwm));
+        print!(
+            "{}",
+            table(args, &targets, &medians, &paired, relay_hwm, agent_hwm)
+        );
     }
     Ok(())
+}
+
+/// The order in which run `run` measures `count` targets: as listed, except
+/// that with a compared build (listed third, after this build) the two builds
+/// take turns going first, so that neither always measures a machine the
+/// other has just warmed or loaded.
+fn order(count: usize, compared: bool, run: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    if compared && run % 2 == 1 && count > 2 {
+        order.swap(1, 2);
+    }
+    order
 }
 
 /// The relay and an agent holding tunnel `bench` in front of `app`.
@@ -455,11 +577,13 @@ fn clock_ticks_per_s() -> u64 {
 }
 
 /// Each figure's median over the runs (upper median for even counts).
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
 fn median(runs: &[Figures]) -> Figures {
-    fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        v[v.len() / 2]
-    }
     let Some(first) = runs.first() else {
         return Figures::default();
     };
@@ -493,6 +617,7 @@ fn table(
     args: &HttpArgs,
     targets: &[Target],
     medians: &[Vec<Figures>],
+    paired: &[Option<Paired>],
     relay_hwm: Option<u64>,
     agent_hwm: Option<u64>,
 ) -> String {
@@ -577,13 +702,30 @@ fn table(
                 ));
             }
         }
-        if let Some(n) = targets
-            .iter()
-            .position(|t| t.name == "hookrelay")
-            .and_then(|ti| medians[wi][ti].udp_datagrams_per_req)
-        {
+        for name in ["hookrelay", COMPARED] {
+            if let Some(n) = targets
+                .iter()
+                .position(|t| t.name == name)
+                .and_then(|ti| medians[wi][ti].udp_datagrams_per_req)
+            {
+                out.push_str(&format!(
+                    "{name}'s QUIC link: {n:.2} UDP sends per request, both ways (a GSO batch counts once)\n"
+                ));
+            }
+        }
+        if let Some(p) = paired.get(wi).and_then(Option::as_ref) {
             out.push_str(&format!(
-                "hookrelay's QUIC link: {n:.2} UDP sends per request, both ways (a GSO batch counts once)\n"
+                "hookrelay against compared, median of {} paired run(s): req/s x{:.3}, p50 {:+.3} ms, p99 x{:.3}, CPU per request {}\n",
+                p.runs,
+                p.req_per_s,
+                p.p50_ms_delta,
+                p.p99,
+                ["relay", "agent"]
+                    .iter()
+                    .zip(&p.cpu_us_per_req)
+                    .map(|(label, r)| format!("{label} x{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }
@@ -605,6 +747,7 @@ fn to_json(
     args: &HttpArgs,
     targets: &[Target],
     medians: &[Vec<Figures>],
+    paired: &[Option<Paired>],
     relay_hwm: Option<u64>,
     agent_hwm: Option<u64>,
 ) -> serde_json::Value {
@@ -635,7 +778,19 @@ fn to_json(
                     })
                 })
                 .collect();
-            json!({"workload": w.name(), "describe": w.describe(), "goal": w.goal(), "targets": rows})
+            let against = paired.get(wi).and_then(Option::as_ref).map(|p| {
+                json!({
+                    "runs": p.runs,
+                    "req_per_s_ratio": p.req_per_s,
+                    "p50_ms_delta": p.p50_ms_delta,
+                    "p99_ratio": p.p99,
+                    "cpu_us_per_req_ratio": {
+                        "relay": p.cpu_us_per_req.first(),
+                        "agent": p.cpu_us_per_req.get(1),
+                    },
+                })
+            });
+            json!({"workload": w.name(), "describe": w.describe(), "goal": w.goal(), "targets": rows, "against_compared": against})
         })
         .collect();
     json!({
@@ -651,6 +806,44 @@ fn to_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compared_build_takes_turns_going_first() {
+        assert_eq!(order(4, false, 1), vec![0, 1, 2, 3]);
+        assert_eq!(order(3, true, 0), vec![0, 1, 2]);
+        assert_eq!(order(3, true, 1), vec![0, 2, 1]);
+        assert_eq!(order(5, true, 3), vec![0, 2, 1, 3, 4]);
+    }
+
+    #[test]
+    fn pairs_are_set_against_each_other_run_by_run() {
+        let run = |rps: f64, p50_us: u64, cpu: f64| Figures {
+            req_per_s: rps,
+            p50_us,
+            p99_us: p50_us * 2,
+            cpu_us_per_req: vec![cpu, cpu * 2.0],
+            ..Figures::default()
+        };
+        // The machine slows by half in the second run: both builds with it.
+        let this = [
+            run(1100.0, 400, 90.0),
+            run(550.0, 800, 180.0),
+            run(1000.0, 420, 95.0),
+        ];
+        let other = [
+            run(1000.0, 420, 100.0),
+            run(500.0, 840, 200.0),
+            run(1000.0, 400, 100.0),
+        ];
+        let p = Paired::of(&this, &other).expect("three pairs");
+        assert_eq!(p.runs, 3);
+        assert!((p.req_per_s - 1.1).abs() < 1e-9, "{p:?}");
+        assert!((p.cpu_us_per_req[0] - 0.9).abs() < 1e-9, "{p:?}");
+        assert!((p.cpu_us_per_req[1] - 0.9).abs() < 1e-9, "{p:?}");
+        assert!((p.p50_ms_delta + 0.02).abs() < 1e-9, "{p:?}");
+        assert!((p.p99 - 400.0 / 420.0).abs() < 1e-9, "{p:?}");
+        assert!(Paired::of(&[], &other).is_none());
+    }
 
     #[test]
     fn payloads_have_the_exact_size() {

@@ -57,6 +57,14 @@ fn run_bench(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
+    // `--compare` with the same binaries: a second tunnel, measured after
+    // the first in each workload, and the two set against each other.
+    let exe = bench_exe();
+    let same = exe
+        .parent()
+        .expect("the bench binary has a directory")
+        .to_str()
+        .expect("a UTF-8 path");
     let report = run_bench(&[
         "http",
         "--workloads",
@@ -65,6 +73,8 @@ fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
         "2",
         "--warmup",
         "0",
+        "--compare",
+        same,
     ]);
     let workloads = report["workloads"].as_array().expect("workloads");
     assert_eq!(workloads.len(), 2, "{report}");
@@ -80,6 +90,22 @@ fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
         }
         let via = &w["targets"][1];
         assert_eq!(via["target"], "hookrelay");
+        assert_eq!(w["targets"][2]["target"], "compared", "{w}");
+        let against = &w["against_compared"];
+        assert_eq!(against["runs"], 1, "{w}");
+        // The same build both ways: only a gross asymmetry (one tunnel
+        // starved, or measured against the wrong processes) gets this far.
+        for figure in [
+            &against["req_per_s_ratio"],
+            &against["cpu_us_per_req_ratio"]["relay"],
+            &against["cpu_us_per_req_ratio"]["agent"],
+        ] {
+            let ratio = figure.as_f64().unwrap_or(f64::NAN);
+            assert!(
+                (0.1..10.0).contains(&ratio),
+                "workload {name}: this build against itself {ratio}: {against}"
+            );
+        }
         // With 64 deliveries in flight, quinn sends several in one go (one
         // GSO send): about 0.3 UDP sends per request both ways. A scheduler
         // that runs the connection driver after every stream write sends
