@@ -576,13 +576,13 @@ fn clock_ticks_per_s() -> u64 {
         .unwrap_or(100)
 }
 
-/// Each figure's median over the runs (upper median for even counts).
 /// The median of `v` (the upper one of an even count); `v` must not be empty.
 fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
 }
 
+/// Each figure's median over the runs (upper median for even counts).
 fn median(runs: &[Figures]) -> Figures {
     let Some(first) = runs.first() else {
         return Figures::default();
