@@ -148,53 +148,104 @@ const COMPARED: &str = "compared";
 
 /// This build against `--compare`'s for one workload: the median over the
 /// runs of each run's ratio (or difference), so that a machine whose speed
-/// drifts between runs moves both sides of every figure alike.
+/// drifts between runs moves both sides of every figure alike, with the
+/// lowest and highest run beside it: a median inside the range the same
+/// build gives against itself is noise.
 #[derive(Clone, Debug)]
 pub struct Paired {
     pub runs: usize,
     /// This build's req/s over the compared build's.
-    pub req_per_s: f64,
+    pub req_per_s: Spread,
     /// This build's median latency minus the compared build's, in ms.
-    pub p50_ms_delta: f64,
+    pub p50_ms_delta: Spread,
     /// This build's p99 over the compared build's.
-    pub p99: f64,
+    pub p99: Spread,
     /// This build's CPU per request over the compared build's, per process.
-    pub cpu_us_per_req: Vec<f64>,
+    pub cpu_us_per_req: Vec<Spread>,
+}
+
+/// One figure over the runs: its median (the upper one of an even count),
+/// lowest and highest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub mid: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Spread {
+    /// `None` without values.
+    fn of(mut v: Vec<f64>) -> Option<Spread> {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        Some(Spread {
+            mid: *v.get(v.len() / 2)?,
+            lo: *v.first()?,
+            hi: *v.last()?,
+        })
+    }
+
+    /// `x1.002 (0.931-1.080)`: a ratio, and its range when there were runs
+    /// enough to have one.
+    fn ratio(&self, runs: usize) -> String {
+        if runs > 1 {
+            format!("x{:.3} ({:.3}-{:.3})", self.mid, self.lo, self.hi)
+        } else {
+            format!("x{:.3}", self.mid)
+        }
+    }
+
+    /// `+0.012 ms (-0.020..+0.031)`: a difference, and its range.
+    fn delta_ms(&self, runs: usize) -> String {
+        if runs > 1 {
+            format!("{:+.3} ms ({:+.3}..{:+.3})", self.mid, self.lo, self.hi)
+        } else {
+            format!("{:+.3} ms", self.mid)
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({"median": self.mid, "min": self.lo, "max": self.hi})
+    }
 }
 
 impl Paired {
     /// `this[i]` against `other[i]`, run by run; `None` without runs.
     fn of(this: &[Figures], other: &[Figures]) -> Option<Paired> {
         let runs = this.len().min(other.len());
-        if runs == 0 {
-            return None;
-        }
         let pairs = || this.iter().zip(other);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        let processes = this[0].cpu_us_per_req.len();
+        let processes = this.first()?.cpu_us_per_req.len();
         Some(Paired {
             runs,
-            req_per_s: mid(pairs()
-                .map(|(a, b)| ratio(a.req_per_s, b.req_per_s))
-                .collect()),
-            p50_ms_delta: mid(pairs()
-                .map(|(a, b)| (a.p50_us as f64 - b.p50_us as f64) / 1000.0)
-                .collect()),
-            p99: mid(pairs()
-                .map(|(a, b)| ratio(a.p99_us as f64, b.p99_us as f64))
-                .collect()),
+            req_per_s: Spread::of(
+                pairs()
+                    .map(|(a, b)| ratio(a.req_per_s, b.req_per_s))
+                    .collect(),
+            )?,
+            p50_ms_delta: Spread::of(
+                pairs()
+                    .map(|(a, b)| (a.p50_us as f64 - b.p50_us as f64) / 1000.0)
+                    .collect(),
+            )?,
+            p99: Spread::of(
+                pairs()
+                    .map(|(a, b)| ratio(a.p99_us as f64, b.p99_us as f64))
+                    .collect(),
+            )?,
             cpu_us_per_req: (0..processes)
                 .map(|i| {
-                    mid(pairs()
-                        .map(|(a, b)| {
-                            ratio(
-                                a.cpu_us_per_req.get(i).copied().unwrap_or(f64::NAN),
-                                b.cpu_us_per_req.get(i).copied().unwrap_or(f64::NAN),
-                            )
-                        })
-                        .collect())
+                    Spread::of(
+                        pairs()
+                            .map(|(a, b)| {
+                                ratio(
+                                    a.cpu_us_per_req.get(i).copied().unwrap_or(f64::NAN),
+                                    b.cpu_us_per_req.get(i).copied().unwrap_or(f64::NAN),
+                                )
+                            })
+                            .collect(),
+                    )
                 })
-                .collect(),
+                .collect::<Option<Vec<_>>>()?,
         })
     }
 }
@@ -715,15 +766,16 @@ fn table(
         }
         if let Some(p) = paired.get(wi).and_then(Option::as_ref) {
             out.push_str(&format!(
-                "hookrelay against compared, median of {} paired run(s): req/s x{:.3}, p50 {:+.3} ms, p99 x{:.3}, CPU per request {}\n",
+                "hookrelay against compared, median of {} paired run(s){}: req/s {}, p50 {}, p99 {}, CPU per request {}\n",
                 p.runs,
-                p.req_per_s,
-                p.p50_ms_delta,
-                p.p99,
+                if p.runs > 1 { " (lowest-highest)" } else { "" },
+                p.req_per_s.ratio(p.runs),
+                p.p50_ms_delta.delta_ms(p.runs),
+                p.p99.ratio(p.runs),
                 ["relay", "agent"]
                     .iter()
                     .zip(&p.cpu_us_per_req)
-                    .map(|(label, r)| format!("{label} x{r:.3}"))
+                    .map(|(label, r)| format!("{label} {}", r.ratio(p.runs)))
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
@@ -781,12 +833,21 @@ fn to_json(
             let against = paired.get(wi).and_then(Option::as_ref).map(|p| {
                 json!({
                     "runs": p.runs,
-                    "req_per_s_ratio": p.req_per_s,
-                    "p50_ms_delta": p.p50_ms_delta,
-                    "p99_ratio": p.p99,
+                    "req_per_s_ratio": p.req_per_s.mid,
+                    "p50_ms_delta": p.p50_ms_delta.mid,
+                    "p99_ratio": p.p99.mid,
                     "cpu_us_per_req_ratio": {
-                        "relay": p.cpu_us_per_req.first(),
-                        "agent": p.cpu_us_per_req.get(1),
+                        "relay": p.cpu_us_per_req.first().map(|r| r.mid),
+                        "agent": p.cpu_us_per_req.get(1).map(|r| r.mid),
+                    },
+                    "spread": {
+                        "req_per_s_ratio": p.req_per_s.json(),
+                        "p50_ms_delta": p.p50_ms_delta.json(),
+                        "p99_ratio": p.p99.json(),
+                        "cpu_us_per_req_ratio": {
+                            "relay": p.cpu_us_per_req.first().map(Spread::json),
+                            "agent": p.cpu_us_per_req.get(1).map(Spread::json),
+                        },
                     },
                 })
             });
@@ -837,11 +898,24 @@ mod tests {
         ];
         let p = Paired::of(&this, &other).expect("three pairs");
         assert_eq!(p.runs, 3);
-        assert!((p.req_per_s - 1.1).abs() < 1e-9, "{p:?}");
-        assert!((p.cpu_us_per_req[0] - 0.9).abs() < 1e-9, "{p:?}");
-        assert!((p.cpu_us_per_req[1] - 0.9).abs() < 1e-9, "{p:?}");
-        assert!((p.p50_ms_delta + 0.02).abs() < 1e-9, "{p:?}");
-        assert!((p.p99 - 400.0 / 420.0).abs() < 1e-9, "{p:?}");
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(near(p.req_per_s.mid, 1.1), "{p:?}");
+        assert!(near(p.cpu_us_per_req[0].mid, 0.9), "{p:?}");
+        assert!(near(p.cpu_us_per_req[1].mid, 0.9), "{p:?}");
+        assert!(near(p.p50_ms_delta.mid, -0.02), "{p:?}");
+        assert!(near(p.p99.mid, 400.0 / 420.0), "{p:?}");
+        // The lowest and highest run of each figure, beside its median.
+        assert!(
+            near(p.req_per_s.lo, 1.0) && near(p.req_per_s.hi, 1.1),
+            "{p:?}"
+        );
+        assert!(near(p.cpu_us_per_req[0].lo, 0.9), "{p:?}");
+        assert!(near(p.cpu_us_per_req[0].hi, 0.95), "{p:?}");
+        assert!(near(p.p50_ms_delta.lo, -0.04), "{p:?}");
+        assert!(near(p.p50_ms_delta.hi, 0.02), "{p:?}");
+        assert_eq!(p.req_per_s.ratio(3), "x1.100 (1.000-1.100)");
+        assert_eq!(p.p50_ms_delta.delta_ms(3), "-0.020 ms (-0.040..+0.020)");
+        assert_eq!(p.req_per_s.ratio(1), "x1.100");
         assert!(Paired::of(&[], &other).is_none());
     }
 

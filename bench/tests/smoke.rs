@@ -106,6 +106,16 @@ fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
                 "workload {name}: this build against itself {ratio}: {against}"
             );
         }
+        // Each figure's lowest and highest run beside its median (one run:
+        // all three the same).
+        let spread = &against["spread"]["req_per_s_ratio"];
+        let (lo, mid, hi) = (
+            spread["min"].as_f64().unwrap_or(f64::NAN),
+            spread["median"].as_f64().unwrap_or(f64::NAN),
+            spread["max"].as_f64().unwrap_or(f64::NAN),
+        );
+        assert!(lo <= mid && mid <= hi, "workload {name}: {against}");
+        assert_eq!(Some(mid), against["req_per_s_ratio"].as_f64(), "{against}");
         // With 64 deliveries in flight, quinn sends several in one go (one
         // GSO send): about 0.3 UDP sends per request both ways. A scheduler
         // that runs the connection driver after every stream write sends
