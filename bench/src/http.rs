@@ -174,9 +174,10 @@ pub struct Spread {
 }
 
 impl Spread {
-    /// `None` without values.
+    /// `None` without values. A NaN (a figure missing on one side) sorts
+    /// last, so it shows as the highest rather than breaking the order.
     fn of(mut v: Vec<f64>) -> Option<Spread> {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.sort_by(f64::total_cmp);
         Some(Spread {
             mid: *v.get(v.len() / 2)?,
             lo: *v.first()?,
@@ -916,6 +917,10 @@ mod tests {
         assert_eq!(p.req_per_s.ratio(3), "x1.100 (1.000-1.100)");
         assert_eq!(p.p50_ms_delta.delta_ms(3), "-0.020 ms (-0.040..+0.020)");
         assert_eq!(p.req_per_s.ratio(1), "x1.100");
+        let missing = Spread::of(vec![f64::NAN, 1.0, 0.5]).expect("values");
+        assert_eq!((missing.lo, missing.mid), (0.5, 1.0));
+        assert!(missing.hi.is_nan());
+        assert!(Spread::of(Vec::new()).is_none());
         assert!(Paired::of(&[], &other).is_none());
     }
 
