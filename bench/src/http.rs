@@ -629,8 +629,15 @@ fn clock_ticks_per_s() -> u64 {
 }
 
 /// The median of `v` (the upper one of an even count); `v` must not be empty.
+/// A value not comparable with itself (a NaN: a figure a run could not
+/// measure) sorts last, which keeps the order total: `sort_by` may panic on
+/// a comparison that is not.
 fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let incomparable = |x: &T| x.partial_cmp(x).is_none();
+    v.sort_by(|a, b| match (incomparable(a), incomparable(b)) {
+        (false, false) => a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal),
+        (a, b) => a.cmp(&b),
+    });
     v[v.len() / 2]
 }
 
@@ -964,5 +971,12 @@ mod tests {
         assert_eq!(m.req_per_s, 2.0);
         assert_eq!(m.cpu_us_per_req, vec![2.0]);
         assert_eq!(m.peak_rss_kib, vec![Some(3)], "the peak is the highest");
+        // A run that could not measure a figure: its NaN goes last.
+        let m = median(&[f(3.0), f(f64::NAN), f(1.0), f(f64::NAN), f(2.0)]);
+        assert_eq!(m.req_per_s, 3.0);
+        let odd: Vec<f64> = (0..40)
+            .map(|i| if i % 3 == 0 { f64::NAN } else { f64::from(i) })
+            .collect();
+        assert_eq!(mid(odd), 31.0);
     }
 }
