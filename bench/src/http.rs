@@ -177,7 +177,7 @@ impl Spread {
     /// `None` without values. A NaN (a figure missing on one side) sorts
     /// last, so it shows as the highest rather than breaking the order.
     fn of(mut v: Vec<f64>) -> Option<Spread> {
-        v.sort_by(f64::total_cmp);
+        sort_nan_last(&mut v);
         Some(Spread {
             mid: *v.get(v.len() / 2)?,
             lo: *v.first()?,
@@ -293,12 +293,7 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
             prefix: "",
             pids: Vec::new(),
         },
-        Target {
-            name: "hookrelay",
-            addr: relay.http,
-            prefix: "/t/bench",
-            pids: vec![("relay", relay.proc.pid()), ("agent", agent.pid())],
-        },
+        tunnel_target("hookrelay", &relay, &agent),
     ];
     let mut compared = match &args.compare {
         Some(other_dir) => {
@@ -308,12 +303,7 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
             let (relay_b, agent_b) = start_tunnel(&other, &sub, app.addr())
                 .await
                 .with_context(|| format!("starting the build in {}", other_dir.display()))?;
-            targets.push(Target {
-                name: COMPARED,
-                addr: relay_b.http,
-                prefix: "/t/bench",
-                pids: vec![("relay", relay_b.proc.pid()), ("agent", agent_b.pid())],
-            });
+            targets.push(tunnel_target(COMPARED, &relay_b, &agent_b));
             Some((relay_b, agent_b))
         }
         None => None,
@@ -383,14 +373,12 @@ pub async fn run(binaries: &Binaries, args: &HttpArgs, json_out: bool) -> anyhow
         .await?;
     }
     drop(peers);
+    let at = |name: &str| targets.iter().position(|t| t.name == name);
+    let pair = at("hookrelay").zip(at(COMPARED));
     let paired: Vec<Option<Paired>> = results
         .iter()
         .map(|per_target| {
-            let at = |name: &str| targets.iter().position(|t| t.name == name);
-            match (at("hookrelay"), at(COMPARED)) {
-                (Some(this), Some(other)) => Paired::of(&per_target[this], &per_target[other]),
-                _ => None,
-            }
+            pair.and_then(|(this, other)| Paired::of(&per_target[this], &per_target[other]))
         })
         .collect();
 
@@ -422,6 +410,16 @@ fn order(count: usize, compared: bool, run: u64) -> Vec<usize> {
         order.swap(1, 2);
     }
     order
+}
+
+/// A tunnel [`start_tunnel`] started, as target `name`.
+fn tunnel_target(name: &'static str, relay: &Relay, agent: &Proc) -> Target {
+    Target {
+        name,
+        addr: relay.http,
+        prefix: "/t/bench",
+        pids: vec![("relay", relay.proc.pid()), ("agent", agent.pid())],
+    }
 }
 
 /// The relay and an agent holding tunnel `bench` in front of `app`.
@@ -628,16 +626,20 @@ fn clock_ticks_per_s() -> u64 {
         .unwrap_or(100)
 }
 
-/// The median of `v` (the upper one of an even count); `v` must not be empty.
-/// A value not comparable with itself (a NaN: a figure a run could not
-/// measure) sorts last, which keeps the order total: `sort_by` may panic on
-/// a comparison that is not.
-fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+/// Sorts `v` ascending with any value not comparable with itself (a NaN: a
+/// figure a run could not measure) last, which keeps the order total:
+/// `sort_by` may panic on a comparison that is not.
+fn sort_nan_last<T: PartialOrd>(v: &mut [T]) {
     let incomparable = |x: &T| x.partial_cmp(x).is_none();
     v.sort_by(|a, b| match (incomparable(a), incomparable(b)) {
         (false, false) => a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal),
         (a, b) => a.cmp(&b),
     });
+}
+
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    sort_nan_last(&mut v);
     v[v.len() / 2]
 }
 
