@@ -1098,10 +1098,10 @@ mod record_json {
         out.extend_from_slice(b",\"target\":");
         string(out, &e.target);
         out.extend_from_slice(b",\"request\":");
-        request(out, &e.request);
+        request(out, &e.request)?;
         out.extend_from_slice(b",\"response\":");
         match &e.response {
-            Some(r) => response(out, r),
+            Some(r) => response(out, r)?,
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"outcome\":");
@@ -1126,22 +1126,24 @@ mod record_json {
         Ok(())
     }
 
-    fn request(out: &mut Vec<u8>, r: &RequestRecord) {
+    fn request(out: &mut Vec<u8>, r: &RequestRecord) -> serde_json::Result<()> {
         out.extend_from_slice(b"{\"headers\":");
-        headers(out, &r.headers);
+        headers(out, &r.headers)?;
         out.extend_from_slice(b",\"body_len\":");
         number(out, r.body_len);
         out.push(b'}');
+        Ok(())
     }
 
-    fn response(out: &mut Vec<u8>, r: &ResponseRecord) {
+    fn response(out: &mut Vec<u8>, r: &ResponseRecord) -> serde_json::Result<()> {
         out.extend_from_slice(b"{\"status\":");
         number(out, r.status);
         out.extend_from_slice(b",\"headers\":");
-        headers(out, &r.headers);
+        headers(out, &r.headers)?;
         out.extend_from_slice(b",\"body_len\":");
         number(out, r.body_len);
         out.push(b'}');
+        Ok(())
     }
 
     fn durations(out: &mut Vec<u8>, d: &Durations) {
@@ -1154,32 +1156,27 @@ mod record_json {
         out.push(b'}');
     }
 
-    /// As [`Header`]'s `Serialize`: the value as text, and its exact bytes
-    /// in base64 beside it when they are not UTF-8.
-    fn headers(out: &mut Vec<u8>, headers: &[Header]) {
+    /// As [`Header`]'s `Serialize`, which writes the rare value that is not
+    /// UTF-8 (its text and its exact bytes in base64).
+    fn headers(out: &mut Vec<u8>, headers: &[Header]) -> serde_json::Result<()> {
         out.push(b'[');
         for (i, h) in headers.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(b"{\"name\":");
-            string(out, &h.name);
-            out.extend_from_slice(b",\"value\":");
             match std::str::from_utf8(&h.value) {
-                Ok(value) => string(out, value),
-                Err(_) => {
-                    use base64::Engine as _;
-                    string(out, &String::from_utf8_lossy(&h.value));
-                    out.extend_from_slice(b",\"value_base64\":");
-                    string(
-                        out,
-                        &base64::engine::general_purpose::STANDARD.encode(&h.value),
-                    );
+                Ok(value) => {
+                    out.extend_from_slice(b"{\"name\":");
+                    string(out, &h.name);
+                    out.extend_from_slice(b",\"value\":");
+                    string(out, value);
+                    out.push(b'}');
                 }
+                Err(_) => serde_json::to_writer(&mut *out, h)?,
             }
-            out.push(b'}');
         }
         out.push(b']');
+        Ok(())
     }
 
     fn string(out: &mut Vec<u8>, s: &str) {
