@@ -7,7 +7,9 @@
 //!   agent acknowledges only what is flushed to its disk. Anything in between
 //!   is sent again after a reconnect; the agent knows every delivery id it
 //!   ever stored (tree `outbox_seen`) and acknowledges a repeat without
-//!   storing it twice.
+//!   storing it twice. An entry a crash left on disk without its delivery id
+//!   (sled writes its log whenever any flush runs) gets it back at the next
+//!   open, before anything is received.
 //! - The worker takes the oldest webhook, marks it "with the app" on disk,
 //!   then sends it: an agent killed meanwhile does not send that one again on
 //!   restart (at most once per delivery id); it is recorded as interrupted
@@ -130,6 +132,17 @@ struct Entry {
     with_app: bool,
 }
 
+/// What [`Outbox::open`] reads of an [`Entry`].
+#[derive(Deserialize)]
+struct EntryId {
+    head: HeadId,
+}
+
+#[derive(Deserialize)]
+struct HeadId {
+    delivery_id: DeliveryId,
+}
+
 /// A webhook received and not yet written to the store.
 struct Staged {
     seq: [u8; 8],
@@ -213,14 +226,36 @@ impl Outbox {
             pending: Arc::default(),
             writing: Arc::default(),
         };
-        // One walk: the count, and the entries whose files are kept.
+        // One walk: the count, the entries whose files are kept, and the
+        // delivery ids a crash left out of `seen`.
         let mut kept = HashSet::new();
         let mut stored = 0;
-        for key in outbox.items.iter().keys() {
+        let mut unseen = 0;
+        let stamp_now = now_ms().to_be_bytes();
+        for item in outbox.items.iter() {
+            let (key, value) = item.map_err(storage)?;
             stored += 1;
-            if let Ok(seq) = <[u8; 8]>::try_from(&key.map_err(storage)?[..]) {
+            if let Ok(seq) = <[u8; 8]>::try_from(&key[..]) {
                 kept.insert(u64::from_be_bytes(seq));
             }
+            // sled writes its log whenever a buffer fills or any flush runs
+            // (the history's too), so an entry can reach the disk without its
+            // delivery id, written just after it: a crash then, before the
+            // acknowledgement, and the relay's resend would be stored (and
+            // delivered) a second time.
+            if let Ok(entry) = serde_json::from_slice::<EntryId>(&value) {
+                let id = entry.head.delivery_id.0.to_bytes();
+                if !outbox.seen.contains_key(id).map_err(storage)? {
+                    outbox.seen.insert(id, &stamp_now).map_err(storage)?;
+                    unseen += 1;
+                }
+            }
+        }
+        if unseen > 0 {
+            warn!(
+                unseen,
+                "queued webhooks were on disk without their delivery id (the agent stopped while storing them); restored, so that the relay's resend is not stored twice"
+            );
         }
         outbox
             .stored
@@ -231,6 +266,16 @@ impl Outbox {
             files.delete_unowned(&kept).map_err(|e| {
                 HistoryError::Storage(format!("cannot clear the outbox's files: {e}"))
             })?;
+        }
+        // The same for small bodies: written before their entry, removed
+        // after it.
+        for key in outbox.bodies.iter().keys() {
+            let key = key.map_err(storage)?;
+            let owned = <[u8; 8]>::try_from(&key[..])
+                .is_ok_and(|seq| kept.contains(&u64::from_be_bytes(seq)));
+            if !owned {
+                outbox.bodies.remove(key).map_err(storage)?;
+            }
         }
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
         for item in outbox.seen.iter() {
@@ -398,6 +443,10 @@ impl Outbox {
         if staged.is_empty() {
             return Ok(());
         }
+        // In this order, the delivery id last: whatever part of a webhook a
+        // crash leaves on disk, a delivery id is never there without its
+        // entry (the relay's resend would be acknowledged and lost), and an
+        // entry without its delivery id is mended by the next open.
         for s in staged {
             if let StagedBody::Inline(body) = &s.body {
                 self.bodies
@@ -787,6 +836,57 @@ mod tests {
             timeout_ms: 1000,
             body_len: None,
         }
+    }
+
+    /// A crash can leave an entry on disk without its delivery id in `seen`
+    /// (sled writes its log whenever any flush runs, here one running on
+    /// another thread while the entries were written): the next open
+    /// restores the id, so that the relay's resend of that webhook, which was
+    /// never acknowledged, is taken as a repeat instead of stored (and
+    /// delivered) a second time. Seen in `tests/queue.rs`'s kill -9 test.
+    #[tokio::test]
+    async fn an_entry_on_disk_without_its_delivery_id_is_not_stored_twice_and_strays_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let history =
+                History::open(dir.path(), crate::history::Retention::default()).expect("history");
+            let outbox = Outbox::open(&history).expect("outbox");
+            for n in 1..=3 {
+                assert!(outbox.store(head(n), b"{}").expect("store"));
+            }
+            outbox.flush().await.expect("flush");
+            // What the crash left: the second webhook's entry, not its id,
+            // and the body of a webhook whose entry was not written.
+            let id = head(2).delivery_id.0.to_bytes();
+            outbox.seen.remove(id).expect("remove");
+            outbox
+                .bodies
+                .insert(u64::MAX.to_be_bytes(), b"{}".as_slice())
+                .expect("insert");
+            outbox.flush().await.expect("flush");
+            history.close().await.expect("close");
+        }
+        let history =
+            History::open(dir.path(), crate::history::Retention::default()).expect("reopen");
+        let outbox = Outbox::open(&history).expect("outbox");
+        for n in 1..=3 {
+            assert!(
+                !outbox.store(head(n), b"{}").expect("store"),
+                "webhook {n} sent again is a repeat"
+            );
+        }
+        assert!(
+            !outbox
+                .bodies
+                .contains_key(u64::MAX.to_be_bytes())
+                .expect("get"),
+            "a body without its entry is dropped at open"
+        );
+        assert!(outbox.store(head(4), b"{}").expect("store"), "a new one");
+        outbox.flush().await.expect("flush");
+        assert_eq!(outbox.len(), 4);
+        assert_eq!(outbox.bodies.len(), 4, "the others' bodies kept");
+        assert_eq!(outbox.repeats(), 3);
     }
 
     #[tokio::test]
