@@ -496,13 +496,17 @@ impl Forwarder {
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect();
         let status = parts.status.as_u16();
-        forwarded.response = Some((status, headers.clone()));
         let reply = AgentReply::Response(ResponseHead { status, headers });
         // The head goes out with the first body chunk, and the stream's end
         // with it when that was all: a small answer is one QUIC packet to the
         // relay instead of three (each one a send, a receive and a wake-up on
         // both sides). A body not ready yet is not waited for.
-        let mut first = match codec::frame(&reply) {
+        let framed = codec::frame(&reply);
+        // Kept for the record, moved rather than copied before the send.
+        if let AgentReply::Response(head) = reply {
+            forwarded.response = Some((status, head.headers));
+        }
+        let mut first = match framed {
             Ok(frame) => vec![frame],
             Err(err) => {
                 let _ = send.reset(reset::BODY_ABORTED.into());
