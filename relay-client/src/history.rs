@@ -1894,7 +1894,29 @@ impl History {
         self.settings()?
             .insert(KEPT_INDEX_KEY, index)
             .map_err(storage)?;
-        self.flush().await
+        self.flush().await?;
+        self.segments_deleted().await
+    }
+
+    /// Flushes, and waits until the segment files no longer needed are
+    /// deleted (a flush leaves that to a thread of its own; see
+    /// `Segments::collect_later`): for callers that promise the space back.
+    ///
+    /// # Errors
+    /// A storage error.
+    pub async fn flush_and_delete(&self) -> Result<(), HistoryError> {
+        self.flush().await?;
+        self.segments_deleted().await
+    }
+
+    async fn segments_deleted(&self) -> Result<(), HistoryError> {
+        self.off_runtime(|h| {
+            if let Some(segments) = &h.segments {
+                segments.wait_deleted();
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// One fsync of the store, for [`GroupCommit`] to run.
@@ -1914,7 +1936,7 @@ impl History {
             // Bodies first: a durable record never names a body that is not.
             segments.sync().map_err(file_error)?;
             history.db.flush().map_err(storage)?;
-            segments.collect(needed_from).map_err(file_error)
+            segments.collect_later(needed_from).map_err(file_error)
         }
     }
 
@@ -2795,6 +2817,8 @@ pub(crate) mod tests {
         for gone in &ids[..2] {
             assert!(matches!(h.get(*gone), Err(HistoryError::NotFound(_))));
         }
+        // Deleted by a thread of their own, after the flush.
+        h.segments_deleted().await.expect("deleted");
         assert_eq!(
             segment_files(dir.path()).len(),
             6,
@@ -3115,7 +3139,7 @@ pub(crate) mod tests {
             // The slow upload's id is the oldest: retention dropped it at
             // once, and with b kept, only b's segment is needed.
             assert!(h.get(slow_id).is_err());
-            h.flush().await.expect("flush");
+            h.flush_and_delete().await.expect("flush");
             assert_eq!(
                 segment_files(dir.path()),
                 [

@@ -251,8 +251,8 @@ async fn delete(
 
 async fn clear(State(state): State<InspectorState>) -> Result<Response, ApiError> {
     state.history.off_runtime(|h| h.clear()).await?;
-    // The flush also deletes the body segments.
-    state.history.flush().await?;
+    // The body segments go too before this answers.
+    state.history.flush_and_delete().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
