@@ -2936,7 +2936,7 @@ pub(crate) mod tests {
             },
             ..h
         };
-        h.flush().await.expect("retention");
+        h.flush_and_delete().await.expect("retention");
         assert!(h.exchanges.is_empty());
         assert!(
             body_files(dir.path()).is_empty(),
@@ -3087,9 +3087,10 @@ pub(crate) mod tests {
             "a deleted body is zeroed"
         );
         assert_eq!(h.body(other, Part::Request).expect("body"), b"other");
-        // Clearing deletes every segment with the next flush.
+        // Clearing deletes every segment with the next flush (on the
+        // deleting thread, which `flush_and_delete` waits for).
         h.clear().expect("clear");
-        h.flush().await.expect("flush");
+        h.flush_and_delete().await.expect("flush");
         assert!(body_files(dir.path()).is_empty());
         let late = record_with_body(&h, exchange("POST", "/z", Some(200)), b"late").await;
         assert_eq!(h.body(late, Part::Request).expect("body"), b"late");
@@ -3433,7 +3434,7 @@ pub(crate) mod tests {
             let now = store_kept(&h, b"now");
             assert_eq!(h.records.len(), before + 1, "listed before store returns");
             assert!(h.delete(now).expect("delete"));
-            h.flush().await.expect("flush");
+            h.flush_and_delete().await.expect("flush");
             h.db.flush().expect("sled flush");
             (ids, early.id)
         };
