@@ -1894,8 +1894,7 @@ impl History {
         self.settings()?
             .insert(KEPT_INDEX_KEY, index)
             .map_err(storage)?;
-        self.flush().await?;
-        self.segments_deleted().await
+        self.flush_and_delete().await
     }
 
     /// Flushes, and waits until the segment files no longer needed are

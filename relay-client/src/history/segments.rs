@@ -35,6 +35,8 @@ use std::{
     sync::{mpsc, Arc, Mutex, MutexGuard},
 };
 
+use super::lock;
+
 /// How large a segment grows before the next one is started. Smaller gives
 /// space back sooner after retention; larger creates files less often
 /// (under workload b, 32 MiB is a new file every quarter second).
@@ -272,7 +274,7 @@ impl Segments {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Counts a kept record whose first piece is in `seg`.
@@ -412,7 +414,7 @@ impl Segments {
     /// Writes the records gathered in memory (one `pwrite` per contiguous
     /// run), to be covered by the next [`Segments::sync`].
     pub(crate) fn write_pending(&self) -> io::Result<()> {
-        let _io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let _io = lock(&self.io);
         self.write_pending_locked()
     }
 
@@ -567,7 +569,7 @@ impl Segments {
     pub(crate) fn zero(&self, extents: &[Extent]) -> io::Result<()> {
         // Nothing is written from memory meanwhile (writes hold `io`): a
         // record still in memory is zeroed there, before it is written.
-        let _io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let _io = lock(&self.io);
         let zeros = vec![0u8; 64 * 1024];
         for e in extents {
             let in_memory = {
@@ -753,10 +755,6 @@ fn remove(path: &Path) -> io::Result<()> {
         Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
         _ => Ok(()),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `bytes`'s length as a piece's, which is at most 4 GiB.
