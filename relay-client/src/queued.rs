@@ -823,6 +823,11 @@ mod tests {
 
     use super::*;
 
+    /// The agent's store in `dir`, as `relay-client http` opens it.
+    fn store_in(dir: &std::path::Path) -> History {
+        History::open(dir, crate::history::Retention::default()).expect("open the store")
+    }
+
     fn head(n: u8) -> RequestHead {
         RequestHead {
             delivery_id: DeliveryId(ulid::Ulid::from_parts(1, u128::from(n))),
@@ -848,8 +853,7 @@ mod tests {
     async fn an_entry_on_disk_without_its_delivery_id_is_not_stored_twice_and_strays_go() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let history =
-                History::open(dir.path(), crate::history::Retention::default()).expect("history");
+            let history = store_in(dir.path());
             let outbox = Outbox::open(&history).expect("outbox");
             for n in 1..=3 {
                 assert!(outbox.store(head(n), b"{}").expect("store"));
@@ -866,8 +870,7 @@ mod tests {
             outbox.flush().await.expect("flush");
             history.close().await.expect("close");
         }
-        let history =
-            History::open(dir.path(), crate::history::Retention::default()).expect("reopen");
+        let history = store_in(dir.path());
         let outbox = Outbox::open(&history).expect("outbox");
         for n in 1..=3 {
             assert!(
@@ -896,8 +899,7 @@ mod tests {
         let small = vec![7u8; INLINE_BODY_BYTES];
         let outbox_files = dir.path().join("outbox-bodies");
         {
-            let history =
-                History::open(dir.path(), crate::history::Retention::default()).expect("history");
+            let history = store_in(dir.path());
             let outbox = Outbox::open(&history).expect("outbox");
             assert!(outbox.store(head(1), &large).expect("store"));
             assert!(outbox.store(head(2), &small).expect("store"));
@@ -951,8 +953,7 @@ mod tests {
         // user's own.
         std::fs::write(outbox_files.join(format!("{:016x}.body", 999)), b"x").expect("stray");
         std::fs::write(outbox_files.join("mine.txt"), b"x").expect("other");
-        let history =
-            History::open(dir.path(), crate::history::Retention::default()).expect("history");
+        let history = store_in(dir.path());
         let outbox = Outbox::open(&history).expect("outbox");
         assert!(outbox.is_empty());
         assert_eq!(
@@ -966,8 +967,7 @@ mod tests {
     async fn the_waiting_count_follows_writes_updates_removals_and_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let history =
-                History::open(dir.path(), crate::history::Retention::default()).expect("history");
+            let history = store_in(dir.path());
             let outbox = Outbox::open(&history).expect("outbox");
             for n in 1..=4 {
                 assert!(outbox.store(head(n), b"{}").expect("store"));
@@ -999,8 +999,7 @@ mod tests {
             outbox.flush().await.expect("flush");
             history.close().await.expect("close");
         }
-        let history =
-            History::open(dir.path(), crate::history::Retention::default()).expect("reopen");
+        let history = store_in(dir.path());
         let outbox = Outbox::open(&history).expect("outbox");
         assert_eq!(outbox.len(), 3, "counted again at open");
     }
@@ -1011,8 +1010,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_keeps_its_webhooks_staged_for_the_next_flush() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let history =
-            History::open(dir.path(), crate::history::Retention::default()).expect("history");
+        let history = store_in(dir.path());
         let outbox = Outbox::open(&history).expect("outbox");
         let outbox_files = dir.path().join("outbox-bodies");
         assert!(outbox.store(head(1), &[1; 10_000]).expect("store"));
