@@ -65,6 +65,8 @@ pub struct Agent {
     inspector: Option<JoinHandle<()>>,
     /// Hands queued webhooks to the app.
     worker: Option<JoinHandle<()>>,
+    /// [`Outbox::sweep`], on the blocking pool.
+    sweep: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -83,6 +85,10 @@ impl Agent {
         history
             .set_redact_headers(config.redaction.extra())
             .map_err(AgentError::History)?;
+        // Before connecting: it reads every waiting webhook (about half a
+        // second for 100,000) on the runtime's one thread, which would
+        // otherwise stall the fresh connection.
+        let outbox = Outbox::open(&history).map_err(AgentError::History)?;
         let secrets = std::sync::Arc::new(config.secrets.clone());
         let tunnel = match &config.tunnel {
             Some(t) => t.clone(),
@@ -134,7 +140,6 @@ impl Agent {
             }
         };
 
-        let outbox = Outbox::open(&history).map_err(AgentError::History)?;
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(AgentMetrics::new());
         let terminal =
@@ -192,6 +197,18 @@ impl Agent {
             )
             .instrument(tracing::info_span!("queued", tunnel = %tunnel)),
         );
+        // Spawned last: an early return leaves nothing holding the store.
+        let sweep = tokio::task::spawn_blocking({
+            let (outbox, shutdown) = (outbox.clone(), shutdown.clone());
+            move || {
+                if let Err(err) = outbox.sweep(&shutdown) {
+                    warn!(
+                        error = &err as &dyn std::error::Error,
+                        "cannot tidy the outbox up; trying again at the next start"
+                    );
+                }
+            }
+        });
         let run = run(
             dialer,
             first,
@@ -214,6 +231,7 @@ impl Agent {
             task: Some(task),
             inspector,
             worker: Some(worker),
+            sweep: Some(sweep),
         })
     }
 
@@ -292,6 +310,10 @@ impl Agent {
         if let Some(worker) = self.worker.take() {
             // It stops between webhooks; one in the app's hands finishes first.
             let _ = tokio::time::timeout(Duration::from_secs(35), worker).await;
+        }
+        if let Some(sweep) = self.sweep.take() {
+            // It stops at its next key.
+            let _ = sweep.await;
         }
         if let Err(err) = self.history.close().await {
             tracing::error!(

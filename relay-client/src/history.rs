@@ -2434,7 +2434,7 @@ fn body_key(id: ExchangeId, part: Part, seq: u32) -> [u8; 21] {
 
 /// Locks `mutex`, also after a panic elsewhere held it (what it guards stays
 /// consistent between statements).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
