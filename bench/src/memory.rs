@@ -24,7 +24,14 @@
 //!    (32 senders, each answer `200`): its peak RSS while recording; then it
 //!    is restarted on the same store and its whole history is listed through
 //!    the inspector's `GET /api/exchanges`, page by page: its peak RSS then.
-//! 4. **Idle agents**: `--agents` QUIC connections from this process, each
+//! 4. **Outbox**: an agent whose outbox holds `--outbox` webhooks of 1 KiB
+//!    (queued webhooks taken from the relay and not yet delivered: written
+//!    here through the agent's own [`Outbox`], as the agent writes them)
+//!    starts with its app down, so that they stay waiting: the time from its
+//!    start until it holds its tunnel (`/readyz`), against the same agent's
+//!    start on an empty store, and its peak RSS over the first
+//!    [`OUTBOX_WATCH`] (the outbox's tidying up runs then).
+//! 5. **Idle agents**: `--agents` QUIC connections from this process, each
 //!    speaking the real protocol as `relay-client` does (pinned certificate,
 //!    hello with the token for its own tunnel, welcome, queue stream, the
 //!    agent's keep-alive and idle timeout), then idle for `--idle` seconds
@@ -78,6 +85,8 @@ const SMALL_BODY: u64 = 1024;
 const HISTORY_SENDERS: u64 = 32;
 /// Page size when listing the history (the inspector's most).
 const PAGE: u64 = 500;
+/// How long the agent with a full outbox is watched after it is ready.
+const OUTBOX_WATCH: Duration = Duration::from_secs(5);
 /// Longest wait for one upload's answer once it is released.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest response head read from the relay.
@@ -105,6 +114,11 @@ pub struct MemoryArgs {
     /// Exchanges of 1 KiB recorded in the agent's history (0 skips it)
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     history: u64,
+
+    /// Webhooks of 1 KiB waiting in the agent's outbox when it starts (0
+    /// skips them)
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    outbox: u64,
 
     /// Idle agents connected to one relay (0 skips them)
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=16_384))]
@@ -227,6 +241,10 @@ pub async fn run(binaries: &Binaries, args: &MemoryArgs, json_out: bool) -> anyh
     if args.history > 0 {
         eprintln!("memory: {} exchanges in the agent's history", args.history);
         history(binaries, args, &dir.path().join("history"), &mut report).await?;
+    }
+    if args.outbox > 0 {
+        eprintln!("memory: {} webhooks in the agent's outbox", args.outbox);
+        outbox(binaries, args, &dir.path().join("outbox"), &mut report).await?;
     }
     if args.agents > 0 {
         eprintln!("memory: {} idle agents", args.agents);
@@ -782,6 +800,126 @@ async fn history(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// 4. Outbox
+
+async fn outbox(
+    binaries: &Binaries,
+    args: &MemoryArgs,
+    dir: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let n = args.outbox;
+    let relay_dir = dir.join("relay");
+    let agent_dir = dir.join("agent");
+    let token = create_token(binaries, &relay_dir).await?;
+    let mut relay = Relay::start_with(binaries, &relay_dir, &[]).await?;
+    // A port nothing listens on: the webhooks wait for the app.
+    let app_down = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let start_agent = |data_dir: PathBuf| {
+        let mut cmd = agent_command(binaries, &relay, &token, app_down, &data_dir);
+        cmd.args(["--inspect", "127.0.0.1:0"]);
+        async move {
+            let started = Instant::now();
+            let (agent, line) = Proc::spawn("relay-client", cmd, Stream::Stdout, "inspector")
+                .await
+                .context("starting the agent")?;
+            let inspector: SocketAddr = line
+                .split_whitespace()
+                .last()
+                .and_then(|url| url.strip_prefix("http://"))
+                .and_then(|addr| addr.trim_end_matches('/').parse().ok())
+                .with_context(|| format!("no inspector address in {line:?}"))?;
+            until_ready(inspector).await?;
+            anyhow::Ok((agent, inspector, started.elapsed()))
+        }
+    };
+
+    // The same agent on an empty store, for comparison.
+    let (mut agent, _, empty_start) = start_agent(dir.join("empty")).await?;
+    stop_all(vec![("relay-client", &mut agent)]).await?;
+    drop(agent);
+
+    let filling = Instant::now();
+    fill_outbox(&agent_dir, n).await?;
+    let filled_in = filling.elapsed();
+
+    let (mut agent, inspector, full_start) = start_agent(agent_dir).await?;
+    let sampler = RssSampler::start(agent.pid());
+    let status = client::get_json(inspector, "/api/status").await?;
+    tokio::time::sleep(OUTBOX_WATCH).await;
+    let peak = sampler.take_peak();
+    drop(sampler);
+    stop_all(vec![
+        ("relay-client", &mut agent),
+        ("relay-server", &mut relay.proc),
+    ])
+    .await?;
+    anyhow::ensure!(
+        status["queued_waiting"] == n,
+        "the agent reports {} webhooks waiting, not {n}: {status}",
+        status["queued_waiting"]
+    );
+    report.rows.push(Row::new(
+        "outbox",
+        format!("restarted, {n} webhooks waiting"),
+        "agent",
+        (None, peak),
+        (n, "webhook"),
+        Target::Peak(TARGET_RSS_KIB),
+    ));
+    report.notes.push(format!(
+        "outbox: {n} webhooks of {SMALL_BODY} B written to the agent's outbox in {:.1} s; the agent held its tunnel {:.2} s after its start with them waiting, {:.2} s on an empty store",
+        filled_in.as_secs_f64(),
+        full_start.as_secs_f64(),
+        empty_start.as_secs_f64(),
+    ));
+    Ok(())
+}
+
+/// Writes `n` webhooks of [`SMALL_BODY`] into the outbox of the agent
+/// store in `data_dir`, flushing every thousand as the agent does.
+async fn fill_outbox(data_dir: &Path, n: u64) -> anyhow::Result<()> {
+    use hookrelay_shared::protocol::{DeliveryId, RequestHead};
+    use relay_client::{
+        history::{History, Retention},
+        queued::Outbox,
+    };
+
+    let history = History::open(data_dir, Retention::default())?;
+    let outbox = Outbox::open(&history)?;
+    let body = vec![b'x'; usize::try_from(SMALL_BODY)?];
+    for i in 0..n {
+        let head = RequestHead {
+            delivery_id: DeliveryId::new(),
+            tunnel: "bench".parse()?,
+            method: "POST".into(),
+            path: format!("/webhook/{i}"),
+            // A provider's usual dozen, as the relay forwards them.
+            headers: (0..12)
+                .map(|h| {
+                    (
+                        format!("x-bench-header-{h}"),
+                        format!("value {h} of {i}").into_bytes(),
+                    )
+                })
+                .collect(),
+            remote_addr: ([127, 0, 0, 1], 40_000).into(),
+            public_url: format!("http://bench.localhost/webhook/{i}"),
+            received_at_ms: 1,
+            timeout_ms: 30_000,
+            body_len: Some(SMALL_BODY),
+        };
+        outbox.store(head, &body)?;
+        if i % 1000 == 999 {
+            outbox.flush().await?;
+        }
+    }
+    outbox.flush().await?;
+    history.close().await?;
+    Ok(())
+}
+
 /// Waits until the agent's inspector says it holds its tunnel.
 async fn until_ready(inspector: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + PROCESS_WAIT;
@@ -797,7 +935,7 @@ async fn until_ready(inspector: SocketAddr) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// 4. Idle agents
+// 5. Idle agents
 
 async fn idle_agents(
     binaries: &Binaries,
@@ -1011,6 +1149,7 @@ fn to_json(args: &MemoryArgs, report: &Report) -> serde_json::Value {
         "backlog": args.backlog,
         "large_backlog": args.large_backlog,
         "history": args.history,
+        "outbox": args.outbox,
         "agents": args.agents,
         "hold_s": args.hold,
         "idle_s": args.idle,

@@ -144,7 +144,8 @@ fn http_workloads_pass_through_the_tunnel_without_gross_regressions() {
 #[test]
 fn memory_scenarios_stay_far_from_gross_regressions() {
     // Every upload in flight at once, the queue filled and drained, the
-    // history recorded and listed after a restart, and the agents idle past
+    // history recorded and listed after a restart, an agent started with a
+    // full outbox, and the agents idle past
     // the relay's 10 s idle timeout: the benchmark itself fails when any
     // request is not answered as expected or an agent drops.
     let report = run_bench(&[
@@ -157,6 +158,8 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         "--large-backlog",
         "0",
         "--history",
+        "3000",
+        "--outbox",
         "3000",
         "--agents",
         "200",
@@ -175,6 +178,7 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
             "backlog_drain",
             "history_fill",
             "history_list",
+            "outbox",
             "agents"
         ],
         "{report}"
@@ -192,7 +196,7 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
         per_upload < 175.0,
         "{per_upload} KiB per upload in flight: {report}"
     );
-    let per_agent = rows[5]["per_unit_kib"].as_f64().unwrap_or(f64::MAX);
+    let per_agent = rows[6]["per_unit_kib"].as_f64().unwrap_or(f64::MAX);
     assert!(
         per_agent < 300.0,
         "{per_agent} KiB per idle agent: {report}"
@@ -200,6 +204,12 @@ fn memory_scenarios_stay_far_from_gross_regressions() {
     assert_eq!(
         rows[4]["describe"], "restarted, 3000 exchanges listed",
         "the restarted agent lists its whole history: {report}"
+    );
+    // The benchmark itself fails unless the agent reports all of them
+    // waiting once it holds its tunnel.
+    assert_eq!(
+        rows[5]["describe"], "restarted, 3000 webhooks waiting",
+        "{report}"
     );
 }
 
