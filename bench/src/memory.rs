@@ -679,25 +679,10 @@ async fn history(
     let mut relay = Relay::start_with(binaries, &relay_dir, &[]).await?;
     let app = App::spawn(n).await?;
     let max_exchanges = n.max(10_000).to_string();
-    let start_agent = || async {
+    let start_agent = || {
         let mut cmd = agent_command(binaries, &relay, &token, app.addr(), &agent_dir);
-        cmd.args([
-            "--inspect",
-            "127.0.0.1:0",
-            "--max-exchanges",
-            &max_exchanges,
-        ]);
-        let (agent, line) = Proc::spawn("relay-client", cmd, Stream::Stdout, "inspector")
-            .await
-            .context("starting the agent")?;
-        let inspector: SocketAddr = line
-            .split_whitespace()
-            .last()
-            .and_then(|url| url.strip_prefix("http://"))
-            .and_then(|addr| addr.trim_end_matches('/').parse().ok())
-            .with_context(|| format!("no inspector address in {line:?}"))?;
-        until_ready(inspector).await?;
-        anyhow::Ok((agent, inspector))
+        cmd.args(["--max-exchanges", &max_exchanges]);
+        start_inspected(cmd)
     };
 
     // Fill.
@@ -817,20 +802,10 @@ async fn outbox(
     // A port nothing listens on: the webhooks wait for the app.
     let app_down = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let start_agent = |data_dir: PathBuf| {
-        let mut cmd = agent_command(binaries, &relay, &token, app_down, &data_dir);
-        cmd.args(["--inspect", "127.0.0.1:0"]);
+        let cmd = agent_command(binaries, &relay, &token, app_down, &data_dir);
         async move {
             let started = Instant::now();
-            let (agent, line) = Proc::spawn("relay-client", cmd, Stream::Stdout, "inspector")
-                .await
-                .context("starting the agent")?;
-            let inspector: SocketAddr = line
-                .split_whitespace()
-                .last()
-                .and_then(|url| url.strip_prefix("http://"))
-                .and_then(|addr| addr.trim_end_matches('/').parse().ok())
-                .with_context(|| format!("no inspector address in {line:?}"))?;
-            until_ready(inspector).await?;
+            let (agent, inspector) = start_inspected(cmd).await?;
             anyhow::Ok((agent, inspector, started.elapsed()))
         }
     };
@@ -918,6 +893,23 @@ async fn fill_outbox(data_dir: &Path, n: u64) -> anyhow::Result<()> {
     outbox.flush().await?;
     history.close().await?;
     Ok(())
+}
+
+/// Starts the agent `cmd` with its inspector on a port the kernel picks,
+/// and returns once the inspector says it holds its tunnel.
+async fn start_inspected(mut cmd: tokio::process::Command) -> anyhow::Result<(Proc, SocketAddr)> {
+    cmd.args(["--inspect", "127.0.0.1:0"]);
+    let (agent, line) = Proc::spawn("relay-client", cmd, Stream::Stdout, "inspector")
+        .await
+        .context("starting the agent")?;
+    let inspector: SocketAddr = line
+        .split_whitespace()
+        .last()
+        .and_then(|url| url.strip_prefix("http://"))
+        .and_then(|addr| addr.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no inspector address in {line:?}"))?;
+    until_ready(inspector).await?;
+    Ok((agent, inspector))
 }
 
 /// Waits until the agent's inspector says it holds its tunnel.
