@@ -198,9 +198,16 @@ async fn queue_purge(State(state): State<AdminState>, Path(tunnel): Path<String>
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_tunnel", e.to_string()),
     };
-    let purged = match state.queue.purge(&tunnel) {
-        Ok(n) => n,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    // Off the runtime: a purge walks the whole queue (about 6 s for 100,000
+    // webhooks), and the relay's one runtime thread serves every tunnel.
+    let purging = {
+        let (queue, tunnel) = (state.queue.clone(), tunnel.clone());
+        tokio::task::spawn_blocking(move || queue.purge(&tunnel))
+    };
+    let purged = match purging.await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     };
     if let Err(e) = state.queue.sync().await {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string());
@@ -211,4 +218,165 @@ async fn queue_purge(State(state): State<AdminState>, Path(tunnel): Path<String>
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            mpsc, Mutex,
+        },
+        time::Duration,
+    };
+
+    use bytes::Bytes;
+    use futures_util::future::BoxFuture;
+    use hookrelay_shared::{protocol::RequestHead, tunnel_name::TunnelName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{
+        queue::{QueueError, QueueLimits, SledQueue, Upload},
+        routing::LocalRoutes,
+    };
+
+    /// A real queue whose purge waits at a gate, so that the test can ask
+    /// for something else while one is under way.
+    struct GatedPurge {
+        inner: SledQueue,
+        entered: mpsc::SyncSender<()>,
+        gate: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl Queue for GatedPurge {
+        fn begin(&self, t: &TunnelName, len: Option<u64>) -> Result<Upload, QueueError> {
+            self.inner.begin(t, len)
+        }
+        fn append(&self, upload: &mut Upload, chunk: &[u8]) -> Result<(), QueueError> {
+            self.inner.append(upload, chunk)
+        }
+        fn commit(&self, upload: Upload, head: RequestHead) -> Result<QueuedItem, QueueError> {
+            self.inner.commit(upload, head)
+        }
+        fn abort(&self, upload: Upload) {
+            self.inner.abort(upload);
+        }
+        fn sync(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+            self.inner.sync()
+        }
+        fn after(
+            &self,
+            t: &TunnelName,
+            after: Option<u64>,
+            limit: usize,
+        ) -> Result<Vec<QueuedItem>, QueueError> {
+            self.inner.after(t, after, limit)
+        }
+        fn body(
+            &self,
+            item: &QueuedItem,
+        ) -> Box<dyn Iterator<Item = Result<Bytes, QueueError>> + Send> {
+            self.inner.body(item)
+        }
+        fn remove(&self, t: &TunnelName, seq: u64) -> Result<bool, QueueError> {
+            self.inner.remove(t, seq)
+        }
+        fn purge(&self, t: &TunnelName) -> Result<u64, QueueError> {
+            let _ = self.entered.send(());
+            let _ = self
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .recv();
+            self.inner.purge(t)
+        }
+        fn stats(&self, t: &TunnelName) -> TunnelStats {
+            self.inner.stats(t)
+        }
+        fn all_stats(&self) -> Vec<TunnelStats> {
+            self.inner.all_stats()
+        }
+        fn changed(&self) -> Arc<tokio::sync::Notify> {
+            self.inner.changed()
+        }
+        fn limits(&self) -> QueueLimits {
+            self.inner.limits()
+        }
+    }
+
+    async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    /// The relay runs on one thread: a purge done on it stopped every
+    /// tunnel and the admin API until it finished. `/healthz` must answer
+    /// while a purge is under way (the test's runtime has one thread too).
+    #[tokio::test]
+    async fn the_relay_answers_while_a_purge_is_under_way() {
+        let (entered_tx, entered) = mpsc::sync_channel(1);
+        let (release, gate) = mpsc::sync_channel::<()>(1);
+        let queue = Arc::new(GatedPurge {
+            inner: SledQueue::temporary(QueueLimits::default()).expect("queue"),
+            entered: entered_tx,
+            gate: Mutex::new(gate),
+        });
+        let tunnel: TunnelName = "purged".parse().expect("tunnel");
+        let mut upload = queue.begin(&tunnel, Some(2)).expect("begin");
+        queue.append(&mut upload, b"{}").expect("append");
+        queue
+            .commit(upload, crate::queue::tests::head(&tunnel, now_ms()))
+            .expect("commit");
+
+        let queue: Arc<dyn Queue> = queue;
+        let app = router(AdminState {
+            routes: Arc::new(LocalRoutes::open(None)),
+            metrics: Arc::new(RelayMetrics::new(queue.clone())),
+            queue,
+            stopping: CancellationToken::new(),
+            data_dir: "test".into(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        // Whatever happens, the gate opens after 10 s, so that a purge
+        // blocking this thread cannot hang the test; it then fails below.
+        let (answered, answered_rx) = mpsc::channel::<()>();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let watchdog = {
+            let timed_out = timed_out.clone();
+            let release = release.clone();
+            std::thread::spawn(move || {
+                if answered_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                    timed_out.store(true, Ordering::SeqCst);
+                    let _ = release.send(());
+                }
+            })
+        };
+        let purge = tokio::spawn(request(addr, "DELETE", "/api/queue/purged"));
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .expect("join")
+            .expect("the purge started");
+        let health = request(addr, "GET", "/healthz").await;
+        let _ = answered.send(());
+        assert!(
+            !timed_out.load(Ordering::SeqCst),
+            "/healthz answered only once the purge was let go"
+        );
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        let _ = release.send(());
+        let purged = purge.await.expect("join");
+        assert!(purged.starts_with("HTTP/1.1 200"), "{purged}");
+        assert!(purged.contains(r#""purged":1"#), "{purged}");
+        watchdog.join().expect("watchdog");
+    }
 }

@@ -1268,7 +1268,7 @@ fn transaction_error(e: TransactionError<()>) -> QueueError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashSet;
 
     use hookrelay_shared::DeliveryId;
@@ -1279,7 +1279,7 @@ mod tests {
         name.parse().expect("valid tunnel name")
     }
 
-    fn head(tunnel: &TunnelName, received_at_ms: u64) -> RequestHead {
+    pub(crate) fn head(tunnel: &TunnelName, received_at_ms: u64) -> RequestHead {
         RequestHead {
             delivery_id: DeliveryId::new(),
             tunnel: tunnel.clone(),
