@@ -2149,12 +2149,23 @@ impl History {
     /// The body of `part` of a record in hand: inside it, in the segments,
     /// or where stores from before put it.
     fn record_body(&self, record: &Record<'_>, part: Part) -> Result<Vec<u8>, HistoryError> {
+        self.record_body_in(record, part, &mut None)
+    }
+
+    /// [`History::record_body`], reading segments through `open` (see
+    /// [`Segments::read_in`]).
+    fn record_body_in(
+        &self,
+        record: &Record<'_>,
+        part: Part,
+        open: &mut Option<(u32, std::fs::File)>,
+    ) -> Result<Vec<u8>, HistoryError> {
         let id = record.exchange.id;
         if let Some(body) = record.body(part) {
             return Ok(body.to_vec());
         }
         if let (Some(extents), Some(segments)) = (record.extents(part), &self.segments) {
-            return self.read_segments(segments, id, &extents);
+            return self.read_segments(segments, id, &extents, open);
         }
         self.unplaced_body(id, part)
     }
@@ -2179,8 +2190,9 @@ impl History {
         segments: &Segments,
         id: ExchangeId,
         extents: &[Extent],
+        open: &mut Option<(u32, std::fs::File)>,
     ) -> Result<Vec<u8>, HistoryError> {
-        match segments.read(extents) {
+        match segments.read_in(extents, open) {
             Ok(body) => Ok(body),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound && !self.is_kept(id)? => {
                 Err(HistoryError::NotFound(id))
@@ -2247,7 +2259,7 @@ impl History {
                 if !filter.matches_meta(&record.exchange) {
                     continue;
                 }
-                if filter.needs_bodies() && !self.body_matches(filter, &record) {
+                if filter.needs_bodies() && !self.body_matches(filter, &record, &mut open) {
                     continue;
                 }
                 if exchanges.len() == limit {
@@ -2267,9 +2279,14 @@ impl History {
     }
 
     /// Whether a body of `record` holds the filter's text.
-    fn body_matches(&self, filter: &Filter, record: &Record<'_>) -> bool {
+    fn body_matches(
+        &self,
+        filter: &Filter,
+        record: &Record<'_>,
+        open: &mut Option<(u32, std::fs::File)>,
+    ) -> bool {
         let q = filter.q.as_deref().unwrap_or_default().as_bytes();
-        let body = |part| self.record_body(record, part);
+        let mut body = |part| self.record_body_in(record, part, open);
         match body(Part::Request)
             .and_then(|b| Ok(contains_ci(&b, q) || contains_ci(&body(Part::Response)?, q)))
         {
@@ -3378,7 +3395,7 @@ pub(crate) mod tests {
         std::fs::remove_file(segment(0)).expect("remove segment 0");
         let segments = h.segments.as_ref().expect("on disk");
         assert!(matches!(
-            h.read_segments(segments, ids[0], &extents),
+            h.read_segments(segments, ids[0], &extents, &mut None),
             Err(HistoryError::NotFound(_))
         ));
         std::fs::remove_file(segment(2)).expect("remove segment 2");
