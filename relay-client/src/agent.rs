@@ -65,7 +65,7 @@ pub struct Agent {
     inspector: Option<JoinHandle<()>>,
     /// Hands queued webhooks to the app.
     worker: Option<JoinHandle<()>>,
-    /// [`Outbox::sweep`], on the blocking pool.
+    /// [`Outbox::sweep`] at the start and once a day.
     sweep: Option<JoinHandle<()>>,
 }
 
@@ -198,17 +198,11 @@ impl Agent {
             .instrument(tracing::info_span!("queued", tunnel = %tunnel)),
         );
         // Spawned last: an early return leaves nothing holding the store.
-        let sweep = tokio::task::spawn_blocking({
-            let (outbox, shutdown) = (outbox.clone(), shutdown.clone());
-            move || {
-                if let Err(err) = outbox.sweep(&shutdown) {
-                    warn!(
-                        error = &err as &dyn std::error::Error,
-                        "cannot tidy the outbox up; trying again at the next start"
-                    );
-                }
-            }
-        });
+        let sweep = tokio::spawn(queued::sweep_periodically(
+            outbox.clone(),
+            shutdown.clone(),
+            queued::SWEEP_EVERY,
+        ));
         let run = run(
             dialer,
             first,
@@ -312,7 +306,7 @@ impl Agent {
             let _ = tokio::time::timeout(Duration::from_secs(35), worker).await;
         }
         if let Some(sweep) = self.sweep.take() {
-            // It stops at its next key.
+            // A sweep under way stops at its next key.
             let _ = sweep.await;
         }
         if let Err(err) = self.history.close().await {

@@ -648,6 +648,34 @@ fn storage(e: sled::Error) -> HistoryError {
     HistoryError::Storage(e.to_string())
 }
 
+/// How often a running agent forgets delivery ids older than
+/// [`SEEN_RETENTION_MS`] (an agent may run for weeks without a restart).
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Runs [`Outbox::sweep`] on the blocking pool now and then every `every`,
+/// until `shutdown`.
+pub(crate) async fn sweep_periodically(
+    outbox: Outbox,
+    shutdown: CancellationToken,
+    every: Duration,
+) {
+    loop {
+        let (o, stop) = (outbox.clone(), shutdown.clone());
+        match tokio::task::spawn_blocking(move || o.sweep(&stop)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(
+                error = &err as &dyn std::error::Error,
+                "cannot tidy the outbox up; trying again later"
+            ),
+            Err(err) => warn!(error = %err, "the outbox's tidying up stopped"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Hands queued webhooks to the app, oldest first, until `shutdown`.
 pub(crate) async fn run_worker(
     outbox: Outbox,
@@ -1017,6 +1045,39 @@ mod tests {
         assert!(!outbox.seen.contains_key(old_id).expect("get"));
         assert!(outbox.seen.contains_key(recent_id).expect("get"));
         assert!(outbox.bodies.contains_key(storing).expect("get"));
+    }
+
+    /// A running agent forgets month-old delivery ids again and again, not
+    /// only at its start; the sweeping stops with the shutdown.
+    #[tokio::test]
+    async fn old_delivery_ids_are_forgotten_while_the_agent_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = store_in(dir.path());
+        let outbox = Outbox::open(&history).expect("outbox");
+        let shutdown = CancellationToken::new();
+        let sweeping = tokio::spawn(sweep_periodically(
+            outbox.clone(),
+            shutdown.clone(),
+            Duration::from_millis(20),
+        ));
+        let month_ago = (now_ms() - SEEN_RETENTION_MS - 1000).to_be_bytes();
+        for round in 0..3u8 {
+            let id = [round; 16];
+            outbox.seen.insert(id, &month_ago).expect("insert");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while outbox.seen.contains_key(id).expect("get") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the old id is still there"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), sweeping)
+            .await
+            .expect("stops with the shutdown")
+            .expect("join");
     }
 
     /// The delivery id is read from the start of an entry's JSON and
