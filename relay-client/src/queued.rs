@@ -349,6 +349,13 @@ impl Outbox {
     /// # Errors
     /// A storage error.
     pub fn sweep(&self, stop: &CancellationToken) -> Result<(), HistoryError> {
+        self.remove_stray_bodies(stop)?;
+        self.forget_old_ids(stop)
+    }
+
+    /// The first half of [`Outbox::sweep`]: strays come from before the
+    /// open, so once per open is enough.
+    fn remove_stray_bodies(&self, stop: &CancellationToken) -> Result<(), HistoryError> {
         let mut strays = 0u64;
         for key in self.bodies.range(..self.opened_below.to_be_bytes()).keys() {
             if stop.is_cancelled() {
@@ -366,6 +373,11 @@ impl Outbox {
                 "removed queued bodies whose webhook was gone (the agent stopped while storing or removing them)"
             );
         }
+        Ok(())
+    }
+
+    /// The second half of [`Outbox::sweep`], which a running agent repeats.
+    fn forget_old_ids(&self, stop: &CancellationToken) -> Result<(), HistoryError> {
         let cutoff = now_ms().saturating_sub(SEEN_RETENTION_MS);
         for item in self.seen.iter() {
             if stop.is_cancelled() {
@@ -652,16 +664,25 @@ fn storage(e: sled::Error) -> HistoryError {
 /// [`SEEN_RETENTION_MS`] (an agent may run for weeks without a restart).
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
 
-/// Runs [`Outbox::sweep`] on the blocking pool now and then every `every`,
-/// until `shutdown`.
+/// Runs [`Outbox::sweep`] on the blocking pool now, and its forgetting of
+/// old delivery ids every `every` after, until `shutdown`.
 pub(crate) async fn sweep_periodically(
     outbox: Outbox,
     shutdown: CancellationToken,
     every: Duration,
 ) {
+    let mut first = true;
     loop {
         let (o, stop) = (outbox.clone(), shutdown.clone());
-        match tokio::task::spawn_blocking(move || o.sweep(&stop)).await {
+        let whole = std::mem::replace(&mut first, false);
+        let sweep = move || {
+            if whole {
+                o.sweep(&stop)
+            } else {
+                o.forget_old_ids(&stop)
+            }
+        };
+        match tokio::task::spawn_blocking(sweep).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(
                 error = &err as &dyn std::error::Error,
