@@ -64,7 +64,7 @@ use ulid::Ulid;
 mod segments;
 
 pub use segments::{Extent, Spilled};
-use segments::{Segments, EXTENT_BYTES};
+use segments::{OpenSegment, Segments, EXTENT_BYTES};
 
 /// Key of the store's format in tree `settings` (u64 BE).
 const FORMAT_KEY: &[u8] = b"format";
@@ -2119,7 +2119,7 @@ impl History {
         &self,
         id: ExchangeId,
         at: Option<Place>,
-        open: &mut Option<(u32, std::fs::File)>,
+        open: &mut OpenSegment,
     ) -> Result<Option<RecordBytes>, HistoryError> {
         match (at, &self.segments) {
             (Some(Place::Segment { extent, .. }), Some(segments)) => {
@@ -2158,7 +2158,7 @@ impl History {
         &self,
         record: &Record<'_>,
         part: Part,
-        open: &mut Option<(u32, std::fs::File)>,
+        open: &mut OpenSegment,
     ) -> Result<Vec<u8>, HistoryError> {
         let id = record.exchange.id;
         if let Some(body) = record.body(part) {
@@ -2190,7 +2190,7 @@ impl History {
         segments: &Segments,
         id: ExchangeId,
         extents: &[Extent],
-        open: &mut Option<(u32, std::fs::File)>,
+        open: &mut OpenSegment,
     ) -> Result<Vec<u8>, HistoryError> {
         match segments.read_in(extents, open) {
             Ok(body) => Ok(body),
@@ -2279,12 +2279,7 @@ impl History {
     }
 
     /// Whether a body of `record` holds the filter's text.
-    fn body_matches(
-        &self,
-        filter: &Filter,
-        record: &Record<'_>,
-        open: &mut Option<(u32, std::fs::File)>,
-    ) -> bool {
+    fn body_matches(&self, filter: &Filter, record: &Record<'_>, open: &mut OpenSegment) -> bool {
         let q = filter.q.as_deref().unwrap_or_default().as_bytes();
         let mut body = |part| self.record_body_in(record, part, open);
         match body(Part::Request)

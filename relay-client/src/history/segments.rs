@@ -37,6 +37,10 @@ use std::{
 
 use super::lock;
 
+/// The segment file a walk over many records or bodies keeps open between
+/// reads, with its number (see [`Segments::read_in`]).
+pub(crate) type OpenSegment = Option<(u32, File)>;
+
 /// How large a segment grows before the next one is started. Smaller gives
 /// space back sooner after retention; larger creates files less often
 /// (under workload b, 32 MiB is a new file every quarter second).
@@ -539,7 +543,7 @@ impl Segments {
     pub(crate) fn read_in(
         &self,
         extents: &[Extent],
-        open: &mut Option<(u32, File)>,
+        open: &mut OpenSegment,
     ) -> io::Result<Vec<u8>> {
         let total: usize = extents.iter().map(|e| e.len as usize).sum();
         let mut out = vec![0; total];
