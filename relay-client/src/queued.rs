@@ -965,6 +965,21 @@ mod tests {
         History::open(dir, crate::history::Retention::default()).expect("open the store")
     }
 
+    /// Stores webhooks `ns`, each new to the outbox (not yet flushed).
+    fn store_new(outbox: &Outbox, ns: std::ops::RangeInclusive<u8>) {
+        for n in ns {
+            assert!(
+                outbox.store(head(n), b"{}").expect("store"),
+                "webhook {n} is new"
+            );
+        }
+    }
+
+    /// A `seen` stamp just older than the ids are kept.
+    fn past_retention() -> [u8; 8] {
+        (now_ms() - SEEN_RETENTION_MS - 1000).to_be_bytes()
+    }
+
     fn head(n: u8) -> RequestHead {
         RequestHead {
             delivery_id: DeliveryId(ulid::Ulid::from_parts(1, u128::from(n))),
@@ -994,9 +1009,7 @@ mod tests {
             let history = store_in(dir.path());
             let outbox = Outbox::open(&history).expect("outbox");
             stray = history.generate_id().expect("id");
-            for n in 1..=3 {
-                assert!(outbox.store(head(n), b"{}").expect("store"));
-            }
+            store_new(&outbox, 1..=3);
             outbox.flush().await.expect("flush");
             // What the crash left: the second webhook's entry, not its id,
             // and the body of a webhook whose entry was not written.
@@ -1041,7 +1054,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let history = store_in(dir.path());
         let outbox = Outbox::open(&history).expect("outbox");
-        let month_ago = (now_ms() - SEEN_RETENTION_MS - 1000).to_be_bytes();
+        let month_ago = past_retention();
         let old_id = [1u8; 16];
         let recent_id = [2u8; 16];
         outbox.seen.insert(old_id, &month_ago).expect("insert");
@@ -1081,7 +1094,7 @@ mod tests {
             shutdown.clone(),
             Duration::from_millis(20),
         ));
-        let month_ago = (now_ms() - SEEN_RETENTION_MS - 1000).to_be_bytes();
+        let month_ago = past_retention();
         for round in 0..3u8 {
             let id = [round; 16];
             outbox.seen.insert(id, &month_ago).expect("insert");
@@ -1159,9 +1172,7 @@ mod tests {
         {
             let history = store_in(dir.path());
             let outbox = Outbox::open(&history).expect("outbox");
-            for n in 1..=3 {
-                assert!(outbox.store(head(n), b"{}").expect("store"));
-            }
+            store_new(&outbox, 1..=3);
             outbox.flush().await.expect("flush");
             let (seq, mut entry) = outbox.first().expect("first").expect("an entry");
             entry.with_app = true;
@@ -1253,9 +1264,7 @@ mod tests {
         {
             let history = store_in(dir.path());
             let outbox = Outbox::open(&history).expect("outbox");
-            for n in 1..=4 {
-                assert!(outbox.store(head(n), b"{}").expect("store"));
-            }
+            store_new(&outbox, 1..=4);
             assert_eq!(outbox.len(), 4, "staged");
             outbox.flush().await.expect("flush");
             assert_eq!(outbox.len(), 4, "written");
