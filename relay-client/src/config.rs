@@ -128,7 +128,16 @@ pub struct Target {
 impl Target {
     /// The URL of `path` (path and query starting with `/`) on the local app.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}{}", self.authority, self.base_path, path)
+        let parts = ["http://", &self.authority, &self.base_path, path];
+        let mut url = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        parts.into_iter().for_each(|p| url.push_str(p));
+        url
+    }
+
+    /// The target as [`Display`](fmt::Display) writes it: built for every
+    /// delivery's record, so without the formatting machinery.
+    pub fn text(&self) -> String {
+        self.url("")
     }
 }
 
@@ -194,6 +203,10 @@ mod tests {
         assert_eq!(t.url("/hook"), "http://127.0.0.1:3000/base/hook");
         let t: Target = "localhost:8000".parse().expect("host:port");
         assert_eq!(t.to_string(), "http://localhost:8000");
+        for t in ["3000", "http://127.0.0.1:3000/base/", "localhost:8000"] {
+            let t: Target = t.parse().expect("target");
+            assert_eq!(t.text(), t.to_string());
+        }
         let t: Target = "http://app.local".parse().expect("url without port");
         assert_eq!(t.authority, "app.local");
         assert!("0".parse::<Target>().is_err());

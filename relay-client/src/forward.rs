@@ -8,6 +8,7 @@
 //! never as a short, complete one.
 
 use std::{
+    borrow::Cow,
     io,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -307,9 +308,11 @@ impl Forwarder {
         let_drivers_run().await;
         // Recorded (on disk) before the terminal line: whatever the developer
         // saw printed survives a kill -9.
+        // The head is not needed after this: its strings and headers move
+        // into the record instead of being copied.
         let exchange = self
             .record(
-                &head,
+                Cow::Owned(head),
                 id,
                 received_at_ms,
                 took,
@@ -326,7 +329,7 @@ impl Forwarder {
     #[allow(clippy::too_many_arguments)]
     async fn record(
         &self,
-        head: &RequestHead,
+        head: Cow<'_, RequestHead>,
         id: ExchangeId,
         received_at_ms: u64,
         took: Duration,
@@ -356,6 +359,7 @@ impl Forwarder {
             .chain(error)
             .reduce(|a, b| format!("{b}; {a}"));
         let provider = signature::detect(&head.headers);
+        let head_ref: &RequestHead = &head;
         // With secrets configured, a request without any signature is worth
         // flagging ("unsigned"); without them, no verdict unless one is signed.
         let judge = provider.is_some() || !self.secrets.is_empty();
@@ -366,37 +370,49 @@ impl Forwarder {
         let verdict = forwarded.verdict.or_else(|| {
             judge.then(|| {
                 let body = request_tee.body();
-                let verdict = self.verdict(head, &body);
+                let verdict = self.verdict(head_ref, &body);
                 if event_id.is_none() && verdict.is_valid() {
                     event_id = provider.and_then(|p| dedupe::event_id(p, &head.headers, &body));
                 }
                 verdict
             })
         });
+        let relay_to_agent_ms = received_at_ms.checked_sub(head.received_at_ms);
+        let RequestHead {
+            delivery_id,
+            tunnel,
+            method,
+            path,
+            headers: request_headers,
+            remote_addr,
+            public_url,
+            received_at_ms: received_at_relay_ms,
+            ..
+        } = head.into_owned();
         let exchange = Exchange {
             id,
-            delivery_id: Some(head.delivery_id.to_string()),
-            tunnel: head.tunnel.to_string(),
-            received_at_relay_ms: Some(head.received_at_ms),
+            delivery_id: Some(delivery_id.to_string()),
+            tunnel: tunnel.into(),
+            received_at_relay_ms: Some(received_at_relay_ms),
             received_at_ms,
-            remote_addr: Some(head.remote_addr.to_string()),
-            method: head.method.clone(),
-            url: head.public_url.clone(),
-            path: head.path.clone(),
-            target: self.target.to_string(),
+            remote_addr: Some(history::socket_addr_text(remote_addr)),
+            method,
+            url: public_url,
+            path,
+            target: self.target.text(),
             request: RequestRecord {
-                headers: history::headers_from(&head.headers),
+                headers: history::headers_into(request_headers),
                 body_len: request_tee.len(),
             },
             response: forwarded.response.map(|(status, headers)| ResponseRecord {
                 status,
-                headers: history::headers_from(&headers),
+                headers: history::headers_into(headers),
                 body_len: response_tee.len(),
             }),
             outcome: history_outcome,
             error,
             duration: Durations {
-                relay_to_agent_ms: received_at_ms.checked_sub(head.received_at_ms),
+                relay_to_agent_ms,
                 local_app_ms: forwarded.app_ms,
                 total_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
             },
@@ -641,7 +657,7 @@ impl Forwarder {
         });
         let exchange = self
             .record(
-                head,
+                Cow::Borrowed(head),
                 id,
                 received_at_ms,
                 started.elapsed(),
@@ -695,7 +711,7 @@ impl Forwarder {
         );
         let exchange = self
             .record(
-                head,
+                Cow::Borrowed(head),
                 id,
                 history::now_ms(),
                 Duration::ZERO,
@@ -1093,13 +1109,19 @@ impl Tee {
     /// [`Tee::finish`], but what is still buffered of a body too large to go
     /// inside the record is left to the record's own append (written with
     /// it; a webhook of a few KiB has nothing else to write).
+    ///
+    /// The record is the tee's last use: what is buffered moves into it
+    /// rather than being copied ([`Tee::body`] and [`Tee::len`] are read before).
     fn finish_for_record(&self) -> Teed {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !state.inline() && state.failed.is_none() && !state.buf.is_empty() {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.inline() {
+            return Teed::Inline(std::mem::take(&mut state.buf));
+        }
+        if state.failed.is_none() && !state.buf.is_empty() {
             return Teed::Tail {
                 written: state.spilled.extents().to_vec(),
                 pieces: state.spilled.pieces,
-                rest: state.buf.clone(),
+                rest: std::mem::take(&mut state.buf),
             };
         }
         drop(state);

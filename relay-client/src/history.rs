@@ -226,6 +226,39 @@ pub fn headers_from(pairs: &[(String, Vec<u8>)]) -> Vec<Header> {
         .collect()
 }
 
+/// [`headers_from`] for headers no longer needed otherwise: their strings
+/// move into the record (lowercased in place) instead of being copied, two
+/// allocations fewer per header.
+pub fn headers_into(pairs: Vec<(String, Vec<u8>)>) -> Vec<Header> {
+    pairs
+        .into_iter()
+        .map(|(mut name, value)| {
+            name.make_ascii_lowercase();
+            Header { name, value }
+        })
+        .collect()
+}
+
+/// `addr` as its `Display` writes it, without the formatting machinery for
+/// IPv4 (about 1,900 instructions per recorded exchange through `to_string`,
+/// callgrind; the agent records one for every webhook).
+pub fn socket_addr_text(addr: std::net::SocketAddr) -> String {
+    let std::net::SocketAddr::V4(v4) = addr else {
+        return addr.to_string();
+    };
+    let mut text = String::with_capacity(21);
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        text.push_str(digits.format(octet));
+    }
+    text.push(':');
+    text.push_str(digits.format(v4.port()));
+    text
+}
+
 /// How an exchange ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -2494,6 +2527,41 @@ impl From<std::io::Error> for HistoryError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The quick text of a socket address is `Display`'s, byte for byte.
+    #[test]
+    fn socket_addr_text_is_display() {
+        let addrs = [
+            "0.0.0.0:0",
+            "127.0.0.1:8080",
+            "255.255.255.255:65535",
+            "10.0.20.100:9",
+            "[::1]:443",
+            "[2001:db8::7]:1",
+        ];
+        for addr in addrs {
+            let addr: std::net::SocketAddr = addr.parse().expect("address");
+            assert_eq!(socket_addr_text(addr), addr.to_string());
+        }
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..2_000 {
+            let ip = std::net::Ipv4Addr::from(rng.u32(..));
+            let addr = std::net::SocketAddr::from((ip, rng.u16(..)));
+            assert_eq!(socket_addr_text(addr), addr.to_string());
+        }
+    }
+
+    /// Moving headers into a record gives what copying them does.
+    #[test]
+    fn headers_into_matches_headers_from() {
+        let wire = vec![
+            ("Content-Type".to_owned(), b"application/json".to_vec()),
+            ("x-github-event".to_owned(), b"push".to_vec()),
+            ("X-Raw".to_owned(), vec![0xff, b'a']),
+        ];
+        assert_eq!(headers_into(wire.clone()), headers_from(&wire));
+        assert_eq!(headers_into(wire)[0].name, "content-type");
+    }
 
     /// The search's matcher agrees with comparing at every position, over
     /// texts of a few letters in both cases and some other bytes, where

@@ -114,6 +114,12 @@ impl TryFrom<String> for TunnelPattern {
     }
 }
 
+impl From<TunnelName> for String {
+    fn from(n: TunnelName) -> String {
+        n.0
+    }
+}
+
 impl From<TunnelPattern> for String {
     fn from(p: TunnelPattern) -> String {
         p.0
