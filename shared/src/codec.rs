@@ -788,5 +788,58 @@ mod tests {
             prop_assert!(refused);
             prop_assert_eq!(reader.data, &tail[..], "read past the length prefix");
         }
+
+        /// Header values written as byte strings (`raw_headers`) are the bytes
+        /// the plain `Vec<u8>` fields wrote, in postcard (the wire, the relay's
+        /// queue) and serde_json (the agent's outbox), and either reads back:
+        /// relays, agents and stores from before the change understand it.
+        #[test]
+        fn heads_encode_as_with_plain_byte_vectors(head in request_head(), status in any::<u16>()) {
+            #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+            struct PlainResponseHead {
+                status: u16,
+                headers: Vec<(String, Vec<u8>)>,
+            }
+            #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+            struct PlainRequestHead {
+                delivery_id: DeliveryId,
+                tunnel: TunnelName,
+                method: String,
+                path: String,
+                headers: Vec<(String, Vec<u8>)>,
+                remote_addr: SocketAddr,
+                public_url: String,
+                received_at_ms: u64,
+                timeout_ms: u64,
+                body_len: Option<u64>,
+            }
+            let plain = PlainRequestHead {
+                delivery_id: head.delivery_id,
+                tunnel: head.tunnel.clone(),
+                method: head.method.clone(),
+                path: head.path.clone(),
+                headers: head.headers.clone(),
+                remote_addr: head.remote_addr,
+                public_url: head.public_url.clone(),
+                received_at_ms: head.received_at_ms,
+                timeout_ms: head.timeout_ms,
+                body_len: head.body_len,
+            };
+            let wire = postcard::to_stdvec(&head).expect("postcard");
+            prop_assert_eq!(&wire, &postcard::to_stdvec(&plain).expect("postcard"));
+            prop_assert_eq!(&postcard::from_bytes::<RequestHead>(&wire).expect("decode"), &head);
+            let json = serde_json::to_vec(&head).expect("json");
+            prop_assert_eq!(&json, &serde_json::to_vec(&plain).expect("json"));
+            prop_assert_eq!(&serde_json::from_slice::<RequestHead>(&json).expect("decode"), &head);
+
+            let reply = ResponseHead { status, headers: head.headers.clone() };
+            let plain = PlainResponseHead { status, headers: head.headers };
+            let wire = postcard::to_stdvec(&reply).expect("postcard");
+            prop_assert_eq!(&wire, &postcard::to_stdvec(&plain).expect("postcard"));
+            prop_assert_eq!(&postcard::from_bytes::<ResponseHead>(&wire).expect("decode"), &reply);
+            let json = serde_json::to_vec(&reply).expect("json");
+            prop_assert_eq!(&json, &serde_json::to_vec(&plain).expect("json"));
+            prop_assert_eq!(&serde_json::from_slice::<ResponseHead>(&json).expect("decode"), &reply);
+        }
     }
 }
