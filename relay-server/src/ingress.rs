@@ -397,13 +397,14 @@ impl Ingress {
                     .flat_map(|(_, v)| connection_tokens(v).collect::<Vec<_>>())
                     .collect();
                 let out = resp.headers_mut();
-                for (name, value) in &head.headers {
-                    if is_hop_by_hop(name, &connection) {
+                for (name, value) in head.headers {
+                    if is_hop_by_hop(&name, &connection) {
                         continue;
                     }
+                    // The value's bytes move into the header (checked, not copied).
                     if let (Ok(n), Ok(v)) = (
                         HeaderName::from_bytes(name.as_bytes()),
-                        HeaderValue::from_bytes(value),
+                        HeaderValue::from_maybe_shared(Bytes::from(value)),
                     ) {
                         out.append(n, v);
                     }
