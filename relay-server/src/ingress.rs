@@ -6,6 +6,7 @@
 //! a whole body.
 
 use std::{
+    borrow::Cow,
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
@@ -27,7 +28,8 @@ use hookrelay_shared::{
     http::{connection_tokens, is_hop_by_hop},
     protocol::reset,
     signature::{SignedRequest, Verdict},
-    AgentReply, DeliveryId, DeliveryMode, FailureKind, RequestHead, TunnelName, WhenOffline,
+    AgentReply, DeliveryId, DeliveryMode, FailureKind, RequestHead, RequestHeadRef, TunnelName,
+    WhenOffline,
 };
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -216,13 +218,14 @@ impl Ingress {
                 .map(|p| p.as_str())
                 .unwrap_or("/"),
         ]);
+        let delivery_text = delivery_id.to_string();
         let headers = forward_headers(
             &parts.headers,
             remote,
             scheme,
             host.as_deref(),
             &public_url,
-            delivery_id,
+            &delivery_text,
         );
         // The sender as the app should see it: behind a trusted proxy, the
         // address it forwarded for (its port is unknown).
@@ -255,21 +258,22 @@ impl Ingress {
             }
             None => (body, body_len),
         };
-        let head = RequestHead {
+        // Borrowed from the request: copied only if it is queued after all.
+        let head = RequestHeadRef {
             delivery_id,
-            tunnel: tunnel.clone(),
-            method: parts.method.as_str().to_owned(),
-            path,
-            headers,
+            tunnel: &tunnel,
+            method: parts.method.as_str(),
+            path: &path,
+            headers: &headers,
             remote_addr: sender,
-            public_url,
+            public_url: &public_url,
             received_at_ms,
             timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
             body_len,
         };
         let link = match link {
             Some(link) if !queue_it => link,
-            _ => return self.enqueue(head, body, label).await,
+            _ => return self.enqueue(head.to_owned_head(), body, label).await,
         };
 
         // A link that died a moment ago (the agent's goodbye still in flight)
@@ -303,7 +307,11 @@ impl Ingress {
         };
         let (mut send, mut recv) = match link.connection.open_bi().await {
             Ok(streams) => streams,
-            Err(_) if queue_if_lost => return self.enqueue(head, unsent(first, body), label).await,
+            Err(_) if queue_if_lost => {
+                return self
+                    .enqueue(head.to_owned_head(), unsent(first, body), label)
+                    .await
+            }
             Err(_) => return Err(IngressError::AgentOffline(tunnel)),
         };
         let mut chunks = match codec::frame(&head) {
@@ -316,7 +324,9 @@ impl Ingress {
         chunks.extend(first.clone());
         if send.write_all_chunks(&mut chunks).await.is_err() {
             if queue_if_lost {
-                return self.enqueue(head, unsent(first, body), label).await;
+                return self
+                    .enqueue(head.to_owned_head(), unsent(first, body), label)
+                    .await;
             }
             return Err(IngressError::AgentLost(tunnel));
         }
@@ -409,7 +419,7 @@ impl Ingress {
                         out.append(n, v);
                     }
                 }
-                out.insert(DELIVERY_ID_HEADER, header_value(&delivery_id.to_string()));
+                out.insert(DELIVERY_ID_HEADER, header_value(&delivery_text));
                 let declared = content_length(out).ok().flatten();
                 *resp.body_mut() = Body::from_stream(recv_stream(recv, declared, counted));
                 debug!(%delivery_id, %tunnel, status = head.status, "delivered");
@@ -856,21 +866,22 @@ impl Drop for Counted {
 }
 
 /// The headers the local app receives: the sender's, in order and byte for byte,
-/// minus hop-by-hop ones, plus the proxy headers.
-fn forward_headers(
-    headers: &HeaderMap,
+/// minus hop-by-hop ones, plus the proxy headers. Borrowed from the request
+/// (only `X-Forwarded-For`, which appends the sender, is built).
+fn forward_headers<'a>(
+    headers: &'a HeaderMap,
     remote: SocketAddr,
-    scheme: &str,
-    host: Option<&str>,
-    public_url: &str,
-    delivery_id: DeliveryId,
-) -> Vec<(String, Vec<u8>)> {
+    scheme: &'a str,
+    host: Option<&'a str>,
+    public_url: &'a str,
+    delivery_id: &'a str,
+) -> Vec<(&'a str, Cow<'a, [u8]>)> {
     let connection: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| connection_tokens(v.as_bytes()).collect::<Vec<_>>())
         .collect();
-    let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len() + 5);
+    let mut out: Vec<(&str, Cow<'_, [u8]>)> = Vec::with_capacity(headers.len() + 5);
     let mut forwarded_for: Option<Vec<u8>> = None;
     for (name, value) in headers {
         let name = name.as_str();
@@ -887,7 +898,7 @@ fn forward_headers(
             }
             "x-forwarded-proto" | "x-forwarded-host" | ORIGINAL_URL_HEADER | DELIVERY_ID_HEADER => {
             }
-            _ => out.push((name.to_owned(), value.as_bytes().to_vec())),
+            _ => out.push((name, Cow::Borrowed(value.as_bytes()))),
         }
     }
     let mut xff = forwarded_for.unwrap_or_default();
@@ -895,16 +906,13 @@ fn forward_headers(
         xff.extend_from_slice(b", ");
     }
     push_ip(&mut xff, remote.ip());
-    out.push(("x-forwarded-for".into(), xff));
-    out.push(("x-forwarded-proto".into(), scheme.as_bytes().to_vec()));
+    out.push(("x-forwarded-for", Cow::Owned(xff)));
+    out.push(("x-forwarded-proto", Cow::Borrowed(scheme.as_bytes())));
     if let Some(host) = host {
-        out.push(("x-forwarded-host".into(), host.as_bytes().to_vec()));
+        out.push(("x-forwarded-host", Cow::Borrowed(host.as_bytes())));
     }
-    out.push((ORIGINAL_URL_HEADER.into(), public_url.as_bytes().to_vec()));
-    out.push((
-        DELIVERY_ID_HEADER.into(),
-        delivery_id.to_string().into_bytes(),
-    ));
+    out.push((ORIGINAL_URL_HEADER, Cow::Borrowed(public_url.as_bytes())));
+    out.push((DELIVERY_ID_HEADER, Cow::Borrowed(delivery_id.as_bytes())));
     out
 }
 
@@ -1396,17 +1404,18 @@ mod tests {
             "x-a",
             HeaderValue::from_bytes(&[0xfe, b'b']).expect("opaque bytes are valid"),
         );
+        let id = DeliveryId::new().to_string();
         let out = forward_headers(
             &h,
             "192.0.2.7:1234".parse().expect("addr"),
             "http",
             Some("relay:8080"),
             "http://relay:8080/t/x/",
-            DeliveryId::new(),
+            &id,
         );
-        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = out.iter().map(|(n, _)| *n).collect();
         assert_eq!(&names[..2], ["x-a", "x-a"]);
-        assert_eq!(out[1].1, vec![0xfe, b'b']);
+        assert_eq!(&out[1].1[..], [0xfe, b'b']);
         assert!(
             !names.contains(&"connection")
                 && !names.contains(&"x-private")
@@ -1414,8 +1423,22 @@ mod tests {
         );
         let xff = out
             .iter()
-            .find(|(n, _)| n == "x-forwarded-for")
+            .find(|(n, _)| *n == "x-forwarded-for")
             .expect("xff");
-        assert_eq!(xff.1, b"10.0.0.1, 192.0.2.7");
+        assert_eq!(&xff.1[..], b"10.0.0.1, 192.0.2.7");
+        let added: Vec<(&str, &[u8])> = out[out.len() - 5..]
+            .iter()
+            .map(|(n, v)| (*n, &v[..]))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                ("x-forwarded-for", &b"10.0.0.1, 192.0.2.7"[..]),
+                ("x-forwarded-proto", b"http"),
+                ("x-forwarded-host", b"relay:8080"),
+                (ORIGINAL_URL_HEADER, b"http://relay:8080/t/x/"),
+                (DELIVERY_ID_HEADER, id.as_bytes()),
+            ]
+        );
     }
 }

@@ -792,7 +792,8 @@ mod tests {
         /// Header values written as byte strings (`raw_headers`) are the bytes
         /// the plain `Vec<u8>` fields wrote, in postcard (the wire, the relay's
         /// queue) and serde_json (the agent's outbox), and either reads back:
-        /// relays, agents and stores from before the change understand it.
+        /// relays, agents and stores from before the change understand it. The
+        /// relay's borrowed head (`RequestHeadRef`) writes the same bytes too.
         #[test]
         fn heads_encode_as_with_plain_byte_vectors(head in request_head(), status in any::<u16>()) {
             #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
@@ -831,6 +832,28 @@ mod tests {
             let json = serde_json::to_vec(&head).expect("json");
             prop_assert_eq!(&json, &serde_json::to_vec(&plain).expect("json"));
             prop_assert_eq!(&serde_json::from_slice::<RequestHead>(&json).expect("decode"), &head);
+
+            // The relay's borrowed head writes the same bytes, and owns back to the head.
+            let headers: Vec<(&str, std::borrow::Cow<'_, [u8]>)> = head
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), std::borrow::Cow::Borrowed(&v[..])))
+                .collect();
+            let borrowed = crate::protocol::RequestHeadRef {
+                delivery_id: head.delivery_id,
+                tunnel: &head.tunnel,
+                method: &head.method,
+                path: &head.path,
+                headers: &headers,
+                remote_addr: head.remote_addr,
+                public_url: &head.public_url,
+                received_at_ms: head.received_at_ms,
+                timeout_ms: head.timeout_ms,
+                body_len: head.body_len,
+            };
+            prop_assert_eq!(&postcard::to_stdvec(&borrowed).expect("postcard"), &wire);
+            prop_assert_eq!(&serde_json::to_vec(&borrowed).expect("json"), &json);
+            prop_assert_eq!(&borrowed.to_owned_head(), &head);
 
             let reply = ResponseHead { status, headers: head.headers.clone() };
             let plain = PlainResponseHead { status, headers: head.headers };

@@ -22,8 +22,8 @@ pub mod tunnel_name;
 pub use codec::{CodecError, FrameCodec, MAX_FRAME_LEN};
 pub use protocol::{
     AgentReply, AgentToRelay, DeliveryId, DeliveryMode, FailureKind, Hello, QueueAck, QueueOpen,
-    QueuedDelivery, RejectReason, RelayToAgent, RequestHead, ResponseHead, TunnelGrant,
-    TunnelSettings, WhenOffline,
+    QueuedDelivery, RejectReason, RelayToAgent, RequestHead, RequestHeadRef, ResponseHead,
+    TunnelGrant, TunnelSettings, WhenOffline,
 };
 pub use tunnel_name::{TunnelName, TunnelNameError, TunnelPattern};
 

@@ -19,7 +19,7 @@
 //! only then does the relay delete them. One stream keeps the order for free,
 //! and the agent's acknowledgements batch naturally behind its fsyncs.
 
-use std::{fmt, net::SocketAddr, str::FromStr};
+use std::{borrow::Cow, fmt, net::SocketAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
@@ -300,6 +300,57 @@ pub struct RequestHead {
     pub body_len: Option<u64>,
 }
 
+/// A [`RequestHead`] borrowing its strings and headers from the request it
+/// describes, for sending: it serializes to exactly the bytes the owned head
+/// would (tested), so the relay writes a live delivery's head without copying
+/// every header into a `String` and a `Vec` first (two allocations each).
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestHeadRef<'a> {
+    /// See [`RequestHead::delivery_id`].
+    pub delivery_id: DeliveryId,
+    /// See [`RequestHead::tunnel`].
+    pub tunnel: &'a TunnelName,
+    /// See [`RequestHead::method`].
+    pub method: &'a str,
+    /// See [`RequestHead::path`].
+    pub path: &'a str,
+    /// See [`RequestHead::headers`].
+    #[serde(serialize_with = "raw_headers::serialize_borrowed")]
+    pub headers: &'a [(&'a str, Cow<'a, [u8]>)],
+    /// See [`RequestHead::remote_addr`].
+    pub remote_addr: SocketAddr,
+    /// See [`RequestHead::public_url`].
+    pub public_url: &'a str,
+    /// See [`RequestHead::received_at_ms`].
+    pub received_at_ms: u64,
+    /// See [`RequestHead::timeout_ms`].
+    pub timeout_ms: u64,
+    /// See [`RequestHead::body_len`].
+    pub body_len: Option<u64>,
+}
+
+impl RequestHeadRef<'_> {
+    /// The owned head, for a delivery that is queued instead of sent.
+    pub fn to_owned_head(&self) -> RequestHead {
+        RequestHead {
+            delivery_id: self.delivery_id,
+            tunnel: self.tunnel.clone(),
+            method: self.method.to_owned(),
+            path: self.path.to_owned(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), value.to_vec()))
+                .collect(),
+            remote_addr: self.remote_addr,
+            public_url: self.public_url.to_owned(),
+            received_at_ms: self.received_at_ms,
+            timeout_ms: self.timeout_ms,
+            body_len: self.body_len,
+        }
+    }
+}
+
 /// The agent's answer on a delivery stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentReply {
@@ -350,6 +401,18 @@ mod raw_headers {
 
     pub fn serialize<S: Serializer>(
         headers: &[(String, Vec<u8>)],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            headers
+                .iter()
+                .map(|(name, value)| (name, Bytes::new(value))),
+        )
+    }
+
+    /// As [`serialize`], for headers borrowed from a request.
+    pub fn serialize_borrowed<S: Serializer>(
+        headers: &[(&str, std::borrow::Cow<'_, [u8]>)],
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(
