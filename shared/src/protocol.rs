@@ -315,7 +315,7 @@ pub struct RequestHeadRef<'a> {
     /// See [`RequestHead::path`].
     pub path: &'a str,
     /// See [`RequestHead::headers`].
-    #[serde(serialize_with = "raw_headers::serialize_borrowed")]
+    #[serde(serialize_with = "raw_headers::serialize")]
     pub headers: &'a [(&'a str, Cow<'a, [u8]>)],
     /// See [`RequestHead::remote_addr`].
     pub remote_addr: SocketAddr,
@@ -399,26 +399,16 @@ mod raw_headers {
     use serde::{Deserialize, Deserializer, Serializer};
     use serde_bytes::{ByteBuf, Bytes};
 
-    pub fn serialize<S: Serializer>(
-        headers: &[(String, Vec<u8>)],
+    /// Owned headers (`RequestHead`, `ResponseHead`) and headers borrowed
+    /// from a request (`RequestHeadRef`) alike.
+    pub fn serialize<S: Serializer, N: AsRef<str>, V: AsRef<[u8]>>(
+        headers: &[(N, V)],
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(
             headers
                 .iter()
-                .map(|(name, value)| (name, Bytes::new(value))),
-        )
-    }
-
-    /// As [`serialize`], for headers borrowed from a request.
-    pub fn serialize_borrowed<S: Serializer>(
-        headers: &[(&str, std::borrow::Cow<'_, [u8]>)],
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(
-            headers
-                .iter()
-                .map(|(name, value)| (name, Bytes::new(value))),
+                .map(|(name, value)| (name.as_ref(), Bytes::new(value.as_ref()))),
         )
     }
 
