@@ -128,10 +128,7 @@ pub struct Target {
 impl Target {
     /// The URL of `path` (path and query starting with `/`) on the local app.
     pub fn url(&self, path: &str) -> String {
-        let parts = ["http://", &self.authority, &self.base_path, path];
-        let mut url = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        parts.into_iter().for_each(|p| url.push_str(p));
-        url
+        ["http://", &self.authority, &self.base_path, path].concat()
     }
 
     /// The target as [`Display`](fmt::Display) writes it: built for every

@@ -359,7 +359,6 @@ impl Forwarder {
             .chain(error)
             .reduce(|a, b| format!("{b}; {a}"));
         let provider = signature::detect(&head.headers);
-        let head_ref: &RequestHead = &head;
         // With secrets configured, a request without any signature is worth
         // flagging ("unsigned"); without them, no verdict unless one is signed.
         let judge = provider.is_some() || !self.secrets.is_empty();
@@ -370,7 +369,7 @@ impl Forwarder {
         let verdict = forwarded.verdict.or_else(|| {
             judge.then(|| {
                 let body = request_tee.body();
-                let verdict = self.verdict(head_ref, &body);
+                let verdict = self.verdict(&head, &body);
                 if event_id.is_none() && verdict.is_valid() {
                     event_id = provider.and_then(|p| dedupe::event_id(p, &head.headers, &body));
                 }
