@@ -623,14 +623,156 @@ async fn wildcard_certificate_from_files_serves_https_and_quic_without_a_fingerp
     relay.stop().await
 }
 
+/// Pebble (the ACME server) and pebble-challtestsrv (a DNS responder that
+/// answers every name with 127.0.0.1, so pebble validates
+/// relay.hookrelay.test against the relay's HTTPS port), running.
+struct Pebble {
+    _challtestsrv: Child,
+    _pebble: Child,
+    /// Pebble's ACME port.
+    acme: u16,
+    /// The port pebble validates TLS-ALPN-01 on: the relay's HTTPS port.
+    relay_https: u16,
+    /// Pebble's issuing root, PEM, from its management API.
+    root: Vec<u8>,
+    log: PathBuf,
+}
+
+impl Pebble {
+    /// Starts both with fresh ports, and again with others if a port was
+    /// taken before they bound it (a busy machine); at most three times.
+    async fn start(dir: &Path, ca_file: &Path) -> anyhow::Result<Self> {
+        let mut failed = String::new();
+        for attempt in 1..=3 {
+            match Self::try_start(dir, ca_file).await? {
+                Ok(pebble) => return Ok(pebble),
+                Err(log) if log.contains("address already in use") => {
+                    failed.push_str(&format!("attempt {attempt}:\n{log}\n"));
+                }
+                Err(log) => anyhow::bail!("pebble did not start:\n{log}"),
+            }
+        }
+        anyhow::bail!("pebble found no free ports in three attempts:\n{failed}")
+    }
+
+    /// `Ok(Err(log))` when either process exited before pebble answered.
+    async fn try_start(dir: &Path, ca_file: &Path) -> anyhow::Result<Result<Self, String>> {
+        let path = |name: &str| dir.join(name);
+        let dns = free_port().await?;
+        let dns_management = free_port().await?;
+        let mut challtestsrv = logged("/usr/bin/pebble-challtestsrv", &path("challtestsrv.log"))?
+            .args(["-dns01", &format!("127.0.0.1:{dns}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .args(["-management", &format!("127.0.0.1:{dns_management}")])
+            .spawn()?;
+
+        let (acme, management, relay_https) =
+            (free_port().await?, free_port().await?, free_port().await?);
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("127.0.0.1:{acme}"),
+                "managementListenAddress": format!("127.0.0.1:{management}"),
+                "certificate": path("pebble-cert.pem"),
+                "privateKey": path("pebble-key.pem"),
+                "httpPort": dead_port().await?,
+                "tlsPort": relay_https,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false
+            }
+        });
+        std::fs::write(path("pebble.json"), serde_json::to_vec_pretty(&config)?)?;
+        let log = path("pebble.log");
+        let mut pebble = logged("/usr/bin/pebble", &log)?
+            .arg("-config")
+            .arg(path("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .spawn()?;
+        let logs = || {
+            let read = |name| std::fs::read_to_string(path(name)).unwrap_or_default();
+            format!(
+                "pebble:\n{}\nchalltestsrv:\n{}",
+                read("pebble.log"),
+                read("challtestsrv.log")
+            )
+        };
+
+        // Pebble is up once its management API answers; its issuing root is
+        // generated at start and served there.
+        let mgmt: SocketAddr = ([127, 0, 0, 1], management).into();
+        let root = tokio::time::timeout(WAIT, async {
+            loop {
+                if pebble.try_wait()?.is_some() || challtestsrv.try_wait()?.is_some() {
+                    return Ok(None);
+                }
+                match https(
+                    mgmt,
+                    "127.0.0.1",
+                    "GET",
+                    "/roots/0",
+                    "",
+                    roots(ca_file)?,
+                    &[b"http/1.1"],
+                )
+                .await
+                {
+                    Ok(answer) if answer.status == StatusCode::OK => {
+                        return Ok::<_, anyhow::Error>(Some(answer.body))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("pebble did not start within {WAIT:?}:\n{}", logs()))??;
+        Ok(match root {
+            Some(root) => Ok(Self {
+                _challtestsrv: challtestsrv,
+                _pebble: pebble,
+                acme,
+                relay_https,
+                root: root.to_vec(),
+                log,
+            }),
+            None => Err(logs()),
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// A loopback port that was free a moment ago, for a server whose port must
-/// be known before it starts (pebble's config names them all).
+/// be known before it starts (pebble's config names them all). Drawn from
+/// below the kernel's ephemeral range, so no other socket's `connect` or
+/// `bind(0)` in the suite is handed it before the server binds it (one was,
+/// in CI, when this took `bind(0)`'s port).
 async fn free_port() -> anyhow::Result<u16> {
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = tcp.local_addr()?.port();
-    // The DNS responder binds UDP and TCP on its port.
-    let _udp = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await?;
-    Ok(port)
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low = range
+        .split_whitespace()
+        .next()
+        .and_then(|low| low.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(12_000);
+    for _ in 0..100 {
+        let port = fastrand::u16(10_000..low);
+        let Ok(_tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await else {
+            continue;
+        };
+        // The DNS responder binds UDP and TCP on its port.
+        if tokio::net::UdpSocket::bind(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port below {low} in 100 tries")
 }
 
 /// A process whose output goes to a file in the test's directory, for the
@@ -663,68 +805,12 @@ async fn acme_certificate_from_pebble_serves_https_and_quic() -> anyhow::Result<
         &path("pebble-key.pem"),
     )?;
 
-    // A DNS responder that answers every name with 127.0.0.1, so pebble
-    // validates relay.hookrelay.test against the relay's HTTPS port.
-    let dns = free_port().await?;
-    let dns_management = free_port().await?;
-    let _challtestsrv = logged("/usr/bin/pebble-challtestsrv", &path("challtestsrv.log"))?
-        .args(["-dns01", &format!("127.0.0.1:{dns}")])
-        .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-        .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-        .args(["-management", &format!("127.0.0.1:{dns_management}")])
-        .spawn()?;
-
-    let (acme, management, relay_https) =
-        (free_port().await?, free_port().await?, free_port().await?);
-    let config = serde_json::json!({
-        "pebble": {
-            "listenAddress": format!("127.0.0.1:{acme}"),
-            "managementListenAddress": format!("127.0.0.1:{management}"),
-            "certificate": path("pebble-cert.pem"),
-            "privateKey": path("pebble-key.pem"),
-            "httpPort": dead_port().await?,
-            "tlsPort": relay_https,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false
-        }
-    });
-    std::fs::write(path("pebble.json"), serde_json::to_vec_pretty(&config)?)?;
-    let _pebble = logged("/usr/bin/pebble", &path("pebble.log"))?
-        .arg("-config")
-        .arg(path("pebble.json"))
-        .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env("PEBBLE_WFE_NONCEREJECT", "0")
-        .spawn()?;
-    let pebble_log = || std::fs::read_to_string(path("pebble.log")).unwrap_or_default();
-
-    // Pebble is up once its management API answers; its issuing root is
-    // generated at start and served there.
-    let mgmt: SocketAddr = ([127, 0, 0, 1], management).into();
-    let root = tokio::time::timeout(WAIT, async {
-        loop {
-            match https(
-                mgmt,
-                "127.0.0.1",
-                "GET",
-                "/roots/0",
-                "",
-                roots(&ca_file)?,
-                &[b"http/1.1"],
-            )
-            .await
-            {
-                Ok(answer) if answer.status == StatusCode::OK => {
-                    return Ok::<_, anyhow::Error>(answer.body)
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .await
-    .with_context(|| format!("pebble did not start:\n{}", pebble_log()))??;
+    // Pebble and its DNS responder, on ports picked for them.
+    let pebble = Pebble::start(dir.path(), &ca_file).await?;
+    let (acme, relay_https) = (pebble.acme, pebble.relay_https);
+    let pebble_log = || pebble.log();
     let root_file = path("pebble-root.pem");
-    std::fs::write(&root_file, &root)?;
+    std::fs::write(&root_file, &pebble.root)?;
 
     let acme_directory = format!("https://127.0.0.1:{acme}/dir");
     let https_arg = format!("127.0.0.1:{relay_https}");
