@@ -187,7 +187,8 @@ impl Agent {
             history.clone(),
             secrets,
             config.dedupe,
-        );
+        )
+        .map_err(AgentError::Target)?;
         let worker = tokio::spawn(
             queued::run_worker(
                 outbox.clone(),
@@ -539,6 +540,8 @@ pub enum AgentError {
     Identity { path: PathBuf, reason: String },
     #[error("cannot build the TLS configuration: {0}")]
     Tls(String),
+    #[error("cannot forward to the local app: {0}")]
+    Target(String),
     #[error("cannot open a UDP socket: {0}")]
     Endpoint(String),
     #[error(

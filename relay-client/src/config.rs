@@ -131,6 +131,17 @@ impl Target {
         ["http://", &self.authority, &self.base_path, path].concat()
     }
 
+    /// What an HTTP/1.1 request for [`url`](Self::url)`(path)` names on its
+    /// request line: the base path and `path`, starting with `/`.
+    pub fn origin_form(&self, path: &str) -> String {
+        let slash = if self.base_path.starts_with('/') || path.starts_with('/') {
+            ""
+        } else {
+            "/"
+        };
+        [slash, &self.base_path, path].concat()
+    }
+
     /// The target as [`Display`](fmt::Display) writes it: built for every
     /// delivery's record, so without the formatting machinery.
     pub fn text(&self) -> String {

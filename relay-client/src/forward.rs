@@ -32,6 +32,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use tracing::{debug, warn};
 
 use crate::{
+    app_pool::{self, AppBody, AppPool, SendError},
     config::Target,
     dedupe,
     history::{
@@ -54,9 +55,6 @@ pub(crate) const MAX_RESPONSE_BYTES: u64 = 25 * 1024 * 1024;
 /// Largest chunk read from a QUIC stream at once.
 const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
-/// Idle keep-alive connections kept to the local app.
-const POOL_IDLE_PER_HOST: usize = 64;
-
 type StreamBoxed =
     Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send>>;
 
@@ -72,15 +70,15 @@ where
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(app_pool::MAX_IDLE)
+        .pool_idle_timeout(app_pool::IDLE_TIMEOUT)
         .build(connector)
 }
 
 /// Forwards deliveries to one local app over a keep-alive pool.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    client: Client<HttpConnector, RelayBody>,
+    pool: AppPool,
     target: Target,
     terminal: Terminal,
     history: History,
@@ -149,16 +147,16 @@ impl Forwarder {
         history: History,
         secrets: Arc<SecretSet>,
         dedupe: bool,
-    ) -> Self {
-        Forwarder {
-            client: local_client(),
+    ) -> Result<Self, String> {
+        Ok(Forwarder {
+            pool: AppPool::new(&target)?,
             target,
             terminal,
             history,
             secrets,
             dedupe,
             in_flight: Arc::default(),
-        }
+        })
     }
 
     /// Waits until no other delivery of this event is in flight, then holds
@@ -861,17 +859,18 @@ impl Forwarder {
         request: Request<RelayBody>,
         timeout: Duration,
         forwarded: &mut Forwarded,
-    ) -> Result<http::Response<Limited<hyper::body::Incoming>>, (FailureKind, String)> {
+    ) -> Result<http::Response<Limited<AppBody>>, (FailureKind, String)> {
         let sent_at = Instant::now();
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let response = match tokio::time::timeout(timeout, self.pool.send(request)).await {
             Ok(Ok(response)) => response,
-            Ok(Err(err)) if err.is_connect() => {
+            Ok(Err(SendError::Connect(err))) => {
+                debug!(error = %error_chain(&*err), "cannot connect to the local app");
                 return Err((
                     FailureKind::LocalAppUnreachable,
                     format!("cannot connect to {}", self.target),
-                ))
+                ));
             }
-            Ok(Err(err)) => {
+            Ok(Err(SendError::Http(err))) => {
                 return Err((
                     FailureKind::LocalAppError,
                     format!("{} broke the exchange: {}", self.target, error_chain(&err)),
@@ -901,7 +900,7 @@ impl Forwarder {
             .map_err(|_| format!("invalid method {:?}", head.method))?;
         let mut request = Request::builder()
             .method(method)
-            .uri(self.target.url(&head.path))
+            .uri(self.target.origin_form(&head.path))
             .body(body)
             .map_err(|e| format!("cannot build a request for {:?}: {e}", head.path))?;
         let headers = request.headers_mut();
@@ -1281,7 +1280,7 @@ impl RelayBody {
     }
 
     /// A body already read (and recorded) whole.
-    fn buffered(bytes: Bytes) -> Self {
+    pub(crate) fn buffered(bytes: Bytes) -> Self {
         let len = Some(bytes.len() as u64);
         let stream = futures_util::stream::once(async move { Ok(Frame::data(bytes)) });
         RelayBody {

@@ -20,6 +20,7 @@
 //! - `terminal`: one line per delivery on stdout.
 
 pub mod agent;
+mod app_pool;
 pub mod cli;
 pub mod commands;
 pub mod config;
