@@ -106,13 +106,23 @@ impl AppPool {
     /// connection, or a new one when none is left.
     pub(crate) async fn send(
         &self,
+        request: Request<RelayBody>,
+    ) -> Result<Response<AppBody>, SendError> {
+        let kept = self.checkout();
+        self.send_on(kept, request).await
+    }
+
+    /// [`send`](Self::send), trying the kept connection `kept` first.
+    async fn send_on(
+        &self,
+        mut kept: Option<SendRequest<RelayBody>>,
         mut request: Request<RelayBody>,
     ) -> Result<Response<AppBody>, SendError> {
         if !request.headers().contains_key(HOST) {
             request.headers_mut().insert(HOST, self.shared.host.clone());
         }
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let (mut sender, reused) = match kept.take().or_else(|| self.checkout()) {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
@@ -311,6 +321,8 @@ mod tests {
         /// Answers keep-alive, then closes the connection without a word
         /// (an app whose idle timeout passed).
         CloseSilently,
+        /// The same, 100 ms after its answer.
+        CloseIdle,
     }
 
     /// An HTTP/1.1 app on loopback, written by hand so that the tests see
@@ -394,8 +406,16 @@ mod tests {
             } else {
                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
             };
-            if stream.write_all(answer).await.is_err() || after != After::KeepAlive {
+            if stream.write_all(answer).await.is_err() {
                 return;
+            }
+            match after {
+                After::KeepAlive => {}
+                After::CloseIdle => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return;
+                }
+                After::Close | After::CloseSilently => return,
             }
         }
     }
@@ -491,6 +511,35 @@ mod tests {
             }
             assert_eq!(app.connections(), 5, "one connection per request");
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_request_a_kept_connection_turns_away_goes_out_on_another() -> anyhow::Result<()> {
+        let app = App::spawn(After::CloseIdle).await?;
+        let pool = AppPool::new(&app.target).map_err(anyhow::Error::msg)?;
+        exchange(&pool, request(&app.target, "/first")?).await?;
+        // A kept connection that the app has closed by the time it is used
+        // (the race checkout's own check cannot close: the app may close it
+        // right after).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stale = loop {
+            let kept = pool.shared.lock().pop_back().map(|i| i.sender);
+            match kept {
+                Some(sender) if sender.is_closed() => break sender,
+                Some(sender) => pool.shared.put(sender),
+                None => anyhow::bail!("the first connection was not kept"),
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the app's close never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let response = pool
+            .send_on(Some(stale), request(&app.target, "/again")?)
+            .await
+            .map_err(|e| anyhow::anyhow!("not sent again: {e:?}"))?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(app.connections(), 2, "sent again on a new connection");
+        assert!(app.heads()[1].starts_with("POST /again "));
         Ok(())
     }
 

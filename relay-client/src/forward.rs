@@ -58,7 +58,8 @@ const MAX_CHUNK_BYTES: usize = 256 * 1024;
 type StreamBoxed =
     Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Pieces>, io::Error>> + Send>>;
 
-/// The keep-alive HTTP client used for the local app (deliveries and replays).
+/// The keep-alive HTTP client used for the local app by replays
+/// (deliveries use the forwarder's own connections, [`AppPool`]).
 pub(crate) fn local_client<B>() -> Client<HttpConnector, B>
 where
     B: Body + Send + 'static + Unpin,
@@ -1622,7 +1623,7 @@ mod tests {
 
     /// A body that arrived whole reaches the app in pieces of up to
     /// [`GATHER_BYTES`] (quinn hands it out a packet at a time), with every
-    /// byte in order, and the end or the breaking off after them.
+    /// byte in order; a reset one as what came before it and then an error.
     #[tokio::test]
     async fn a_large_body_reaches_the_app_in_few_pieces() -> anyhow::Result<()> {
         let (sender, receiver, _server) = quic_pair().await?;
@@ -1634,10 +1635,12 @@ mod tests {
                 send.reset(7u32.into())?;
             } else {
                 send.finish()?;
+                // Everything on the agent's side first, as after a burst:
+                // the relay's side has had all of it acknowledged.
+                let acked = tokio::time::timeout(Duration::from_secs(20), send.stopped()).await;
+                anyhow::ensure!(matches!(acked, Ok(Ok(None))), "not acknowledged: {acked:?}");
             }
             let (_, recv) = receiver.accept_bi().await?;
-            // Everything on the agent's side first, as after a burst.
-            tokio::time::sleep(Duration::from_millis(200)).await;
             let history = History::temporary(Retention::default())?;
             let tee = Tee::new(history, ExchangeId::new(), Part::Request);
             let recv: SharedRecv = Arc::new(tokio::sync::Mutex::new(recv));
@@ -1668,9 +1671,8 @@ mod tests {
             } else {
                 assert!(error.is_none(), "{error:?}");
                 assert_eq!(got, body);
-                // 256 KiB arrives as about 190 packets; 4 pieces when all
-                // of them are there, a few more if some were late.
-                assert!(pieces <= 8, "{pieces} pieces for 256 KiB");
+                // About 190 packets, all there: 4 pieces of up to 64 KiB.
+                assert!(pieces <= 5, "{pieces} pieces for 256 KiB");
                 assert_eq!(tee.len(), body.len() as u64, "recorded whole");
             }
         }
