@@ -103,6 +103,32 @@ async fn webhook_reaches_local_app_exactly() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP/2 sender names the host in `:authority`, with no `Host` header;
+/// the app, which gets HTTP/1.1, sees it as `Host` (RFC 9113, 8.3.1), not
+/// the agent's target.
+#[tokio::test]
+async fn an_http2_senders_authority_reaches_the_app_as_host() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn().await?;
+    let _agent = relay.agent("h2host", &app.target()).await?;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<TestBody>();
+    let req = Request::post(relay.url("h2host", "/h2"))
+        .version(http::Version::HTTP_2)
+        .body(full("{}"))?;
+    let resp = tokio::time::timeout(WAIT, h2.request(req)).await??;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let r = app
+        .received()
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the app got nothing"))?;
+    let host = relay.http_addr().to_string();
+    assert_eq!(r.header("host"), [host.as_bytes()]);
+    assert_eq!(r.header("x-forwarded-host"), [host.as_bytes()]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn every_method_arrives_and_bodiless_requests_stay_bodiless() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;

@@ -881,7 +881,13 @@ fn forward_headers<'a>(
         .iter()
         .flat_map(|v| connection_tokens(v.as_bytes()).collect::<Vec<_>>())
         .collect();
-    let mut out: Vec<(&str, Cow<'_, [u8]>)> = Vec::with_capacity(headers.len() + 5);
+    let mut out: Vec<(&str, Cow<'_, [u8]>)> = Vec::with_capacity(headers.len() + 6);
+    // An HTTP/2 request names its host in `:authority`, not in `Host`; the app
+    // gets HTTP/1.1, which needs `Host`, so it is made from the authority
+    // (RFC 9113, 8.3.1), ahead of the sender's headers as on a request line.
+    if let (false, Some(host)) = (headers.contains_key(header::HOST), host) {
+        out.push(("host", Cow::Borrowed(host.as_bytes())));
+    }
     let mut forwarded_for: Option<Vec<u8>> = None;
     for (name, value) in headers {
         let name = name.as_str();
@@ -1414,8 +1420,10 @@ mod tests {
             &id,
         );
         let names: Vec<&str> = out.iter().map(|(n, _)| *n).collect();
-        assert_eq!(&names[..2], ["x-a", "x-a"]);
-        assert_eq!(&out[1].1[..], [0xfe, b'b']);
+        // No `Host` (an HTTP/2 request): made from the authority, first.
+        assert_eq!(&names[..3], ["host", "x-a", "x-a"]);
+        assert_eq!(&out[0].1[..], b"relay:8080");
+        assert_eq!(&out[2].1[..], [0xfe, b'b']);
         assert!(
             !names.contains(&"connection")
                 && !names.contains(&"x-private")
@@ -1440,5 +1448,27 @@ mod tests {
                 (DELIVERY_ID_HEADER, id.as_bytes()),
             ]
         );
+    }
+
+    #[test]
+    fn a_senders_host_is_kept_once_where_it_was() {
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("host", HeaderValue::from_static("Relay.Example:8080"));
+        let out = forward_headers(
+            &h,
+            "192.0.2.7:1234".parse().expect("addr"),
+            "https",
+            Some("Relay.Example:8080"),
+            "https://Relay.Example:8080/t/x/",
+            "01J0000000000000000000000",
+        );
+        let hosts: Vec<(usize, &[u8])> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| *n == "host")
+            .map(|(i, (_, v))| (i, &v[..]))
+            .collect();
+        assert_eq!(hosts, [(1, &b"Relay.Example:8080"[..])]);
     }
 }
