@@ -38,6 +38,15 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long connecting to the app may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How connections to the app are made, for deliveries and replays alike.
+pub(crate) fn connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    // Webhook bodies and answers are small writes: Nagle would delay them.
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector
+}
+
 /// Why a request did not get an answer from the app.
 #[derive(Debug)]
 pub(crate) enum SendError {
@@ -84,12 +93,8 @@ impl AppPool {
             (None, _) => return Err(format!("{target} names no host")),
         }
         .map_err(|e| format!("{target}: {e}"))?;
-        let mut connector = HttpConnector::new();
-        // Webhook bodies and answers are small writes: Nagle would delay them.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let shared = Arc::new(Shared {
-            connector,
+            connector: connector(),
             uri,
             host,
             idle: Mutex::new(VecDeque::new()),
@@ -262,6 +267,15 @@ pub(crate) struct AppBody {
     release: Option<Release>,
 }
 
+impl AppBody {
+    /// Gives the connection back, once.
+    fn release(&mut self) {
+        if let Some(release) = self.release.take() {
+            release.release();
+        }
+    }
+}
+
 impl Body for AppBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -272,9 +286,7 @@ impl Body for AppBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         if frame.is_none() {
-            if let Some(release) = self.release.take() {
-                release.release();
-            }
+            self.release();
         }
         Poll::Ready(frame)
     }
@@ -293,9 +305,7 @@ impl Drop for AppBody {
         // Read whole but not polled to its end (a reader that went by
         // `is_end_stream`): the connection is as good as released.
         if self.body.is_end_stream() {
-            if let Some(release) = self.release.take() {
-                release.release();
-            }
+            self.release();
         }
     }
 }
@@ -375,10 +385,8 @@ mod tests {
                 if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     break i + 4;
                 }
-                let mut chunk = [0u8; 4096];
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             };
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -391,10 +399,8 @@ mod tests {
                 })
                 .unwrap_or(0);
             while buf.len() < end + len {
-                let mut chunk = [0u8; 4096];
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             }
             buf.drain(..end + len);
@@ -416,6 +422,18 @@ mod tests {
                     return;
                 }
                 After::Close | After::CloseSilently => return,
+            }
+        }
+    }
+
+    /// Appends what the stream has next to `buf`; false at its end.
+    async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
             }
         }
     }

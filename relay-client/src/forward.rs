@@ -66,14 +66,10 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut connector = HttpConnector::new();
-    // Webhook bodies and answers are small writes: Nagle would delay them.
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(app_pool::MAX_IDLE)
         .pool_idle_timeout(app_pool::IDLE_TIMEOUT)
-        .build(connector)
+        .build(app_pool::connector())
 }
 
 /// Forwards deliveries to one local app over a keep-alive pool.
@@ -1271,7 +1267,6 @@ impl RelayBody {
                     Ok(None) => return None,
                     Err(e) => return Some((Err(io::Error::other(e)), Reading::Ended)),
                 };
-                tee.append(&first);
                 let (pieces, ended) = gather(&mut recv, first, &tee);
                 drop(recv);
                 Some((
@@ -1310,7 +1305,7 @@ enum Reading {
 const GATHER_BYTES: usize = 64 * 1024;
 
 /// `first` and the chunks already received after it, up to [`GATHER_BYTES`],
-/// each recorded by `tee`: quinn hands a large body out one QUIC packet
+/// each recorded by `tee` (`first` too): quinn hands a large body out one QUIC packet
 /// (about 1.4 KiB) at a time, and hyper wrote each piece it was handed to the
 /// app's socket on its own (35 `writev` per 256 KiB body, `strace`), each a
 /// read in the app. Handed over together, they go in one `writev`, without
@@ -1318,6 +1313,7 @@ const GATHER_BYTES: usize = 64 * 1024;
 /// reading found after the data, when it found the stream's end or its
 /// breaking off.
 fn gather(recv: &mut quinn::RecvStream, first: Bytes, tee: &Tee) -> (Pieces, Option<Reading>) {
+    tee.append(&first);
     let mut pieces = Pieces::from(first);
     let mut ended = None;
     while pieces.remaining < GATHER_BYTES {
