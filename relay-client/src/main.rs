@@ -379,6 +379,7 @@ fn init_tracing(json: bool) {
     } else {
         builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(hookrelay_shared::logfmt::PlainFields)
             .init();
     }
 }

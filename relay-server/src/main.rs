@@ -156,6 +156,7 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(hookrelay_shared::logfmt::PlainFields)
             .init(),
     }
 }
