@@ -14,7 +14,7 @@ use hookrelay_shared::{
     Hello, QueueOpen, RelayToAgent, PROTOCOL_VERSION,
 };
 use relay_client::{
-    config::{parse_fingerprint, Trust},
+    config::{parse_fingerprint, Trust, DEFAULT_MAX_DELIVERIES},
     queued::QUEUE_WINDOW,
     session::with_transport,
     tls::client_config,
@@ -35,7 +35,7 @@ pub fn endpoint(fingerprint: &str) -> anyhow::Result<quinn::Endpoint> {
     let (mut endpoint, _) =
         relay_server::udp::quic_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None)
             .context("binding a QUIC client endpoint on 127.0.0.1")?;
-    endpoint.set_default_client_config(with_transport(config));
+    endpoint.set_default_client_config(with_transport(config, DEFAULT_MAX_DELIVERIES));
     Ok(endpoint)
 }
 

@@ -108,7 +108,7 @@ impl Agent {
             endpoint_for(relay_is_v6).map_err(|e| AgentError::Endpoint(e.to_string()))?;
         let dialer = Dialer {
             endpoint,
-            client_config: with_transport(client_config),
+            client_config: with_transport(client_config, config.max_deliveries),
             refusal,
             relay: config.relay.clone(),
             relay_ip: config.relay_ip,

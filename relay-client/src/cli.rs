@@ -19,7 +19,10 @@ use hookrelay_shared::{
 use crate::{
     agent::{default_data_dir, DEFAULT_MAX_BACKOFF},
     commands::parse_time,
-    config::{parse_fingerprint, Config, LogFormat, Secret, Target, Trust, DEFAULT_INSPECT},
+    config::{
+        parse_fingerprint, Config, LogFormat, Secret, Target, Trust, DEFAULT_INSPECT,
+        DEFAULT_MAX_DELIVERIES,
+    },
     export::{parse_header_name, Format, Redaction},
     history::{Filter, Retention, DEFAULT_MAX_EXCHANGES},
     queued::{RetryPolicy, DEFAULT_ATTEMPTS},
@@ -191,6 +194,11 @@ pub struct HttpFlags {
     #[arg(long = "redact-header", env = "HOOKRELAY_REDACT_HEADER", value_delimiter = ',', value_name = "NAME", value_parser = parse_header_name)]
     pub redact_headers: Vec<String>,
 
+    /// Most deliveries the local app gets at once, one connection each; more wait at the relay
+    /// (lowered at start when the open-files limit has no room for as many)
+    #[arg(long, env = "HOOKRELAY_MAX_DELIVERIES", value_name = "N", default_value_t = DEFAULT_MAX_DELIVERIES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_deliveries: u32,
+
     /// Most exchanges kept in history (oldest go first)
     #[arg(long, env = "HOOKRELAY_MAX_EXCHANGES", default_value_t = DEFAULT_MAX_EXCHANGES, value_name = "N")]
     pub max_exchanges: u64,
@@ -292,6 +300,7 @@ struct FileConfig {
     rate_limit: Option<String>,
     rate_limit_per_source: Option<String>,
     redact_headers: Option<OneOrMany>,
+    max_deliveries: Option<u32>,
     max_exchanges: Option<u64>,
     max_history_bytes: Option<Scalar>,
     data_dir: Option<PathBuf>,
@@ -482,6 +491,11 @@ impl HttpArgs {
             <LogFormat as clap::ValueEnum>::from_str(s, true)
                 .map_err(|_| "expected text or json".to_owned())
         })?;
+        if file.max_deliveries == Some(0) {
+            return Err(ConfigError(format!(
+                "invalid value 0 for `max_deliveries` in {source}: at least 1 delivery"
+            )));
+        }
         if file.retry_attempts == Some(0) {
             return Err(ConfigError(format!(
                 "invalid value 0 for `retry_attempts` in {source}: at least 1 attempt"
@@ -609,6 +623,7 @@ impl HttpArgs {
                 f.redact_headers.clone(),
                 redact_headers,
             )),
+            max_deliveries: self.layer("max_deliveries", f.max_deliveries, file.max_deliveries),
             retention: Retention {
                 max_exchanges: self
                     .layer("max_exchanges", f.max_exchanges, file.max_exchanges)
@@ -1041,6 +1056,7 @@ retry_max = "1m"
 log_format = "json"
 verify = ["stripe=whsec_a", "github=gh"]
 redact_headers = ["X-Shop-Token", "x-api-secret"]
+max_deliveries = 8
 max_exchanges = 500
 max_history_bytes = "10MiB"
 data_dir = "/tmp/hookrelay-agent"
@@ -1075,6 +1091,7 @@ inspect = "127.0.0.1:4041"
         assert!(!config.secrets.get(Provider::Stripe).is_empty());
         assert!(!config.secrets.get(Provider::Github).is_empty());
         assert_eq!(config.redaction.extra(), ["x-api-secret", "x-shop-token"]);
+        assert_eq!(config.max_deliveries, 8);
         assert_eq!(config.retention.max_exchanges, 500);
         assert_eq!(config.retention.max_bytes, 10 << 20);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/hookrelay-agent"));
@@ -1091,7 +1108,12 @@ inspect = "127.0.0.1:4041"
         assert_eq!(config.settings.mode, DeliveryMode::Sync);
         assert_eq!(config.settings.when_offline, WhenOffline::Queue);
         assert_eq!(config.retry.attempts, DEFAULT_ATTEMPTS);
+        assert_eq!(config.max_deliveries, DEFAULT_MAX_DELIVERIES);
         assert_eq!(config.trust, Trust::SystemRoots);
+        let flag = http(&["3000", "--token", "t", "--max-deliveries", "4"]);
+        assert_eq!(flag.to_config().expect("valid").agent.max_deliveries, 4);
+        let zero = Cli::try_parse_from(["relay-client", "http", "3000", "--max-deliveries", "0"]);
+        assert!(zero.is_err(), "at least one delivery");
         assert_eq!(settings.disconnect_warning, Duration::from_secs(15));
         assert_eq!(settings.exit_on_disconnect, None);
         assert_eq!(config.inspect, Some(DEFAULT_INSPECT.parse().expect("addr")));
@@ -1201,6 +1223,7 @@ inspect = "127.0.0.1:4041"
                 "cannot both be set",
             ),
             ("retry_attempts = 0", "`retry_attempts`"),
+            ("max_deliveries = 0", "`max_deliveries`"),
             ("retry_max = \"soon\"", "`retry_max`"),
             ("exit_on_disconnect = \"never\"", "`exit_on_disconnect`"),
             ("max_history_bytes = \"lots\"", "`max_history_bytes`"),

@@ -57,7 +57,14 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// What the relay is asked to enforce before forwarding or queueing.
     pub policy: PolicyRequest,
+    /// Most deliveries the relay may have in flight to this agent at once
+    /// (each holds a connection to the app); more wait at the relay.
+    pub max_deliveries: u32,
 }
+
+/// Default for [`Config::max_deliveries`], lowered at start when the
+/// open-files limit has no room for as many connections to the app.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 1024;
 
 /// Human-readable lines, or one JSON object per line for log collectors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

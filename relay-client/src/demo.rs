@@ -76,6 +76,7 @@ impl Demo {
             settings: Default::default(),
             retry: Default::default(),
             policy: Default::default(),
+            max_deliveries: crate::config::DEFAULT_MAX_DELIVERIES,
         })
         .await
         .context("cannot start the agent")?;

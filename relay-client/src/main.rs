@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
+use hookrelay_shared::open_files;
 use relay_client::{
     cli::{
         secret_set, Cli, Command, ExportArgs, HistoryArgs, HttpArgs, HttpConfig, ReplayArgs,
@@ -61,7 +62,13 @@ async fn run(cli: Cli) -> ExitCode {
     }
     let result = match cli.command {
         Command::Http(args) => http(&args).await,
-        Command::Demo(args) => relay_client::demo::run(args).await,
+        Command::Demo(args) => {
+            // A relay and an agent in one process: both sets of connections.
+            if let Err(err) = open_files::raise() {
+                tracing::warn!(error = %err, "cannot read or raise the open-files limit");
+            }
+            relay_client::demo::run(args).await
+        }
         Command::History(args) => history(args).await,
         Command::Show(args) => show(args).await,
         Command::Replay(args) => replay(args).await,
@@ -76,6 +83,42 @@ async fn run(cli: Cli) -> ExitCode {
         }
     }
 }
+
+/// Raises the open-files limit and keeps the deliveries in flight, each
+/// with its connection to the app, under it: a burst beyond waits at the
+/// relay instead of failing to connect (`502`) and leaving the history's
+/// flush without a descriptor.
+fn fit_deliveries(config: &mut relay_client::Config) {
+    let limit = match open_files::raise() {
+        Ok(limit) => limit,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
+            return;
+        }
+    };
+    if limit.now > limit.before {
+        tracing::debug!(
+            from = limit.before,
+            to = limit.now,
+            "open-files limit raised"
+        );
+    }
+    let wanted = usize::try_from(config.max_deliveries).unwrap_or(usize::MAX);
+    let fits = open_files::fit(limit.now, wanted, MIN_DELIVERIES);
+    if fits < wanted {
+        tracing::warn!(
+            open_files = limit.now,
+            max_deliveries = fits,
+            "the open-files limit ({}) leaves room for {fits} deliveries at once, not {wanted}: \
+             more wait at the relay; raise it (`ulimit -n`) to allow more",
+            limit.now,
+        );
+        config.max_deliveries = u32::try_from(fits).unwrap_or(config.max_deliveries);
+    }
+}
+
+/// Deliveries allowed at once however low the open-files limit is.
+const MIN_DELIVERIES: usize = 16;
 
 async fn http(args: &HttpArgs) -> anyhow::Result<()> {
     // A bad setting, from a flag, an env var or the --config file, is refused
@@ -98,6 +141,7 @@ async fn http(args: &HttpArgs) -> anyhow::Result<()> {
     if let Ok(dir) = std::path::absolute(&config.data_dir) {
         config.data_dir = dir;
     }
+    fit_deliveries(&mut config);
     let target = config.target.clone();
     let json = config.log_format == LogFormat::Json;
     let mut agent = Agent::spawn(config).await?;

@@ -31,9 +31,6 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// A link silent this long is dead; the agent reconnects.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Deliveries the relay may have in flight on one connection.
-const MAX_CONCURRENT_DELIVERIES: u32 = 1024;
-
 /// Time for the QUIC handshake plus hello/welcome.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,12 +59,13 @@ pub(crate) struct Session {
     control: (quinn::SendStream, quinn::RecvStream),
 }
 
-/// Transport settings for the agent's side of the link.
-pub(crate) fn transport_config() -> quinn::TransportConfig {
+/// Transport settings for the agent's side of the link: the relay may have
+/// `max_deliveries` deliveries in flight on it at once.
+pub(crate) fn transport_config(max_deliveries: u32) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
-        .max_concurrent_bidi_streams(MAX_CONCURRENT_DELIVERIES.into())
+        .max_concurrent_bidi_streams(max_deliveries.into())
         .max_concurrent_uni_streams(0u32.into());
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         transport.max_idle_timeout(Some(idle));
@@ -386,9 +384,11 @@ pub(crate) fn endpoint_for(relay_is_v6: bool) -> std::io::Result<quinn::Endpoint
     relay_server::udp::quic_endpoint(bind, None).map(|(endpoint, _)| endpoint)
 }
 
-/// The client configuration with the agent's transport settings.
-pub fn with_transport(mut config: quinn::ClientConfig) -> quinn::ClientConfig {
-    config.transport_config(Arc::new(transport_config()));
+/// The client configuration with the agent's transport settings
+/// ([`Config::max_deliveries`](crate::config::Config::max_deliveries) for
+/// `max_deliveries`).
+pub fn with_transport(mut config: quinn::ClientConfig, max_deliveries: u32) -> quinn::ClientConfig {
+    config.transport_config(Arc::new(transport_config(max_deliveries)));
     config
 }
 

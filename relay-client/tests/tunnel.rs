@@ -460,6 +460,43 @@ async fn slow_local_app_is_504_after_the_configured_timeout() -> anyhow::Result<
     Ok(())
 }
 
+/// An agent takes `max_deliveries` at once; the relay holds the rest until
+/// one ends, but no longer than the time it gives the app's answer: with one
+/// at a time and an app slower than the 1 s timeout, six webhooks at once
+/// are all answered `504` within the first one's deadline (3 s: the timeout
+/// and the agent's grace), the later ones without ever reaching the agent.
+#[tokio::test]
+async fn deliveries_past_the_agents_max_wait_at_the_relay_within_the_timeout() -> anyhow::Result<()>
+{
+    let app = TestApp::spawn().await?;
+    let relay = TestRelay::spawn_with(|c| c.timeout = Duration::from_secs(1)).await?;
+    let mut config = relay.agent_config(Some("one"), &app.target());
+    config.max_deliveries = 1;
+    let _agent = connected_agent(config).await?;
+    let started = Instant::now();
+    let url = relay.url("one", "/slow");
+    let answers = futures_util::future::join_all((0..6).map(|_| post(&url, "{}"))).await;
+    let elapsed = started.elapsed();
+    let mut waited = 0;
+    for answer in answers {
+        let (status, _, body) = answer?;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(error_code(&body), "local_app_timeout");
+        if String::from_utf8_lossy(&body).contains("deliveries in flight") {
+            waited += 1;
+        }
+    }
+    // One at a time, each cut at about 1 s by the agent: three or four reach
+    // the app before the 3 s deadline of those still waiting.
+    assert!((2..=3).contains(&waited), "{waited} timed out waiting");
+    assert!(
+        elapsed < Duration::from_millis(5500),
+        "took {elapsed:?}: waiting is bounded by the timeout"
+    );
+    assert!(app.received().len() <= 4, "{:?}", app.received().len());
+    Ok(())
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_are_413_declared_or_streamed() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;

@@ -122,7 +122,7 @@ pub struct Cli {
     #[arg(long, env = "HOOKRELAY_MIN_BODY_RATE", value_name = "SIZE", value_parser = parse_size)]
     pub min_body_rate: Option<u64>,
 
-    /// Most open connections on the HTTP and HTTPS ingress together; more are answered 503 and closed [default: 4096]
+    /// Most open connections on the HTTP and HTTPS ingress together; more are answered 503 and closed [default: 4096; fewer when the open-files limit has no room for as many]
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 

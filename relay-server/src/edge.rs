@@ -33,7 +33,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -46,7 +49,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
@@ -74,6 +77,18 @@ pub const MAX_HEADERS: usize = 100;
 /// Most HTTP/2 streams open at once on one connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
+/// Connections over a cap answered and closed gracefully at once (see
+/// [`refuse`]); more are answered and closed at once, within the open-files
+/// limit's reserve.
+const MAX_LINGERING: usize = 64;
+
+/// How long a connection over a cap may take to end after its `503`.
+const OVER_CAP_LINGER: Duration = Duration::from_secs(1);
+
+/// What of its request is read and dropped, at most, after the `503`: more
+/// than a webhook's head and a small body.
+const OVER_CAP_DRAIN: usize = 64 * 1024;
+
 /// What a connection over a cap gets before it is closed.
 const OVER_CAP_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
@@ -94,6 +109,8 @@ pub(crate) struct EdgeLimits {
 struct Counts {
     limits: EdgeLimits,
     inner: Mutex<CountsInner>,
+    /// Connections over a cap being closed by [`refuse`].
+    lingering: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -119,6 +136,48 @@ impl Counts {
             ip,
         })
     }
+
+    /// Room for one more connection over a cap to be closed gracefully.
+    fn linger(self: &Arc<Self>) -> Option<Lingering> {
+        self.lingering
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lingering(self.clone()))
+    }
+}
+
+/// One connection over a cap being closed; counted until dropped.
+struct Lingering(Arc<Counts>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.0.lingering.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers a connection over a cap with `503` and ends it gracefully: the
+/// answer, then the end of this side, then what the sender writes is read
+/// and dropped until it closes (at most [`OVER_CAP_DRAIN`] bytes and
+/// [`OVER_CAP_LINGER`]). A sender writes its request without waiting for an
+/// answer, and a socket closed with unread bytes ends in a reset, which the
+/// sender's TCP may report instead of the `503` it carried.
+async fn refuse(mut tcp: TcpStream, _lingering: Lingering) {
+    // Never waiting: a fresh socket's send buffer is empty.
+    let _ = tcp.try_write(OVER_CAP_RESPONSE);
+    let _ = tokio::time::timeout(OVER_CAP_LINGER, async {
+        let _ = tcp.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut left = OVER_CAP_DRAIN;
+        while left > 0 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// One admitted connection; gives its slot back when dropped.
@@ -176,6 +235,7 @@ impl Edge {
             counts: Arc::new(Counts {
                 limits,
                 inner: Mutex::default(),
+                lingering: AtomicUsize::new(0),
             }),
             builder: Arc::new(builder(limits)),
         }
@@ -209,8 +269,19 @@ impl Edge {
             let Some(slot) = self.counts.admit(remote.ip()) else {
                 debug!(%remote, "connection over the cap; refused");
                 if tls.is_none() {
+                    if let Some(lingering) = self.counts.linger() {
+                        tokio::spawn(refuse(tcp, lingering));
+                        continue;
+                    }
                     // Best effort and never waiting: a fresh socket's send
                     // buffer is empty. (A TLS client could not read it.)
+                    // What has arrived is read first (see [`refuse`]).
+                    let mut sink = [0u8; 4096];
+                    for _ in 0..OVER_CAP_DRAIN / sink.len() {
+                        if !matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
                     let _ = tcp.try_write(OVER_CAP_RESPONSE);
                 }
                 drop(tcp);
@@ -650,6 +721,7 @@ mod tests {
                 max_connections_per_ip: 2,
             },
             inner: Mutex::default(),
+            lingering: AtomicUsize::new(0),
         });
         let a: IpAddr = [127, 0, 0, 2].into();
         let b: IpAddr = [127, 0, 0, 3].into();
@@ -660,6 +732,13 @@ mod tests {
         assert!(counts.admit(b).is_none(), "total cap");
         drop(a1);
         assert!(counts.admit(b).is_some(), "slot given back");
+
+        let lingering: Vec<Lingering> = (0..MAX_LINGERING)
+            .map(|_| counts.linger().expect("room to linger"))
+            .collect();
+        assert!(counts.linger().is_none(), "lingering cap");
+        drop(lingering);
+        assert!(counts.linger().is_some(), "lingering counted down");
     }
 
     #[tokio::test]

@@ -305,7 +305,25 @@ impl Ingress {
                     .chain(body.into_data_stream()),
             ),
         };
-        let (mut send, mut recv) = match link.connection.open_bi().await {
+        // Started before the stream is opened: an agent with as many
+        // deliveries in flight as it takes at once (its app's connections
+        // and its open-files limit) makes this one wait for a free stream,
+        // within the same time as for the app's answer.
+        let deadline = tokio::time::sleep(self.timeout + REPLY_GRACE);
+        tokio::pin!(deadline);
+        let opened = tokio::select! {
+            biased;
+            opened = link.connection.open_bi() => opened,
+            () = &mut deadline => {
+                return Err(IngressError::LocalAppTimeout {
+                    tunnel,
+                    message: "the agent had as many deliveries in flight as it takes at once, \
+                              and none ended in time"
+                        .into(),
+                });
+            }
+        };
+        let (mut send, mut recv) = match opened {
             Ok(streams) => streams,
             Err(_) if queue_if_lost => {
                 return self
@@ -350,8 +368,6 @@ impl Ingress {
             )))
         };
         let _cancel_on_exit = cancel.clone().drop_guard();
-        let deadline = tokio::time::sleep(self.timeout + REPLY_GRACE);
-        tokio::pin!(deadline);
 
         let reply = {
             let reading = read_frame::<AgentReply, _>(&mut recv);

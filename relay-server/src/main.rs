@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
+use hookrelay_shared::open_files;
 use relay_server::{
     auth::TokenStore,
     cli::{Cli, Command, LogFormat, TokenCommand},
@@ -67,10 +68,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .unwrap_or_else(|e| exit_usage(&e.to_string()));
         return queue_cli::run(&config, command).await;
     }
-    let config = cli
+    let mut config = cli
         .to_config()
         .unwrap_or_else(|e| exit_usage(&e.to_string()));
     init_tracing(config.log_format);
+    fit_connections(&mut config);
     let dev = config.dev;
     let relay = Relay::spawn(config)
         .await
@@ -99,6 +101,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     relay.shutdown().await;
     Ok(())
 }
+
+/// Raises the open-files limit and keeps the ingress connections under it,
+/// so that a burst past the limit is answered `503` like one past
+/// `--max-connections`, with descriptors left for the stores, rather than
+/// running out of them.
+fn fit_connections(config: &mut relay_server::Config) {
+    let limit = match open_files::raise() {
+        Ok(limit) => limit,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
+            return;
+        }
+    };
+    if limit.now > limit.before {
+        tracing::debug!(
+            from = limit.before,
+            to = limit.now,
+            "open-files limit raised"
+        );
+    }
+    let fits = open_files::fit(limit.now, config.max_connections, MIN_CONNECTIONS);
+    if fits < config.max_connections {
+        tracing::warn!(
+            open_files = limit.now,
+            max_connections = fits,
+            "the open-files limit ({}) leaves room for {fits} ingress connections, not {}: more are \
+             answered 503; raise it (`ulimit -n`, systemd's LimitNOFILE=) to allow more",
+            limit.now,
+            config.max_connections,
+        );
+        config.max_connections = fits;
+        config.max_connections_per_ip = config.max_connections_per_ip.min(fits);
+    }
+}
+
+/// Ingress connections kept however low the open-files limit is.
+const MIN_CONNECTIONS: usize = 64;
 
 fn token_command(store: &TokenStore, command: &TokenCommand) -> anyhow::Result<()> {
     match command {

@@ -7,6 +7,7 @@
 //! - [`tunnel_name`]: [`TunnelName`], a DNS label, and [`TunnelPattern`] globs.
 //! - [`durable`]: [`durable::GroupCommit`], one fsync for many writers.
 //! - [`http`]: header rules both ends apply (hop-by-hop headers).
+//! - [`open_files`]: the open-files limit raised at start, and what fits under it.
 //! - [`logfmt`]: [`logfmt::PlainFields`], the text log's fields written for less.
 //! - [`policy`]: what the relay enforces per tunnel (signatures, sources, rates).
 //! - [`signature`]: webhook signature detection, verification and re-signing.
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod durable;
 pub mod http;
 pub mod logfmt;
+pub mod open_files;
 pub mod policy;
 pub mod protocol;
 pub mod signature;

@@ -101,6 +101,7 @@ impl TestRelay {
             settings: Default::default(),
             retry: Default::default(),
             policy: Default::default(),
+            max_deliveries: relay_client::config::DEFAULT_MAX_DELIVERIES,
         }
     }
 
