@@ -75,9 +75,7 @@ impl Relay {
             let Some(addr) = addr else {
                 return Ok(None);
             };
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(bind_err(what, addr))?;
+            let listener = bind_ingress(addr).map_err(bind_err(what, addr))?;
             let bound = listener.local_addr().map_err(bind_err(what, addr))?;
             Ok::<_, SpawnError>(Some((listener, bound)))
         };
@@ -324,4 +322,25 @@ pub enum SpawnError {
     DataDir(PathBuf),
     #[error("cannot open the queue")]
     Queue(#[from] QueueError),
+}
+
+/// Connections the kernel completes and holds for a public listener until
+/// the relay accepts them (Linux caps it at `net.core.somaxconn`, 4096 by
+/// default). tokio's `TcpListener::bind` asks for 128, as the standard
+/// library does: under a burst of senders connecting at once, the next ones'
+/// handshakes were dropped and their SYNs sent again a second later, which
+/// added a second (then three) to their webhooks.
+const INGRESS_BACKLOG: u32 = 4096;
+
+/// A public ingress listener on `addr` with [`INGRESS_BACKLOG`]; otherwise as
+/// `TcpListener::bind` makes it (`SO_REUSEADDR`, as mio sets it).
+fn bind_ingress(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(INGRESS_BACKLOG)
 }

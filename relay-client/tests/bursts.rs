@@ -1,7 +1,8 @@
-//! The open-files limit: both binaries raise their soft limit to the hard
-//! one, and size what holds a descriptor by what they got, so that a burst
-//! of webhooks past it waits or is answered `503` instead of failing on
-//! `EMFILE` (real processes under `ulimit -n`, real QUIC, real sled).
+//! Bursts of webhooks: the open-files limit (both binaries raise their soft
+//! limit to the hard one, and size what holds a descriptor by what they got,
+//! so that a burst past it waits or is answered `503` instead of failing on
+//! `EMFILE`) and the public listeners' accept backlog. Real processes under
+//! `ulimit -n`, real QUIC, real sled.
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -167,6 +168,16 @@ async fn slow_app() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>, Arc<AtomicU
         let _ = axum::serve(listener, app).await;
     });
     Ok((addr, now, peak))
+}
+
+async fn signal(child: &Child, signal: &str) -> anyhow::Result<()> {
+    let pid = child.id().ok_or_else(|| anyhow::anyhow!("already gone"))?;
+    let status = tokio::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid}");
+    Ok(())
 }
 
 async fn sigterm(child: &mut Child) -> anyhow::Result<()> {
@@ -352,6 +363,44 @@ async fn a_relay_under_a_low_open_files_limit_sheds_with_503_instead_of_running_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!has(&relay.stderr, "Too many open files"));
+    sigterm(&mut relay.child).await?;
+    Ok(())
+}
+
+/// The kernel completes a burst's TCP handshakes and holds them until the
+/// relay accepts them: 600 senders connecting at once to a relay that is not
+/// running at all (stopped) all get their connection. With the 128 that
+/// tokio's `TcpListener::bind` asks for, the 130th on had their handshake
+/// dropped and sent again a second later (a second added to their webhooks,
+/// then three).
+#[tokio::test]
+async fn a_burst_of_senders_is_held_by_the_kernel_while_the_relay_is_busy() -> anyhow::Result<()> {
+    const SENDERS: usize = 600;
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")?
+        .trim()
+        .parse()?;
+    assert!(
+        somaxconn > SENDERS,
+        "net.core.somaxconn is {somaxconn}: this machine caps every backlog below {SENDERS}"
+    );
+    let dir = tempfile::tempdir()?;
+    let mut relay = relay(&dir.path().join("relay"), "-Sn 1024", &[]).await?;
+    signal(&relay.child, "-STOP").await?;
+    let connects = (0..SENDERS).map(|_| {
+        // Less than the second after which a dropped handshake is tried again.
+        tokio::time::timeout(Duration::from_millis(900), TcpStream::connect(relay.http))
+    });
+    let results = futures_util::future::join_all(connects).await;
+    signal(&relay.child, "-CONT").await?;
+    let connected = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(connected, SENDERS, "connections completed by the kernel");
+    drop(results);
+    // Served once it runs again (404: no such tunnel).
+    let (status, _, _) = common::send(
+        http::Request::post(format!("http://{}/t/nobody/x", relay.http)).body(full(""))?,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     sigterm(&mut relay.child).await?;
     Ok(())
 }
