@@ -7,6 +7,7 @@
 //! cargo run --release -p hookrelay-bench -- http                  # workloads a-d, 5 s each
 //! cargo run --release -p hookrelay-bench -- http --runs 3 --peers # median of 3, with rathole and bore
 //! cargo run --release -p hookrelay-bench -- memory                # issue 8's four memory targets
+//! cargo run --release -p hookrelay-bench -- burst                 # 2,000 webhooks at once
 //! ```
 //!
 //! Run it with `--release`: the benchmark itself is the load generator and the
@@ -42,6 +43,7 @@
 
 mod app;
 mod binaries;
+mod burst;
 mod client;
 mod http;
 mod memory;
@@ -86,6 +88,9 @@ enum Command {
     /// Relay and agent memory against issue 8's targets: uploads in flight,
     /// a queue backlog, a long history, many idle agents
     Memory(memory::MemoryArgs),
+    /// Many webhooks at once, each on a new connection, to an app that takes
+    /// its time: every one answered and recorded, how long it took
+    Burst(burst::BurstArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Queue(args) => queue::run(&binaries, &args, cli.json).await,
                 Command::Http(args) => http::run(&binaries, &args, cli.json).await,
                 Command::Memory(args) => memory::run(&binaries, &args, cli.json).await,
+                Command::Burst(args) => burst::run(&binaries, &args, cli.json).await,
             }
         };
         // Leaving on Ctrl-C drops `work`, and with it every child process.

@@ -387,8 +387,13 @@ impl Relay {
             "127.0.0.1:0",
         ]);
         cmd.args(extra);
-        let (proc, line) =
-            Proc::spawn("relay-server", cmd, Stream::Stderr, "relay listening").await?;
+        Self::from_spawned(
+            Proc::spawn("relay-server", cmd, Stream::Stderr, "relay listening").await?,
+        )
+    }
+
+    /// The relay `Proc::spawn` started, and its "relay listening" line.
+    pub(crate) fn from_spawned((proc, line): (Proc, String)) -> anyhow::Result<Relay> {
         let addr = |key: &str| -> anyhow::Result<SocketAddr> {
             field(&line, key)?
                 .parse()
@@ -525,15 +530,15 @@ fn per_sec(n: u64, secs: f64) -> f64 {
 
 /// Latency percentiles, in microseconds.
 #[derive(Clone, Copy, Default)]
-struct Latency {
-    p50: u64,
-    p90: u64,
-    p99: u64,
-    max: u64,
+pub(crate) struct Latency {
+    pub(crate) p50: u64,
+    pub(crate) p90: u64,
+    pub(crate) p99: u64,
+    pub(crate) max: u64,
 }
 
 impl Latency {
-    fn of(mut samples: Vec<u64>) -> Latency {
+    pub(crate) fn of(mut samples: Vec<u64>) -> Latency {
         samples.sort_unstable();
         let at = |p: usize| {
             let i = (samples.len() * p / 100).min(samples.len().saturating_sub(1));

@@ -235,3 +235,33 @@ fn a_backlog_of_large_bodies_keeps_both_processes_small() {
         );
     }
 }
+
+#[test]
+fn a_burst_past_the_agents_open_files_limit_is_answered_and_recorded_whole() {
+    // 400 at once to an agent under `ulimit -n 256`: it takes 128 at a time
+    // (256 less the 128 it keeps for its files); before it sized that by its
+    // limit it ran out of descriptors connecting to the app (502s) and the
+    // history's flush failed for the exchanges waiting on it.
+    let report = run_bench(&[
+        "burst",
+        "--count",
+        "400",
+        "--app-delay-ms",
+        "100",
+        "--agent-open-files",
+        "256",
+    ]);
+    assert_eq!(
+        report["statuses"],
+        serde_json::json!({"200": 400}),
+        "{report}"
+    );
+    assert_eq!(report["app_answered"], 400, "{report}");
+    assert_eq!(report["recorded"], 400, "{report}");
+    assert_eq!(report["agent_lowered"], "max_deliveries=128", "{report}");
+    let peak = report["app_peak_at_once"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        (2..=128).contains(&peak),
+        "{peak} at the app at once: {report}"
+    );
+}
