@@ -160,20 +160,12 @@ pub async fn run(binaries: &Binaries, args: &BurstArgs, json: bool) -> anyhow::R
     // One sender address: the per-address cap (256) would refuse what many
     // provider addresses would bring.
     let per_ip = args.count.max(256).to_string();
-    let mut cmd = limited(&binaries.relay_server, args.relay_open_files);
-    cmd.arg("--data-dir").arg(&relay_dir).args([
-        "--http",
-        "127.0.0.1:0",
-        "--quic",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--max-connections-per-ip",
-        &per_ip,
-    ]);
-    let mut relay = Relay::from_spawned(
-        Proc::spawn("relay-server", cmd, Stream::Stderr, "relay listening").await?,
-    )?;
+    let mut relay = Relay::start_cmd(
+        limited(&binaries.relay_server, args.relay_open_files),
+        &relay_dir,
+        &["--max-connections-per-ip".to_owned(), per_ip],
+    )
+    .await?;
 
     let app = SlowApp::spawn(Duration::from_millis(args.app_delay_ms)).await?;
     let mut cmd = limited(&binaries.relay_client, args.agent_open_files);

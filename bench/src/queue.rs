@@ -377,7 +377,16 @@ impl Relay {
         dir: &Path,
         extra: &[String],
     ) -> anyhow::Result<Relay> {
-        let mut cmd = command(&binaries.relay_server);
+        Self::start_cmd(command(&binaries.relay_server), dir, extra).await
+    }
+
+    /// [`Relay::start_with`] from `cmd`, the relay's command as far as the
+    /// binary (and whatever starts it, e.g. `sh` for a `ulimit`).
+    pub(crate) async fn start_cmd(
+        mut cmd: tokio::process::Command,
+        dir: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Relay> {
         cmd.arg("--data-dir").arg(dir).args([
             "--http",
             "127.0.0.1:0",
@@ -387,13 +396,8 @@ impl Relay {
             "127.0.0.1:0",
         ]);
         cmd.args(extra);
-        Self::from_spawned(
-            Proc::spawn("relay-server", cmd, Stream::Stderr, "relay listening").await?,
-        )
-    }
-
-    /// The relay `Proc::spawn` started, and its "relay listening" line.
-    pub(crate) fn from_spawned((proc, line): (Proc, String)) -> anyhow::Result<Relay> {
+        let (proc, line) =
+            Proc::spawn("relay-server", cmd, Stream::Stderr, "relay listening").await?;
         let addr = |key: &str| -> anyhow::Result<SocketAddr> {
             field(&line, key)?
                 .parse()

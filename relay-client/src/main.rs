@@ -64,9 +64,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Http(args) => http(&args).await,
         Command::Demo(args) => {
             // A relay and an agent in one process: both sets of connections.
-            if let Err(err) = open_files::raise() {
-                tracing::warn!(error = %err, "cannot read or raise the open-files limit");
-            }
+            let _ = open_files::raise_logged();
             relay_client::demo::run(args).await
         }
         Command::History(args) => history(args).await,
@@ -89,20 +87,9 @@ async fn run(cli: Cli) -> ExitCode {
 /// relay instead of failing to connect (`502`) and leaving the history's
 /// flush without a descriptor.
 fn fit_deliveries(config: &mut relay_client::Config) {
-    let limit = match open_files::raise() {
-        Ok(limit) => limit,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
-            return;
-        }
+    let Some(limit) = open_files::raise_logged() else {
+        return;
     };
-    if limit.now > limit.before {
-        tracing::debug!(
-            from = limit.before,
-            to = limit.now,
-            "open-files limit raised"
-        );
-    }
     let wanted = usize::try_from(config.max_deliveries).unwrap_or(usize::MAX);
     let fits = open_files::fit(limit.now, wanted, MIN_DELIVERIES);
     if fits < wanted {

@@ -107,20 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `--max-connections`, with descriptors left for the stores, rather than
 /// running out of them.
 fn fit_connections(config: &mut relay_server::Config) {
-    let limit = match open_files::raise() {
-        Ok(limit) => limit,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
-            return;
-        }
+    let Some(limit) = open_files::raise_logged() else {
+        return;
     };
-    if limit.now > limit.before {
-        tracing::debug!(
-            from = limit.before,
-            to = limit.now,
-            "open-files limit raised"
-        );
-    }
     let fits = open_files::fit(limit.now, config.max_connections, MIN_CONNECTIONS);
     if fits < config.max_connections {
         tracing::warn!(

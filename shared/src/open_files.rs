@@ -44,6 +44,27 @@ pub fn raise() -> std::io::Result<Limit> {
     })
 }
 
+/// [`raise`], logged: a debug line when the limit went up, a warning (and
+/// `None`) when it cannot be read or raised.
+pub fn raise_logged() -> Option<Limit> {
+    match raise() {
+        Ok(limit) => {
+            if limit.now > limit.before {
+                tracing::debug!(
+                    from = limit.before,
+                    to = limit.now,
+                    "open-files limit raised"
+                );
+            }
+            Some(limit)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read or raise the open-files limit");
+            None
+        }
+    }
+}
+
 /// How many of `wanted` things holding one descriptor each fit under a soft
 /// limit of `limit` besides the [`RESERVED`] ones; never fewer than `floor`
 /// (below which nothing useful runs anyway) nor more than `wanted`.
