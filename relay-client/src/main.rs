@@ -91,7 +91,9 @@ fn fit_deliveries(config: &mut relay_client::Config) {
         return;
     };
     let wanted = usize::try_from(config.max_deliveries).unwrap_or(usize::MAX);
-    let fits = open_files::fit(limit.now, wanted, MIN_DELIVERIES);
+    // One each: its connection to the app (a large body goes to the shared
+    // history segment; queued ones come one stream at a time).
+    let fits = open_files::fit(limit.now, 1, wanted, MIN_DELIVERIES);
     if fits < wanted {
         tracing::warn!(
             open_files = limit.now,

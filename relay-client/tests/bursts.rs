@@ -113,6 +113,7 @@ async fn agent(
     app: SocketAddr,
     dir: &Path,
     limit: &str,
+    extra: &[&str],
 ) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
     let mut child = limited(limit, &relay_client_bin())
         .args(["http", &app.to_string(), "--relay", &relay.quic.to_string()])
@@ -120,6 +121,7 @@ async fn agent(
         .args(["--relay-cert-sha256", &relay.fingerprint])
         .args(["--quiet", "--no-inspect", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .spawn()?;
     let stderr = keep_stderr(&mut child)?;
     let stdout = child
@@ -210,8 +212,15 @@ async fn both_binaries_raise_their_soft_limit_to_the_hard_one() -> anyhow::Resul
     let mut relay = relay(&dir.path().join("relay"), "-Sn 150", &[]).await?;
     let relay_pid = relay.child.id().ok_or_else(|| anyhow::anyhow!("pid"))?;
     let (app, _, _) = slow_app().await?;
-    let (mut agent, agent_err) =
-        agent(&relay, &token, app, &dir.path().join("agent"), "-Sn 150").await?;
+    let (mut agent, agent_err) = agent(
+        &relay,
+        &token,
+        app,
+        &dir.path().join("agent"),
+        "-Sn 150",
+        &[],
+    )
+    .await?;
     let agent_pid = agent.id().ok_or_else(|| anyhow::anyhow!("pid"))?;
     for (who, pid) in [("relay", relay_pid), ("agent", agent_pid)] {
         let (soft, now_hard) = limits(&pid.to_string())?;
@@ -245,7 +254,7 @@ async fn a_burst_past_the_agents_open_files_limit_waits_and_is_all_recorded() ->
     .await?;
     let (app, now, peak) = slow_app().await?;
     let agent_dir = dir.path().join("agent");
-    let (mut agent, agent_err) = agent(&relay, &token, app, &agent_dir, "-n 200").await?;
+    let (mut agent, agent_err) = agent(&relay, &token, app, &agent_dir, "-n 200", &[]).await?;
     assert!(
         has(
             &agent_err,
@@ -309,8 +318,8 @@ async fn a_burst_past_the_agents_open_files_limit_waits_and_is_all_recorded() ->
     Ok(())
 }
 
-/// A relay whose hard limit is 200 serves 72 ingress connections (the floor
-/// of 64 is below 200 less 128) and answers the next with `503` at once.
+/// A relay whose hard limit is 200 serves 64 ingress connections (its floor:
+/// half of 200 less 128 is 36) and answers the next with `503` at once.
 /// Before, it kept its 4,096 and ran out of descriptors first: accepting
 /// stopped, and a new sender waited without an answer.
 #[tokio::test]
@@ -321,7 +330,7 @@ async fn a_relay_under_a_low_open_files_limit_sheds_with_503_instead_of_running_
     assert!(
         has(
             &relay.stderr,
-            "leaves room for 72 ingress connections, not 4096"
+            "leaves room for 64 ingress connections, not 4096"
         ),
         "the relay says it lowered its connections: {:?}",
         relay.stderr.lock().expect("lock")
@@ -402,6 +411,76 @@ async fn a_burst_of_senders_is_held_by_the_kernel_while_the_relay_is_busy() -> a
     )
     .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    sigterm(&mut relay.child).await?;
+    Ok(())
+}
+
+/// A connection queueing a body too large for sled holds two descriptors,
+/// its socket and the body's file: a relay whose hard limit is 400 lets in
+/// 136 connections (half of 400 less 128), and 300 webhooks of 256 KiB sent
+/// at once to a queueing tunnel are each queued (`202`) or, past the cap,
+/// refused at once with the bare `503`. Counted as one each (272 let in),
+/// such a burst ran out of descriptors, and webhooks were answered
+/// `503 queue_unavailable` after their whole upload.
+#[tokio::test]
+async fn queued_large_bodies_past_the_relays_open_files_limit_are_never_lost_mid_upload(
+) -> anyhow::Result<()> {
+    const BURST: usize = 300;
+    let dir = tempfile::tempdir()?;
+    let token = create_token(&dir.path().join("relay")).await?;
+    let mut relay = relay(
+        &dir.path().join("relay"),
+        "-n 400",
+        &["--max-connections-per-ip", "1000"],
+    )
+    .await?;
+    assert!(
+        has(
+            &relay.stderr,
+            "leaves room for 136 ingress connections, not 4096"
+        ),
+        "{:?}",
+        relay.stderr.lock().expect("lock")
+    );
+    let (app, _, _) = slow_app().await?;
+    let (mut agent, _) = agent(
+        &relay,
+        &token,
+        app,
+        &dir.path().join("agent"),
+        "-Sn 1024",
+        &["--mode", "queue"],
+    )
+    .await?;
+    let url = format!("http://{}/t/t/large", relay.http);
+    let body = bytes::Bytes::from(vec![b'x'; 256 * 1024]);
+    let client = client();
+    let sends = (0..BURST).map(|_| {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        async move {
+            let req = http::Request::post(&url).body(full(body))?;
+            let resp = tokio::time::timeout(WAIT, client.request(req)).await??;
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
+            anyhow::Ok((status, body))
+        }
+    });
+    let mut queued = 0;
+    for answer in futures_util::future::join_all(sends).await {
+        match answer {
+            Ok((StatusCode::ACCEPTED, _)) => queued += 1,
+            // The cap's bare 503, before the body was read.
+            Ok((StatusCode::SERVICE_UNAVAILABLE, body)) if body.is_empty() => {}
+            // A refused connection may also end before its answer is read.
+            Err(_) => {}
+            Ok((status, body)) => panic!("{status} {}", String::from_utf8_lossy(&body)),
+        }
+    }
+    assert!(queued >= 136, "only {queued} queued");
+    assert!(!has(&relay.stderr, "Too many open files"));
+    sigterm(&mut agent).await?;
     sigterm(&mut relay.child).await?;
     Ok(())
 }

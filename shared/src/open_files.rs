@@ -65,11 +65,13 @@ pub fn raise_logged() -> Option<Limit> {
     }
 }
 
-/// How many of `wanted` things holding one descriptor each fit under a soft
-/// limit of `limit` besides the [`RESERVED`] ones; never fewer than `floor`
-/// (below which nothing useful runs anyway) nor more than `wanted`.
-pub fn fit(limit: u64, wanted: usize, floor: usize) -> usize {
-    let room = usize::try_from(limit.saturating_sub(RESERVED)).unwrap_or(usize::MAX);
+/// How many of `wanted` things holding up to `each` descriptors each fit
+/// under a soft limit of `limit` besides the [`RESERVED`] ones; never fewer
+/// than `floor` (below which nothing useful runs anyway) nor more than
+/// `wanted`.
+pub fn fit(limit: u64, each: u64, wanted: usize, floor: usize) -> usize {
+    let room = limit.saturating_sub(RESERVED) / each.max(1);
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
     wanted.min(room.max(floor))
 }
 
@@ -79,13 +81,20 @@ mod tests {
 
     #[test]
     fn fit_keeps_the_reserve_and_the_bounds() {
-        assert_eq!(fit(1 << 20, 4096, 64), 4096);
-        assert_eq!(fit(1024, 4096, 64), 1024 - 128);
-        assert_eq!(fit(1024, 512, 64), 512);
-        assert_eq!(fit(256, 1024, 16), 128);
-        assert_eq!(fit(100, 1024, 16), 16);
-        assert_eq!(fit(100, 8, 16), 8);
-        assert_eq!(fit(u64::MAX, 5000, 1), 5000);
+        assert_eq!(fit(1 << 20, 2, 4096, 64), 4096);
+        assert_eq!(fit(1024, 1, 4096, 64), 1024 - 128);
+        assert_eq!(fit(1024, 2, 4096, 64), (1024 - 128) / 2);
+        assert_eq!(fit(1024, 1, 512, 64), 512);
+        assert_eq!(fit(256, 1, 1024, 16), 128);
+        assert_eq!(fit(100, 1, 1024, 16), 16);
+        assert_eq!(fit(100, 1, 8, 16), 8);
+        assert_eq!(fit(300, 2, 4096, 64), 86);
+        assert_eq!(fit(u64::MAX, 2, 5000, 1), 5000);
+        assert_eq!(
+            fit(1024, 0, 5000, 1),
+            1024 - 128,
+            "each counts as 1 at least"
+        );
     }
 
     #[test]
