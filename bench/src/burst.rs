@@ -141,10 +141,10 @@ struct Outcome {
 
 pub async fn run(binaries: &Binaries, args: &BurstArgs, json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(args.count > 0, "--count must be at least 1");
-    // This process holds a connection to the relay and one from the agent
-    // for each webhook at once.
+    // This process holds a connection to the relay for each webhook at once,
+    // and one from the agent for each the app holds (at most 1,024).
     let limit = hookrelay_shared::open_files::raise().context("raising the open-files limit")?;
-    let need = args.count.saturating_mul(2).saturating_add(512);
+    let need = args.count + args.count.min(1024) + 256;
     anyhow::ensure!(
         limit.now >= need,
         "the open-files limit is {} and {} webhooks at once need {need} here: raise the hard limit \

@@ -93,7 +93,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_HEAD: usize = 64 * 1024;
 /// Time for a process to settle before its baseline is read.
 const SETTLE: Duration = Duration::from_secs(1);
-/// File descriptors beyond one per upload, for everything else.
+/// File descriptors beyond two per upload, for everything else.
 const FD_MARGIN: u64 = 512;
 
 #[derive(clap::Args)]
@@ -306,7 +306,9 @@ async fn uploads(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let n = args.uploads;
-    check_open_files(n + FD_MARGIN)?;
+    // Two per upload: here its sender's socket and the app's, and the relay
+    // (which inherits the limit) lets in half its limit less 128.
+    check_open_files(n.saturating_mul(2).saturating_add(FD_MARGIN))?;
     let limit = Duration::from_secs(args.timeout);
     let relay_dir = dir.join("relay");
     let token = create_token(binaries, &relay_dir).await?;
@@ -542,24 +544,18 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Fails early, with what to do, when this process (and so the relay it
-/// starts, which inherits the limit) may not open `need` files.
+/// Raises this process's open-files limit to its hard limit, as the relay
+/// and the agent it starts do theirs, and fails early, with what to do, when
+/// that is below `need`.
 fn check_open_files(need: u64) -> anyhow::Result<()> {
-    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
-        return Ok(());
-    };
-    let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) else {
-        return Ok(());
-    };
-    let mut fields = line["Max open files".len()..].split_whitespace();
-    let soft = fields.next().and_then(|s| s.parse::<u64>().ok());
-    let hard = fields.next().unwrap_or("?");
-    match soft {
-        Some(soft) if soft < need => anyhow::bail!(
-            "the open-files limit is {soft} (hard limit {hard}); this many uploads need {need}: raise it with `ulimit -n {need}` first, or pass a smaller --uploads"
-        ),
-        _ => Ok(()),
-    }
+    let limit = hookrelay_shared::open_files::raise().context("raising the open-files limit")?;
+    anyhow::ensure!(
+        limit.now >= need,
+        "the open-files limit is {} at most (the hard limit); this many uploads need {need}: raise it \
+         with `ulimit -Hn {need}` (as root) first, or pass a smaller --uploads",
+        limit.now
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
