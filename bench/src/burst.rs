@@ -53,6 +53,10 @@ pub struct BurstArgs {
     /// Start the relay under `ulimit -n N` (soft and hard limit)
     #[arg(long, value_name = "N")]
     relay_open_files: Option<u64>,
+    /// Send over HTTPS (a TLS handshake per webhook, as providers do) to the
+    /// relay's self-signed certificate, pinned
+    #[arg(long)]
+    https: bool,
     /// Parent of the temporary directory
     #[arg(long)]
     tmp_dir: Option<PathBuf>,
@@ -160,12 +164,21 @@ pub async fn run(binaries: &Binaries, args: &BurstArgs, json: bool) -> anyhow::R
     // One sender address: the per-address cap (256) would refuse what many
     // provider addresses would bring.
     let per_ip = args.count.max(256).to_string();
+    let mut extra = vec!["--max-connections-per-ip".to_owned(), per_ip];
+    if args.https {
+        extra.extend(["--https".to_owned(), "127.0.0.1:0".to_owned()]);
+    }
     let mut relay = Relay::start_cmd(
         limited(&binaries.relay_server, args.relay_open_files),
         &relay_dir,
-        &["--max-connections-per-ip".to_owned(), per_ip],
+        &extra,
     )
     .await?;
+    let target = match (args.https, relay.https) {
+        (false, _) => Target::Http(relay.http),
+        (true, Some(addr)) => Target::Https(addr, tls_connector(&relay.fingerprint)?),
+        (true, None) => anyhow::bail!("the relay did not say where its HTTPS ingress listens"),
+    };
 
     let app = SlowApp::spawn(Duration::from_millis(args.app_delay_ms)).await?;
     let mut cmd = limited(&binaries.relay_client, args.agent_open_files);
@@ -192,7 +205,7 @@ pub async fn run(binaries: &Binaries, args: &BurstArgs, json: bool) -> anyhow::R
     let body = Bytes::from(vec![b'x'; args.body_bytes]);
     let started = Instant::now();
     let sends: Vec<_> = (0..args.count)
-        .map(|_| tokio::spawn(send_one(relay.http, body.clone())))
+        .map(|_| tokio::spawn(send_one(target.clone(), body.clone())))
         .collect();
     let mut statuses = BTreeMap::new();
     let mut latencies = Vec::with_capacity(sends.len());
@@ -244,14 +257,58 @@ pub async fn run(binaries: &Binaries, args: &BurstArgs, json: bool) -> anyhow::R
     Ok(())
 }
 
+/// Where the senders connect: the relay's HTTP ingress, or its HTTPS one
+/// with a client that pins its certificate.
+#[derive(Clone)]
+enum Target {
+    Http(SocketAddr),
+    Https(SocketAddr, tokio_rustls::TlsConnector),
+}
+
+/// A TLS client for the relay's self-signed certificate, pinned by its
+/// SHA-256 `fingerprint` as the agent pins it; HTTP/1.1.
+fn tls_connector(fingerprint: &str) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let pin = relay_client::config::parse_fingerprint(fingerprint).map_err(anyhow::Error::msg)?;
+    let (mut tls, _) =
+        relay_client::tls::rustls_client_config(&relay_client::config::Trust::Pinned(pin))
+            .context("a TLS client configuration")?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
+}
+
+/// An HTTP/1.1 connection to `target`, over TLS for HTTPS.
+async fn connect(target: &Target) -> anyhow::Result<client::Conn> {
+    match target {
+        Target::Http(addr) => client::connect(*addr).await,
+        Target::Https(addr, tls) => {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let stream = tls.connect(name, tcp).await.context("TLS handshake")?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .context("HTTP handshake")?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(sender)
+        }
+    }
+}
+
 /// One webhook on a connection of its own: its status (or what went
 /// wrong) and how long the answer took.
-async fn send_one(http: SocketAddr, body: Bytes) -> (String, Duration) {
+async fn send_one(target: Target, body: Bytes) -> (String, Duration) {
     let started = Instant::now();
+    let (Target::Http(addr) | Target::Https(addr, _)) = &target;
+    let host = addr.to_string();
     let attempt = async {
-        let mut conn = client::connect(http).await?;
+        let mut conn = connect(&target).await?;
         let request = http::Request::post(format!("/t/{TUNNEL}/burst"))
-            .header(http::header::HOST, http.to_string())
+            .header(http::header::HOST, host)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::CONNECTION, "close")
             .body(Full::new(body))?;
@@ -318,8 +375,11 @@ fn table(args: &BurstArgs, o: &Outcome) -> String {
         .map(|(s, n)| format!("{n} x {s}"))
         .collect();
     let mut out = format!(
-        "hookrelay burst benchmark: {} webhooks of {} B at once, each on a new connection; the app answers each after {} ms\n",
-        args.count, args.body_bytes, args.app_delay_ms
+        "hookrelay burst benchmark: {} webhooks of {} B at once, each on a new {} connection; the app answers each after {} ms\n",
+        args.count,
+        args.body_bytes,
+        if args.https { "HTTPS" } else { "HTTP" },
+        args.app_delay_ms
     );
     out += &format!(
         "relay: {}; agent: {}\n",
@@ -350,6 +410,7 @@ fn table(args: &BurstArgs, o: &Outcome) -> String {
 fn to_json(args: &BurstArgs, o: &Outcome) -> serde_json::Value {
     serde_json::json!({
         "count": args.count,
+        "https": args.https,
         "body_bytes": args.body_bytes,
         "app_delay_ms": args.app_delay_ms,
         "relay_open_files": args.relay_open_files,

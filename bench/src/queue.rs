@@ -353,6 +353,8 @@ pub(crate) async fn create_token(binaries: &Binaries, relay_dir: &Path) -> anyho
 pub(crate) struct Relay {
     pub proc: Proc,
     pub http: SocketAddr,
+    /// The HTTPS ingress, when started with `--https`.
+    pub https: Option<SocketAddr>,
     pub quic: SocketAddr,
     pub admin: SocketAddr,
     pub fingerprint: String,
@@ -405,6 +407,10 @@ impl Relay {
         };
         Ok(Relay {
             http: addr("http_addr")?,
+            https: line
+                .contains("https_addr=")
+                .then(|| addr("https_addr"))
+                .transpose()?,
             quic: addr("quic_addr")?,
             admin: addr("admin_addr")?,
             fingerprint: field(&line, "fingerprint")?,

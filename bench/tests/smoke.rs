@@ -265,4 +265,13 @@ fn a_burst_past_the_agents_open_files_limit_is_answered_and_recorded_whole() {
         (2..=128).contains(&peak),
         "{peak} at the app at once: {report}"
     );
+
+    // The same over HTTPS, a TLS handshake per webhook as providers send them.
+    let report = run_bench(&["burst", "--count", "100", "--app-delay-ms", "20", "--https"]);
+    assert_eq!(
+        report["statuses"],
+        serde_json::json!({"200": 100}),
+        "{report}"
+    );
+    assert_eq!(report["recorded"], 100, "{report}");
 }

@@ -36,11 +36,29 @@ pub type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
 /// # Errors
 /// When rustls cannot build a TLS 1.3 configuration.
 pub fn client_config(trust: &Trust) -> Result<(quinn::ClientConfig, RefusalSlot), rustls::Error> {
+    let (mut tls, mismatch) = rustls_client_config(trust)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Never 0-RTT: the hello carries the token, and early data can be replayed.
+    tls.enable_early_data = false;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    Ok((quinn::ClientConfig::new(Arc::new(crypto)), mismatch))
+}
+
+/// The TLS 1.3 client configuration that checks the relay's certificate as
+/// `trust` says, without an application protocol (the benchmark's HTTPS
+/// senders use it too), and where a refusal is reported.
+///
+/// # Errors
+/// When rustls cannot build a TLS 1.3 configuration.
+pub fn rustls_client_config(
+    trust: &Trust,
+) -> Result<(rustls::ClientConfig, RefusalSlot), rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mismatch: RefusalSlot = Arc::new(Mutex::new(None));
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut tls = match trust {
+    let tls = match trust {
         Trust::SystemRoots => {
             let verifier =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(trusted_roots()), provider)
@@ -71,12 +89,7 @@ pub fn client_config(trust: &Trust) -> Result<(quinn::ClientConfig, RefusalSlot)
             }))
             .with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    // Never 0-RTT: the hello carries the token, and early data can be replayed.
-    tls.enable_early_data = false;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-    Ok((quinn::ClientConfig::new(Arc::new(crypto)), mismatch))
+    Ok((tls, mismatch))
 }
 
 /// The roots a relay's certificate may chain to: the system's (or, when set,
