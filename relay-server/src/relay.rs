@@ -71,7 +71,7 @@ impl Relay {
         let bind_err = |what: &'static str, addr: SocketAddr| {
             move |source: io::Error| SpawnError::Bind { what, addr, source }
         };
-        let listen = |what: &'static str, addr: Option<SocketAddr>| async move {
+        let listen = |what: &'static str, addr: Option<SocketAddr>| {
             let Some(addr) = addr else {
                 return Ok(None);
             };
@@ -79,8 +79,8 @@ impl Relay {
             let bound = listener.local_addr().map_err(bind_err(what, addr))?;
             Ok::<_, SpawnError>(Some((listener, bound)))
         };
-        let http = listen("http", config.http).await?;
-        let https = listen("https", config.https).await?;
+        let http = listen("http", config.http)?;
+        let https = listen("https", config.https)?;
         let admin = TcpListener::bind(config.admin)
             .await
             .map_err(bind_err("admin", config.admin))?;
