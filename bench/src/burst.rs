@@ -287,14 +287,7 @@ async fn connect(target: &Target) -> anyhow::Result<client::Conn> {
             tcp.set_nodelay(true)?;
             let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
             let stream = tls.connect(name, tcp).await.context("TLS handshake")?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .context("HTTP handshake")?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok(sender)
+            client::handshake(stream, *addr).await
         }
     }
 }

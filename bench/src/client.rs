@@ -19,7 +19,16 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    handshake(stream, addr).await
+}
+
+/// An HTTP/1.1 connection over `io` (TCP, or TLS over it) to `addr`, its
+/// connection task spawned.
+pub async fn handshake<I>(io: I, addr: SocketAddr) -> anyhow::Result<Conn>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .with_context(|| format!("HTTP handshake with {addr}"))?;
     tokio::spawn(async move {
