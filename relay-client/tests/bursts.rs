@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::Context;
 use common::{
-    client, command, create_token, field, full, line_with, relay_client_bin, relay_server_bin, WAIT,
+    command, create_token, field, full, line_with, relay_client_bin, relay_server_bin, WAIT,
 };
 use http::StatusCode;
 use tokio::{
@@ -55,6 +55,47 @@ fn keep_stderr(child: &mut Child) -> anyhow::Result<Arc<Mutex<Vec<String>>>> {
     Ok(kept)
 }
 
+/// The first of `kept`'s lines that contains `needle`, once `child` has
+/// printed it.
+async fn line_in(
+    kept: &Mutex<Vec<String>>,
+    child: &mut Child,
+    needle: &str,
+) -> anyhow::Result<String> {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(line) = kept
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|l| l.contains(needle))
+        {
+            return Ok(line.clone());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the process ended ({status}) without a line containing {needle:?}");
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "no line containing {needle:?} within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `bodies` POSTed to `url` all at once, each on a connection of its own;
+/// each answer's status and body.
+async fn post_at_once(
+    url: &str,
+    bodies: impl Iterator<Item = bytes::Bytes>,
+) -> Vec<anyhow::Result<(StatusCode, bytes::Bytes)>> {
+    let sends = bodies.map(|body| async move {
+        let (status, _, body) = common::send(http::Request::post(url).body(full(body))?).await?;
+        Ok((status, body))
+    });
+    futures_util::future::join_all(sends).await
+}
+
 struct Relay {
     child: Child,
     http: SocketAddr,
@@ -71,32 +112,8 @@ async fn relay(dir: &Path, limit: &str, extra: &[&str]) -> anyhow::Result<Relay>
         .args(["--admin", "127.0.0.1:0"])
         .args(extra)
         .spawn()?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("stderr"))?;
-    let mut lines = BufReader::new(stderr).lines();
-    let kept: Arc<Mutex<Vec<String>>> = Arc::default();
-    let listening = {
-        let kept = kept.clone();
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = lines.next_line().await? {
-                kept.lock().expect("lock").push(line.clone());
-                if line.contains("relay listening") {
-                    return Ok(line);
-                }
-            }
-            anyhow::bail!("the relay ended before listening")
-        })
-        .await;
-        found.map_err(|_| anyhow::anyhow!("the relay did not listen within {WAIT:?}"))??
-    };
-    let into = kept.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            into.lock().expect("lock").push(line);
-        }
-    });
+    let kept = keep_stderr(&mut child)?;
+    let listening = line_in(&kept, &mut child, "relay listening").await?;
     Ok(Relay {
         child,
         http: field(&listening, "http_addr")?.parse()?,
@@ -265,16 +282,12 @@ async fn a_burst_past_the_agents_open_files_limit_waits_and_is_all_recorded() ->
     );
 
     let url = format!("http://{}/t/t/burst", relay.http);
-    let client = client();
-    let sends = (0..BURST).map(|i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let req = http::Request::post(&url).body(full(format!("{{\"n\":{i}}}")))?;
-            let resp = tokio::time::timeout(WAIT, client.request(req)).await??;
-            anyhow::Ok(resp.status())
-        }
-    });
-    let statuses = futures_util::future::join_all(sends).await;
+    let bodies = (0..BURST).map(|i| bytes::Bytes::from(format!("{{\"n\":{i}}}")));
+    let statuses: Vec<_> = post_at_once(&url, bodies)
+        .await
+        .into_iter()
+        .map(|answer| answer.map(|(status, _)| status))
+        .collect();
     let ok = statuses
         .iter()
         .filter(|s| matches!(s, Ok(StatusCode::OK)))
@@ -454,21 +467,8 @@ async fn queued_large_bodies_past_the_relays_open_files_limit_are_never_lost_mid
     .await?;
     let url = format!("http://{}/t/t/large", relay.http);
     let body = bytes::Bytes::from(vec![b'x'; 256 * 1024]);
-    let client = client();
-    let sends = (0..BURST).map(|_| {
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
-        async move {
-            let req = http::Request::post(&url).body(full(body))?;
-            let resp = tokio::time::timeout(WAIT, client.request(req)).await??;
-            let status = resp.status();
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await?
-                .to_bytes();
-            anyhow::Ok((status, body))
-        }
-    });
     let mut queued = 0;
-    for answer in futures_util::future::join_all(sends).await {
+    for answer in post_at_once(&url, std::iter::repeat_n(body, BURST)).await {
         match answer {
             Ok((StatusCode::ACCEPTED, _)) => queued += 1,
             // The cap's bare 503, before the body was read.
